@@ -1,0 +1,359 @@
+"""
+Utilities every stage shares: the base directory, logging, device and dtype choice,
+torch.distributed setup/teardown, atomic file writes, peak-FLOPs tables for MFU.
+
+Nothing here runs at import time: no logging setup, no CUDA probe, no directory creation.
+Scripts call `setup_default_logging()` and `compute_init()` from their `main()`.
+"""
+
+import functools
+import logging
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+# -----------------------------------------------------------------------------
+# Logging and printing
+
+
+class _ColorFormatter(logging.Formatter):
+    """Colour the level name when writing to a terminal; plain text otherwise."""
+
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[35m"}
+
+    def __init__(self, fmt, use_color):
+        super().__init__(fmt)
+        self.use_color = use_color
+
+    def format(self, record):
+        if self.use_color and record.levelname in self.COLORS:
+            record = logging.makeLogRecord(record.__dict__)
+            record.levelname = f"{self.COLORS[record.levelname]}{record.levelname}\033[0m"
+        return super().format(record)
+
+
+def setup_default_logging(level=logging.INFO):
+    """Configure the root logger once: timestamped, coloured on a tty, rank-aware (only rank 0 says INFO)."""
+    import sys
+
+    root = logging.getLogger()
+    if any(getattr(h, "_nanochat", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ColorFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s", sys.stderr.isatty()))
+    handler._nanochat = True
+    root.addHandler(handler)
+    # Non-zero ranks only report warnings and errors: N copies of every line help nobody.
+    root.setLevel(level if get_dist_info()[1] == 0 else max(level, logging.WARNING))
+
+
+def print0(s="", **kwargs):
+    """print() on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(s, **kwargs)
+
+
+def print_banner():
+    banner = r"""
+                                                   __          __
+   ____   ____ _   ____   ____   _____ / /_   ____ _  / /_
+  / __ \ / __ `/  / __ \ / __ \ / ___// __ \ / __ `/ / __/
+ / / / // /_/ /  / / / // /_/ // /__ / / / // /_/ / / /_
+/_/ /_/ \__,_/  /_/ /_/ \____/ \___//_/ /_/ \__,_/  \__/
+"""
+    print0(banner)
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+
+def get_base_dir():
+    """Where nanochat keeps data, tokenizer, checkpoints and reports: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def atomic_write(path, data):
+    """Write bytes or str to `path` so that a crash leaves either the old file or the new one, never half.
+
+    Writes a temp file in the same directory (same filesystem, so the rename is atomic), fsyncs it,
+    then renames it over the destination.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    mode = "wb" if isinstance(data, (bytes, bytearray)) else "w"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    """torch.save with the same all-or-nothing guarantee as `atomic_write`."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def download_file_with_lock(url, filename, postprocess_fn=None, desc=None):
+    """Download `url` to <base_dir>/<filename> once, even when several ranks ask at the same time.
+
+    A file lock makes one process download while the others wait; the download goes through a
+    temp file so an interrupted transfer never looks finished. Raises RuntimeError with a one-line
+    explanation when the host can't be reached.
+    """
+    import requests
+    from filelock import FileLock
+    from tqdm import tqdm
+
+    path = os.path.join(get_base_dir(), filename)
+    with FileLock(path + ".lock"):
+        if os.path.exists(path):
+            return path
+        logger.info("Downloading %s", url)
+        try:
+            with requests.get(url, stream=True, timeout=30) as r:
+                r.raise_for_status()
+                total = int(r.headers.get("content-length", 0)) or None
+                tmp = path + ".tmp"
+                with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=desc or filename) as bar:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except requests.RequestException as e:
+            raise RuntimeError(f"could not download {url} ({type(e).__name__}: {e}); check the network, or place the file at {path} by hand") from e
+        os.replace(tmp, path)
+        if postprocess_fn is not None:
+            postprocess_fn(path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Devices and dtypes
+
+
+def autodetect_device_type():
+    """cuda if available, else mps, else cpu."""
+    if torch.cuda.is_available():
+        device_type = "cuda"
+    elif torch.backends.mps.is_available():
+        device_type = "mps"
+    else:
+        device_type = "cpu"
+    logger.info("Autodetected device type: %s", device_type)
+    return device_type
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16():
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 matmuls beat fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    flags = set(flags.split())
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@functools.lru_cache(maxsize=1)
+def get_compute_dtype():
+    """Decide the activation/matmul dtype once per process. Returns (dtype, reason).
+
+    1. $NANOCHAT_DTYPE (bfloat16 | float16 | float32) wins.
+    2. CUDA with compute capability >= 8.0: bf16. Older CUDA: fp32 (fp16 needs a GradScaler, opt in).
+    3. CPU with native bf16 (AVX512-BF16 / AMX): bf16, about 2x the fp32 matmul rate there.
+    4. Anything else (plain CPU, MPS): fp32.
+    Master weights stay fp32 in every case.
+    """
+    env = os.environ.get("NANOCHAT_DTYPE")
+    if env:
+        if env not in _DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE={env!r} is not supported; use one of {', '.join(_DTYPES)}")
+        return _DTYPES[env], f"set via NANOCHAT_DTYPE={env}"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        if major >= 8:
+            return torch.bfloat16, f"auto-detected: CUDA SM {major}{minor} (bf16 supported)"
+        return torch.float32, f"auto-detected: CUDA SM {major}{minor} (pre-Ampere, bf16 not supported; fp16 is opt-in via NANOCHAT_DTYPE)"
+    if torch.backends.mps.is_available():
+        return torch.float32, "auto-detected: MPS (bf16 is opt-in via NANOCHAT_DTYPE=bfloat16)"
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "auto-detected: CPU with native bf16 (AVX512-BF16/AMX)"
+    return torch.float32, "auto-detected: CPU without native bf16"
+
+
+def __getattr__(name):
+    # COMPUTE_DTYPE / COMPUTE_DTYPE_REASON read like upstream's module constants, but are decided
+    # lazily on first access so that importing this module probes no hardware.
+    if name == "COMPUTE_DTYPE":
+        return get_compute_dtype()[0]
+    if name == "COMPUTE_DTYPE_REASON":
+        return get_compute_dtype()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -----------------------------------------------------------------------------
+# Distributed
+
+
+def is_ddp_requested():
+    """True when launched by torchrun (RANK, LOCAL_RANK and WORLD_SIZE all set)."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def is_ddp_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from the torchrun environment; (False, 0, 0, 1) without it."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type="cuda", seed=42):
+    """Seed, pick the device and join the process group. Returns (ddp, rank, local_rank, world_size, device).
+
+    Under torchrun the process group uses NCCL on CUDA and gloo on CPU, so the multi-process paths
+    (optimizer sharding, data sharding, checkpoint files per rank) run and are tested on CPU too.
+    """
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"unknown device type {device_type!r}; use cuda, mps or cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda was asked for but PyTorch sees no CUDA device; use --device-type cpu (or leave it empty to autodetect)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device-type mps was asked for but MPS is not available; use --device-type cpu")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul that remains
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not is_ddp_initialized():
+            dist.init_process_group(backend="nccl", device_id=device)
+            dist.barrier()
+    else:
+        device = torch.device(device_type)
+        if ddp and device_type == "cpu" and not is_ddp_initialized():
+            dist.init_process_group(backend="gloo")
+    if rank == 0:
+        logger.info("Distributed world size: %d", world_size)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if is_ddp_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stand-in for a wandb run when logging is off (`--run dummy`)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+# -----------------------------------------------------------------------------
+# Peak FLOPs and bandwidth, for MFU / MBU
+
+# Dense bf16 tensor-core peak (FP32 accumulate), FLOP/s. First row whose substrings all occur in
+# the lower-cased device name wins, so more specific names come first.
+_PEAK_FLOPS = [
+    (("gb200",), 2.5e15), (("grace blackwell",), 2.5e15), (("b200",), 2.25e15), (("b100",), 1.8e15),
+    (("h200", "nvl"), 836e12), (("h200", "pcie"), 836e12), (("h200",), 989e12),
+    (("h100", "nvl"), 835e12), (("h100", "pcie"), 756e12), (("h100",), 989e12),
+    (("h800", "nvl"), 989e12), (("h800",), 756e12),
+    (("a100",), 312e12), (("a800",), 312e12), (("a40",), 149.7e12), (("a30",), 165e12),
+    (("a10g",), 70e12), (("a10",), 125e12), (("a6000", "ada"), 364.2e12), (("6000 ada",), 364.2e12), (("a6000",), 154.8e12),
+    (("l40s",), 362e12), (("l40-s",), 362e12), (("l40 s",), 362e12), (("l40",), 181e12), (("l4",), 121e12),
+    (("mi355",), 2.5e15), (("mi325",), 1.3074e15), (("mi300x",), 1.3074e15), (("mi300a",), 980.6e12),
+    (("mi250x",), 383e12), (("mi250",), 362.1e12),
+    # GeForce cards: tensor-core fp16/bf16 with fp32 accumulate, dense (the rate training actually gets).
+    (("5090",), 209.5e12), (("5080",), 112.6e12), (("5070 ti",), 87.9e12), (("5070",), 61.7e12), (("5060",), 38.4e12),
+    (("4090",), 165.2e12), (("4080",), 97.5e12), (("4070 ti",), 80.2e12), (("4070",), 58.3e12),
+    (("4060 ti",), 44.2e12), (("4060",), 30.2e12),
+    (("3090",), 71e12), (("3080 ti",), 68.2e12), (("3080",), 59.5e12), (("3070",), 40.6e12), (("3060",), 25.5e12),
+    (("v100",), 125e12), (("t4",), 65e12),
+]
+
+_PEAK_BANDWIDTH = [
+    (("gb200",), 8.0e12), (("grace blackwell",), 8.0e12), (("b200",), 8.0e12), (("b100",), 8.0e12),
+    (("h200",), 4.8e12), (("h100", "nvl"), 3.9e12), (("h100", "pcie"), 2.0e12), (("h100",), 3.35e12),
+    (("h800", "pcie"), 2.0e12), (("h800",), 3.35e12), (("a100",), 2.0e12), (("a800",), 2.0e12),
+    (("a40",), 696e9), (("a30",), 933e9), (("l40s",), 864e9), (("l40-s",), 864e9), (("l40 s",), 864e9), (("l4",), 300e9),
+    (("mi355",), 8.0e12), (("mi325",), 6.0e12), (("mi300x",), 5.3e12), (("mi300a",), 5.3e12), (("mi250",), 3.28e12),
+    (("5090",), 1.79e12), (("5080",), 960e9), (("5070",), 672e9), (("4090",), 1.01e12), (("4080",), 717e9),
+    (("4070 ti",), 504e9), (("4070",), 504e9), (("4060",), 272e9), (("3090",), 936e9), (("3080",), 760e9),
+]
+
+
+def _lookup(table, device_name):
+    name = device_name.lower()
+    for patterns, value in table:
+        if all(p in name for p in patterns):
+            return value
+    return None
+
+
+def get_peak_flops(device_name):
+    """Dense bf16 peak FLOP/s of a GPU by name, or None when the name is not in the table."""
+    peak = _lookup(_PEAK_FLOPS, device_name)
+    if peak is None:
+        logger.warning("Peak FLOPs unknown for %r: MFU will be shown as n/a (add it to nanochat/common.py)", device_name)
+    return peak
+
+
+def get_peak_bandwidth(device_name):
+    """HBM/GDDR bandwidth in bytes/s of a GPU by name, or None when unknown."""
+    return _lookup(_PEAK_BANDWIDTH, device_name)
+
+
+def measure_matmul_flops(device, dtype, n=1024, seconds=0.5):
+    """Measured square-matmul FLOP/s on `device` in `dtype`: the CPU's practical peak, for a CPU MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
