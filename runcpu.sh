@@ -20,7 +20,7 @@ python -m nanochat.report reset
 
 # Data: a few pretraining shards. Without network access this falls back to the offline corpus
 # (real text that ships with Python), and says so.
-python -m nanochat.dataset -n 4
+python -m nanochat.dataset -n 4 --offline-fallback
 
 # Tokenizer: train on the shards, then compare its compression with GPT-2/GPT-4 where available.
 python -m scripts.tok_train --max-chars=20000000 --vocab-size=8192

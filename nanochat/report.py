@@ -1,0 +1,388 @@
+"""
+The markdown training report. Each stage logs one section; `generate` stitches the header, the
+sections in pipeline order and a summary table into <base>/report/report.md (and ./report.md).
+
+    python -m nanochat.report reset       # start of a run: delete old sections, write header.md
+    python -m nanochat.report generate    # end of a run (also the default with no argument)
+
+From a stage: get_report().log(section="Chat SFT", data=[vars(args), {"Training loss": 1.1076}])
+
+Section titles come from one table, SECTIONS, that both the writers and generate() use. Upstream's
+chat_sft once logged "SFT" while the report looked for chat-sft.md, and the SFT section silently
+vanished; here "SFT"/"RL" map to their stage, and any other unknown section is kept (appended after
+the known ones) with a warning instead of being dropped.
+"""
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+
+from nanochat.common import atomic_write, get_base_dir, setup_default_logging
+
+log = logging.getLogger("nanochat.report")
+
+# (title, summary-table stage) in report order; the file of a section is slugify(title) + ".md".
+SECTIONS = (
+    ("Tokenizer training", None),
+    ("Tokenizer evaluation", None),
+    ("Base model training", "base"),
+    ("Base model loss", "base"),
+    ("Base model evaluation", "base"),
+    ("Midtraining", "mid"),
+    ("Chat evaluation mid", "mid"),
+    ("Chat SFT", "sft"),
+    ("Chat evaluation sft", "sft"),
+    ("Chat RL", "rl"),
+    ("Chat evaluation rl", "rl"),
+)
+# Our base_eval writes loss and CORE in one section (as upstream's latest does), so "Base model loss"
+# keeps its place in the order for older writers but is not warned about when absent.
+OPTIONAL_SECTIONS = {"Base model loss"}
+ALIASES = {"sft": "Chat SFT", "rl": "Chat RL"}  # titles upstream's later scripts used
+STAGES = ("base", "mid", "sft", "rl")
+
+# Summary rows: which `- key: value` lines of which section become which row.
+_CHAT_KEYS = {"ARC-Easy": "ARC-Easy", "ARC-Challenge": "ARC-Challenge", "MMLU": "MMLU", "GSM8K": "GSM8K",
+              "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE"}
+METRIC_KEYS = {
+    "Base model evaluation": {"CORE metric": "CORE"},
+    "Chat evaluation mid": _CHAT_KEYS,
+    "Chat evaluation sft": _CHAT_KEYS,
+    "Chat evaluation rl": _CHAT_KEYS,
+}
+BLOAT_PATTERNS = ("*.py", "*.md", "*.rs", "*.html", "*.toml", "*.sh")
+HOURLY_RATES = (("H100", 3.00), ("A100", 1.79), ("V100", 0.55))  # $/GPU/hour, rough cloud prices
+DEFAULT_HOURLY_RATE = 2.00
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def _now():
+    return datetime.datetime.now()
+
+
+def slugify(title):
+    """Section title -> file stem: lower case, anything but [a-z0-9._] becomes '-'."""
+    slug = re.sub(r"[^a-z0-9._]+", "-", title.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"report section title {title!r} has no usable characters")
+    return slug
+
+
+def canonical_title(section):
+    """The SECTIONS title a section name stands for, or the name itself when it is not a known stage."""
+    slug = slugify(section)
+    if slug in ALIASES:
+        return ALIASES[slug]
+    return next((title for title, _ in SECTIONS if slugify(title) == slug), section)
+
+
+def format_value(value):
+    """A report value: floats with 4 decimals, ints >= 10,000 with thousands separators, else str()."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+
+def format_section(section, data, timestamp):
+    """The markdown of one section: title, timestamp, then each item (str verbatim, dict as `- k: v` lines)."""
+    out = [f"## {section}\n", f"timestamp: {timestamp.strftime(TIME_FORMAT)}\n\n"]
+    for item in data:
+        if not item:
+            continue  # None, {}, "" leave no trace
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.extend(f"- {k}: {format_value(v)}\n" for k, v in item.items())
+        else:
+            raise TypeError(f"report data items must be dicts or strings, got {type(item).__name__}")
+    out.append("\n")
+    return "".join(out)
+
+
+def extract_metrics(text, keys):
+    """{row: value} from lines `- {key}: {value}` whose key is exactly one of `keys` (last one wins).
+
+    Exact keys, not substrings: a CLI-argument line `- task_name: GSM8K` is not the GSM8K score,
+    and a value containing ':' is kept whole.
+    """
+    found = {}
+    for line in text.splitlines():
+        for key, row in keys.items():
+            prefix = f"- {key}: "
+            if line.startswith(prefix):
+                found[row] = line[len(prefix):].strip()
+    return found
+
+
+def _first_time(text, prefix):
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            try:
+                return datetime.datetime.strptime(line[len(prefix):].strip(), TIME_FORMAT)
+            except ValueError:
+                return None
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Header: environment facts
+
+
+def _run(cmd, cwd=None):
+    """Stripped stdout of a short command; "" if it printed nothing but succeeded; None if it failed."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.stdout.strip():
+        return r.stdout.strip()
+    return "" if r.returncode == 0 else None
+
+
+def git_info(cwd=None):
+    """Branch, short commit, dirty flag and first line of the last commit message (80 chars)."""
+    message = _run(["git", "log", "-1", "--pretty=%B"], cwd)
+    return {
+        "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd) or "unknown",
+        "commit": _run(["git", "rev-parse", "--short", "HEAD"], cwd) or "unknown",
+        "dirty": bool(_run(["git", "status", "--porcelain"], cwd)),
+        "message": message.splitlines()[0][:80] if message else "unknown",
+    }
+
+
+def gpu_info():
+    """GPU count, names, total memory (GiB), CUDA version; count 0 without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"count": 0}
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    return {"count": len(props), "names": [p.name for p in props],
+            "memory_gb": sum(p.total_memory for p in props) / 1024**3, "cuda_version": torch.version.cuda or "unknown"}
+
+
+def hourly_rate(gpu):
+    """Rough $/hour of the machine, priced by the first GPU's name."""
+    per_gpu = next((rate for key, rate in HOURLY_RATES if key in gpu["names"][0]), DEFAULT_HOURLY_RATE)
+    return per_gpu * gpu["count"]
+
+
+def system_info():
+    import psutil
+    import torch
+
+    return {"platform": platform.system(), "physical_cores": psutil.cpu_count(logical=False) or 0,
+            "logical_cores": psutil.cpu_count(logical=True) or 0,
+            "memory_gb": psutil.virtual_memory().total / 1024**3,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def bloat_info(cwd=None):
+    """Size of the tracked source: characters (not bytes), lines, files, ~tokens, uv.lock lines.
+
+    Files come from one `git ls-files` call and are read here, so no shell argument limit can split
+    the count (upstream piped through xargs into `wc -lc`, which counted bytes, and on a long file list
+    ran wc several times and kept only the last batch's total).
+    """
+    root = _run(["git", "rev-parse", "--show-toplevel"], cwd) or os.path.abspath(cwd or ".")
+    listing = _run(["git", "ls-files", "-z", "--", *BLOAT_PATTERNS], root) or ""
+    chars = lines = files = 0
+    for rel in filter(None, listing.split("\0")):
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+            continue  # deleted in the working tree but still in the index
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        chars += len(text)
+        lines += len(text.splitlines())
+        files += 1
+    uv_lock = os.path.join(root, "uv.lock")
+    deps = 0
+    if os.path.exists(uv_lock):
+        with open(uv_lock, encoding="utf-8", errors="replace") as f:
+            deps = len(f.read().splitlines())
+    return {"chars": chars, "lines": lines, "files": files, "tokens": chars // 4, "deps": deps}
+
+
+def collect_environment(cwd=None):
+    return {"git": git_info(cwd), "gpu": gpu_info(), "system": system_info(), "bloat": bloat_info(cwd)}
+
+
+def format_header(env, generated_at):
+    """header.md without the `Run started` line (see Report.reset)."""
+    g, gpu, s, b = env["git"], env["gpu"], env["system"], env["bloat"]
+    lines = [
+        "# nanochat training report", "", f"Generated: {generated_at.strftime(TIME_FORMAT)}", "",
+        "## Environment", "",
+        "### Git Information", f"- Branch: {g['branch']}", f"- Commit: {g['commit']} ({'dirty' if g['dirty'] else 'clean'})",
+        f"- Message: {g['message']}", "",
+        "### Hardware", f"- Platform: {s['platform']}", f"- CPUs: {s['physical_cores']} cores ({s['logical_cores']} logical)",
+        f"- Memory: {s['memory_gb']:.1f} GB",
+    ]
+    if gpu["count"]:
+        lines += [f"- GPUs: {gpu['count']}x {', '.join(sorted(set(gpu['names'])))}",
+                  f"- GPU Memory: {gpu['memory_gb']:.1f} GB total", f"- CUDA Version: {gpu['cuda_version']}",
+                  f"- Hourly Rate: ${hourly_rate(gpu):.2f}/hour"]
+    else:
+        lines.append("- GPUs: None available")
+    lines += [
+        "", "### Software", f"- Python: {s['python']}", f"- PyTorch: {s['torch']}", "", "",
+        "### Bloat", f"- Characters: {b['chars']:,}", f"- Lines: {b['lines']:,}", f"- Files: {b['files']:,}",
+        f"- Tokens (approx): {b['tokens']:,}", f"- Dependencies (uv.lock lines): {b['deps']:,}", "", "",
+    ]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Summary
+
+
+def format_summary(bloat, metrics, start, end):
+    """The `## Summary` block: bloat lines, the metric table (BASE/MID/SFT/RL), total wall-clock time."""
+    rows = set().union(*(metrics[s] for s in STAGES))
+    rows = sorted(rows, key=lambda r: (r != "CORE", r == "ChatCORE", r))  # CORE first, ChatCORE last
+    table = ["| " + "Metric".ljust(15) + " |" + "".join(f" {s.upper():<8} |" for s in STAGES),
+             "|" + "-" * 17 + "|" + "".join("-" * 10 + "|" for _ in STAGES)]
+    for row in rows:
+        table.append(f"| {row:<15} |" + "".join(f" {metrics[s].get(row, '-'):<8} |" for s in STAGES))
+    if start is not None and end is not None:
+        minutes = int((end - start).total_seconds() // 60)
+        wall = f"Total wall clock time: {minutes // 60}h{minutes % 60}m"
+    else:
+        wall = "Total wall clock time: unknown"
+    return "## Summary\n\n" + bloat + "\n\n" + "\n".join(table) + "\n\n" + wall + "\n"
+
+
+class Report:
+    """Writes sections into `report_dir` and assembles them into report.md. Every write is atomic."""
+
+    def __init__(self, report_dir):
+        self.report_dir = report_dir
+
+    def _path(self, name):
+        return os.path.join(self.report_dir, name)
+
+    def log(self, section, data):
+        """Write (replace) the section file for `section`; returns its path."""
+        title = canonical_title(section)
+        if title not in {t for t, _ in SECTIONS}:
+            log.warning("Report section %r is not one of the pipeline stages (%s); report.md will show it after them",
+                        section, ", ".join(t for t, _ in SECTIONS))
+        slug = slugify(title)
+        if slug in ("header", "report"):
+            raise ValueError(f"report section title {section!r} would overwrite {slug}.md; choose another title")
+        path = self._path(slug + ".md")
+        atomic_write(path, format_section(title, data, _now()))  # formatted first: a crash can't leave half
+        return path
+
+    def reset(self, cwd=None):
+        """Delete every section and report.md, then write header.md with the environment and the start time."""
+        if os.path.isdir(self.report_dir):
+            for name in os.listdir(self.report_dir):
+                if name.endswith(".md"):  # this dir is ours; stale extras would leak into the next report
+                    os.remove(self._path(name))
+        header = format_header(collect_environment(cwd), _now())
+        atomic_write(self._path("header.md"), header + f"Run started: {_now().strftime(TIME_FORMAT)}\n\n---\n\n")
+        log.info("Reset report and wrote header to %s", self._path("header.md"))
+
+    def generate(self, copy_to="."):
+        """Write report.md into the report dir and a copy into `copy_to` (None = no copy); returns the path.
+
+        Layout: header.md, the known sections in SECTIONS order (missing ones skipped with a warning),
+        sections under unknown titles (oldest first, with a warning), then the summary. The wall clock
+        runs from the header's `Run started` to the timestamp of the last known non-RL section.
+        """
+        parts, metrics, end = [], {s: {} for s in STAGES}, None
+        header_path = self._path("header.md")
+        if os.path.exists(header_path):
+            with open(header_path, encoding="utf-8") as f:
+                header = f.read()
+            start = _first_time(header, "Run started:")
+            m = re.search(r"### Bloat\n(.*?)\n\n", header, re.S)
+            bloat = m.group(1) if m else "[bloat data missing]"
+        else:
+            log.warning("%s does not exist. Did you forget to run `python -m nanochat.report reset`?", header_path)
+            header, start, bloat = "", None, "[bloat data missing]"
+        parts.append(header)
+        known = set()
+        for title, stage in SECTIONS:
+            name = slugify(title) + ".md"
+            known.add(name)
+            if not os.path.exists(self._path(name)):
+                if title not in OPTIONAL_SECTIONS:
+                    log.warning("Report section %s is missing (stage not run?); skipping it", name)
+                continue
+            with open(self._path(name), encoding="utf-8") as f:
+                content = f.read()
+            parts.append(content + "\n")
+            if stage != "rl":  # RL is experimental and excluded from the wall-clock total
+                end = _first_time(content, "timestamp:") or end
+            if title in METRIC_KEYS:
+                metrics[stage].update(extract_metrics(content, METRIC_KEYS[title]))
+        extras = []
+        for name in sorted(os.listdir(self.report_dir)) if os.path.isdir(self.report_dir) else []:
+            if name.endswith(".md") and name not in known | {"header.md", "report.md"}:
+                with open(self._path(name), encoding="utf-8") as f:
+                    content = f.read()
+                extras.append((_first_time(content, "timestamp:") or datetime.datetime.min, name, content))
+        for _, name, content in sorted(extras):
+            log.warning("Report section %s is not a pipeline stage; appending it after the known sections", name)
+            parts.append(content + "\n")
+        parts.append(format_summary(bloat, metrics, start, end))
+        out = self._path("report.md")
+        text = "".join(parts)
+        atomic_write(out, text)
+        log.info("Wrote the report to %s", out)
+        if copy_to is not None:
+            atomic_write(os.path.join(copy_to, "report.md"), text)
+            log.info("Copied it to %s", os.path.abspath(os.path.join(copy_to, "report.md")))
+        return out
+
+
+class DummyReport:
+    """What non-zero ranks get: every call does nothing, so stages can log unconditionally."""
+
+    def log(self, *args, **kwargs):
+        return None
+
+    def reset(self, *args, **kwargs):
+        return None
+
+    def generate(self, *args, **kwargs):
+        return None
+
+
+def get_report():
+    """The real Report (in <base>/report) on rank 0, a DummyReport on every other rank."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return Report(os.path.join(get_base_dir(), "report"))
+    return DummyReport()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m nanochat.report", description="Reset or generate the training report.")
+    p.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"],
+                   help="reset: clear sections and write the header (start of a run); generate: assemble report.md")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_default_logging()
+    report = get_report()
+    if args.command == "reset":
+        report.reset()
+    else:
+        report.generate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
