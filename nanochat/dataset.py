@@ -53,6 +53,7 @@ ROW_GROUP_SIZE = 1024  # documents per row group; DDP ranks split the data by ro
 MANIFEST_NAME = "manifest.json"
 DEFAULT_OFFLINE_CHARS = 45_000_000  # >= 20M for the tokenizer benchmark plus a tiny CPU training run
 SUBCOMMANDS = ("download", "ingest", "offline")
+OFFLINE_DOC_CHARS = 4000  # offline documents are cut to at most this many characters
 
 
 class DatasetError(RuntimeError):
@@ -457,10 +458,13 @@ def build_offline_corpus(out_dir=None, max_chars=None, shard_chars=8_000_000, va
     log.info("Building the offline corpus (up to %s chars) from Python %s's standard library in %s and the installed "
              "packages in %s; its content depends on the installed Python and packages", f"{max_chars:,}",
              platform.python_version(), offline_corpus.stdlib_dir(), ", ".join(offline_corpus.site_packages_dirs()))
-    docs = list(offline_corpus.iter_offline_documents(max_chars))
+    # Source files average ~11k characters, far longer than a tiny model's context; the packing loader
+    # would only ever see each file's first row. Cutting them at paragraph boundaries keeps all the text usable.
+    docs = [piece for doc in offline_corpus.iter_offline_documents(max_chars)
+            for piece in offline_corpus.split_long_document(doc, OFFLINE_DOC_CHARS)]
     random.Random(42).shuffle(docs)
     manifest = {"source": "offline", "python": platform.python_version(), "stdlib": offline_corpus.stdlib_dir(),
-                "site_packages": offline_corpus.site_packages_dirs(), "max_chars": max_chars, "seed": 42}
+                "site_packages": offline_corpus.site_packages_dirs(), "max_chars": max_chars, "max_doc_chars": OFFLINE_DOC_CHARS, "seed": 42}
     manifest = write_shards(docs, out_dir, manifest, shard_chars, val_fraction=val_fraction, overwrite=overwrite)
     log.info("Offline corpus: %d train + %d val documents (%s chars) in %d shards in %s", manifest["train_docs"],
              manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}", manifest["num_shards"], out_dir)
