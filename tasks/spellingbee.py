@@ -1,0 +1,210 @@
+"""
+Synthetic spelling tasks that teach a tokenized model to see letters (Oct 2025 - Jul 2026 upstream).
+
+SpellingBee: "How many r are in strawberry?" The assistant spells the word, walks it letter by letter
+keeping a running count, checks with a python tool call ('strawberry'.count('r')) and ends with
+"#### 3"; evaluated like GSM8K. SimpleSpelling: "Spell the word: cat" -> "cat:c,a,t".
+
+Examples are generated on the fly from an English word list (downloaded once to
+<base_dir>/words_alpha.txt); example i of the train split uses random.Random(i), of the test split
+random.Random(10_000_000 + i), so both are reproducible and never overlap.
+
+    from tasks.spellingbee import SpellingBee, SimpleSpelling
+    SpellingBee(size=256, split="test")[0]
+"""
+
+import functools
+import random
+import string
+
+from tasks.common import Task
+from tasks.gsm8k import evaluate_final_answer
+
+WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+WORD_LIST_FILENAME = "words_alpha.txt"
+# Test seeds start far above any train index. (Upstream first used negative seeds, but
+# random.seed(-n) == random.seed(n), so test examples repeated train examples.)
+TEST_RANDOM_SEED_OFFSET = 10_000_000
+SPLITS = ("train", "test")
+
+USER_MSG_TEMPLATES = [
+    "How many {letter} are in the word {word}",
+    "How many {letter} are in {word}",
+    "Count the number of {letter} in {word}",
+    "How many times does {letter} appear in {word}",
+    "What's the count of {letter} in {word}",
+    "In the word {word}, how many {letter} are there",
+    "How many letter {letter} are in the word {word}",
+    "Count how many {letter} appear in {word}",
+    "Tell me the number of {letter} in {word}",
+    "How many occurrences of {letter} are in {word}",
+    "Find the count of {letter} in {word}",
+    "Can you count the {letter} letters in {word}",
+    "What is the frequency of {letter} in {word}",
+    "How many {letter}s are in {word}",
+    "How many {letter}'s are in {word}",
+    "Count all the {letter} in {word}",
+    "How many times is {letter} in {word}",
+    "Number of {letter} in {word}",
+    "Total count of {letter} in {word}",
+    "How many {letter} does {word} have",
+    "How many {letter} does {word} contain",
+    "What's the number of {letter} in {word}",
+    "{word} has how many {letter}",
+    "In {word}, count the {letter}",
+    "How many {letter} appear in {word}",
+    "Count the {letter} in {word}",
+    "Give me the count of {letter} in {word}",
+    "How many instances of {letter} in {word}",
+    "Show me how many {letter} are in {word}",
+    "Calculate the number of {letter} in {word}",
+    # Spanish
+    "¿Cuántas {letter} hay en {word}?",
+    "¿Cuántas veces aparece {letter} en {word}?",
+    "Cuenta las {letter} en {word}",
+    "¿Cuántas letras {letter} tiene {word}?",
+    # Chinese
+    "{word}中有多少个{letter}",
+    "{word}里有几个{letter}",
+    "数一下{word}中的{letter}",
+    "{word}这个词里有多少{letter}",
+    # Korean
+    "{word}에 {letter}가 몇 개 있나요",
+    "{word}에서 {letter}의 개수는",
+    "{word}에 {letter}가 몇 번 나오나요",
+    "{word}라는 단어에 {letter}가 몇 개",
+    # French
+    "Combien de {letter} dans {word}",
+    "Combien de fois {letter} apparaît dans {word}",
+    "Compte les {letter} dans {word}",
+    # German
+    "Wie viele {letter} sind in {word}",
+    "Wie oft kommt {letter} in {word} vor",
+    "Zähle die {letter} in {word}",
+    # Japanese
+    "{word}に{letter}は何個ありますか",
+    "{word}の中に{letter}がいくつ",
+    "{word}に{letter}が何回出てくる",
+]
+
+
+@functools.lru_cache(maxsize=4)
+def _read_words(path):
+    with open(path, encoding="utf-8") as f:
+        return tuple(line.strip() for line in f)
+
+
+def load_words(word_list_path=None):
+    """The word list: `word_list_path` if given, else <base_dir>/words_alpha.txt (downloaded on first use)."""
+    if word_list_path is None:
+        from nanochat.common import download_file_with_lock
+
+        word_list_path = download_file_with_lock(WORD_LIST_URL, WORD_LIST_FILENAME, desc="word list")
+    words = _read_words(str(word_list_path))
+    if not words:
+        raise ValueError(f"word list {word_list_path} is empty")
+    return words
+
+
+def _check_args(size, split):
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"size must be an int >= 0, got {size!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _seed(split, index):
+    return index if split == "train" else TEST_RANDOM_SEED_OFFSET + index
+
+
+def spell(word):
+    """'cat' -> 'c,a,t'."""
+    return ",".join(word)
+
+
+class SpellingBee(Task):
+    """Count a letter in a word, by hand and then with a python tool call; `size` generated examples."""
+
+    eval_type = "generative"
+
+    def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
+        super().__init__(**kwargs)
+        _check_args(size, split)
+        self.size, self.split = size, split
+        self.words = load_words(word_list_path)
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        # The order of rng calls is part of the data format: changing it changes every example.
+        rng = random.Random(_seed(self.split, index))
+        word = rng.choice(self.words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
+        count = word.count(letter)
+        template = rng.choice(USER_MSG_TEMPLATES)
+        if rng.random() < 0.3:
+            template = template.lower()
+        quotes = ["", "'", '"']
+        letter_quote = rng.choice(quotes)
+        word_quote = rng.choice(quotes)
+        user_msg = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
+        if rng.random() < 0.5:
+            user_msg += "?"
+
+        # The manual walk: "i:c" per character, no space after the colon, so the letter is the same
+        # token as in the spelled-out "w,o,r,d" form.
+        manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first."
+                  f"\n\nFirst spell the word out:\n{word}:{spell(word)}\n\nThen count the occurrences of '{letter}':\n")
+        running = 0
+        for i, char in enumerate(word, start=1):
+            if char == letter:
+                running += 1
+                manual += f"{i}:{char} hit! count={running}\n"
+            else:
+                manual += f"{i}:{char}\n"
+        manual += f"\nThis gives us {running}."
+        parts = [
+            {"type": "text", "text": manual},
+            {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
+            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "python_output", "text": str(count)},
+            {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
+        ]
+        return {"messages": [{"role": "user", "content": user_msg}, {"role": "assistant", "content": parts}]}
+
+    def evaluate(self, conversation, response):
+        """1 if the response's '#### n' equals the true count, else 0 (as GSM8K)."""
+        return evaluate_final_answer(conversation, response)
+
+    def reward(self, conversation, response):
+        """RL reward: 1.0 for the right count, else 0.0."""
+        return float(self.evaluate(conversation, response))
+
+
+class SimpleSpelling(Task):
+    """"Spell the word: cat" -> "cat:c,a,t"; `size` generated examples. Training only."""
+
+    eval_type = "generative"
+
+    def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
+        super().__init__(**kwargs)
+        _check_args(size, split)
+        self.size, self.split = size, split
+        # Its own fixed order (seed 42), so SimpleSpelling draws different words than SpellingBee for the same seed.
+        words = list(load_words(word_list_path))
+        random.Random(42).shuffle(words)
+        self.words = words
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        rng = random.Random(_seed(self.split, index))
+        word = rng.choice(self.words)
+        return {
+            "messages": [
+                {"role": "user", "content": f"Spell the word: {word}"},
+                {"role": "assistant", "content": f"{word}:{spell(word)}"},
+            ]
+        }
