@@ -1,0 +1,288 @@
+"""
+Checkpoints: save and load model / optimizer / meta files, find the newest one, rebuild a GPT from it.
+
+Layout, under <base>/<source dir>/<model_tag>/ (source dirs: base_checkpoints, mid_checkpoints,
+chatsft_checkpoints, chatrl_checkpoints; the tag defaults to d<depth>):
+    model_{step:06d}.pt              model state_dict (rank 0)
+    meta_{step:06d}.json             step, model_config, user_config, loop/loader state (rank 0)
+    optim_{step:06d}_rank{r}.pt      optimizer state shard of rank r (every rank; state is sharded)
+
+    from nanochat.checkpoint_manager import load_model
+    model, tokenizer, meta = load_model("sft", device, phase="eval")          # newest tag, last step
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag="d12", step=5000)
+
+Every file is written to a temp file and renamed into place, and the meta file goes last, after all
+ranks' files: a step whose meta exists is complete, and a crash mid-save never leaves a half file.
+"""
+
+import json
+import logging
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import atomic_torch_save, atomic_write, get_base_dir, is_ddp_initialized
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+_PRODUCERS = {"base_checkpoints": "python -m scripts.base_train", "mid_checkpoints": "python -m scripts.mid_train",
+              "chatsft_checkpoints": "python -m scripts.chat_sft", "chatrl_checkpoints": "python -m scripts.chat_rl"}
+_MODEL_RE = re.compile(r"model_(\d+)\.pt")
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint where one was asked for (message says which file/dir and how to make one)."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint file exists but cannot be read, or does not fit the current model."""
+
+
+def model_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+
+
+def meta_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+
+
+def optim_path(checkpoint_dir, step, rank):
+    return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt")
+
+
+def get_checkpoints_dir(source):
+    """<base>/<dir> holding one sub-directory per model tag for a source: base, mid, sft or rl."""
+    if source not in SOURCE_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}; use one of {', '.join(SOURCE_DIRS)}")
+    return os.path.join(get_base_dir(), SOURCE_DIRS[source])
+
+
+def _how_to_make(path):
+    """'run <script> first' for the stage that writes checkpoints under `path`."""
+    for part in reversed(os.path.normpath(path).split(os.sep)):
+        if part in _PRODUCERS:
+            return f"run `{_PRODUCERS[part]}` first"
+    return "train a model first"
+
+
+# -----------------------------------------------------------------------------
+# Saving and loading files
+
+
+def _barrier():
+    if is_ddp_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+    """Write one checkpoint step. Under torch.distributed every rank must call this (it waits for all).
+
+    Rank 0 writes the model and meta, each rank its own optimizer shard (skipped when optimizer_data
+    is None). The meta is written last, after a barrier, so that it marks a complete step; a second
+    barrier keeps ranks from moving on (or exiting) before the checkpoint is on disk.
+    """
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if rank == 0:
+        atomic_torch_save(model_data, model_path(checkpoint_dir, step))
+    if optimizer_data is not None:
+        atomic_torch_save(optimizer_data, optim_path(checkpoint_dir, step, rank))
+    _barrier()
+    if rank == 0:
+        atomic_write(meta_path(checkpoint_dir, step), json.dumps(meta_data, indent=2, ensure_ascii=False))
+        log.info("Saved checkpoint step %d to %s", step, checkpoint_dir)
+    _barrier()
+
+
+def _corrupt(path, err):
+    return CheckpointCorruptError(f"checkpoint file {path} is corrupt or truncated ({type(err).__name__}: {err}); "
+                                  f"delete it or resume from an earlier step")
+
+
+def _torch_load(path, device):
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise _corrupt(path, e) from e
+
+
+def _load_meta(path):
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"checkpoint meta file {path} is missing (the save did not finish); "
+                                      f"resume from an earlier step")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _corrupt(path, e) from e
+    if not isinstance(meta, dict):
+        raise _corrupt(path, ValueError("the meta file does not hold a JSON object"))
+    return meta
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """(model_data, optimizer_data or None, meta_data) of one step, tensors mapped to `device`."""
+    path = model_path(checkpoint_dir, step)
+    if not os.path.exists(path):
+        steps = _complete_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+        have = f"steps present: {', '.join(map(str, steps))}" if steps else _how_to_make(checkpoint_dir)
+        raise CheckpointNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} ({os.path.basename(path)} "
+                                      f"is missing); {have}")
+    meta = _load_meta(meta_path(checkpoint_dir, step))
+    model_data = _torch_load(path, device)
+    optimizer_data = _torch_load(optim_path(checkpoint_dir, step, rank), device) if load_optimizer else None
+    return model_data, optimizer_data, meta
+
+
+# -----------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def _complete_steps(checkpoint_dir):
+    """Sorted steps that have both a model file and a meta file."""
+    steps = []
+    for name in os.listdir(checkpoint_dir):
+        m = _MODEL_RE.fullmatch(name)
+        if m is None:
+            continue
+        step = int(m.group(1))
+        if os.path.exists(meta_path(checkpoint_dir, step)):
+            steps.append(step)
+        else:
+            log.warning("Ignoring %s: its meta file is missing (the save did not finish)", os.path.join(checkpoint_dir, name))
+    return sorted(steps)
+
+
+def find_last_step(checkpoint_dir):
+    """The largest step in `checkpoint_dir` whose model and meta files both exist."""
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointNotFoundError(f"no checkpoint directory {checkpoint_dir}; {_how_to_make(checkpoint_dir)}")
+    steps = _complete_steps(checkpoint_dir)
+    if not steps:
+        raise CheckpointNotFoundError(f"no checkpoints in {checkpoint_dir}; {_how_to_make(checkpoint_dir)}")
+    return steps[-1]
+
+
+def find_largest_model(checkpoints_dir):
+    """The model tag to load when none is given: the largest d<N> (prefix match, so d24_jan29 is 24;
+    the newest directory among equal N), else the most recently modified tag. Tags without any model
+    file are ignored."""
+    if not os.path.isdir(checkpoints_dir):
+        raise CheckpointNotFoundError(f"no checkpoint directory {checkpoints_dir}; {_how_to_make(checkpoints_dir)}")
+    tags = []
+    for tag in os.listdir(checkpoints_dir):
+        path = os.path.join(checkpoints_dir, tag)
+        if os.path.isdir(path) and any(_MODEL_RE.fullmatch(n) for n in os.listdir(path)):
+            tags.append((tag, os.path.getmtime(path)))
+    if not tags:
+        raise CheckpointNotFoundError(f"no checkpoints in {checkpoints_dir}; {_how_to_make(checkpoints_dir)}")
+    depth_tags = [(int(m.group(1)), mtime, tag) for tag, mtime in tags if (m := re.match(r"d(\d+)", tag))]
+    if depth_tags:
+        return max(depth_tags)[2]
+    return max(tags, key=lambda t: t[1])[0]
+
+
+def _resolve(checkpoints_dir, model_tag, step):
+    if model_tag is None:
+        model_tag = find_largest_model(checkpoints_dir)
+        log.info("No model tag given, using %s", model_tag)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    if not os.path.isdir(checkpoint_dir):
+        available = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
+        raise CheckpointNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir} (available: "
+                                      f"{', '.join(available) or 'none'}); {_how_to_make(checkpoints_dir)}")
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+        log.info("No step given, using the last one: %d", step)
+    return checkpoint_dir, step
+
+
+# -----------------------------------------------------------------------------
+# Rebuilding the model
+
+
+def _patch_missing_keys(model_data, expected, path):
+    # Neutral values for parameters added after a checkpoint was written: resid 1 / x0 0 reproduce the
+    # plain residual stream, smear_lambda 0 turns the smear off and backout_lambda 0 the backout.
+    defaults = {"resid_lambdas": torch.ones_like, "x0_lambdas": torch.zeros_like, "smear_lambda": torch.zeros_like,
+                "smear_gate.weight": torch.zeros_like, "backout_lambda": torch.zeros_like}
+    for key, make in defaults.items():
+        if key in expected and key not in model_data:
+            log.info("%s predates %s: using the neutral value", path, key)
+            model_data[key] = make(expected[key])
+
+
+def build_model(checkpoint_dir, step, device, phase):
+    """(model, tokenizer, meta) from one checkpoint step; phase "train" or "eval" sets the module mode.
+
+    Strips torch.compile's `_orig_mod.` key prefix, fills config/parameters that older checkpoints
+    lack (window_pattern -> "L", the full context they were trained with; see _patch_missing_keys),
+    stores every tensor in the dtype a fresh model has on this device (bf16 checkpoints become fp32
+    on an fp32 CPU), and checks the tokenizer's vocab size against the config.
+    """
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    device = torch.device(device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import get_tokenizer
+
+    path = model_path(checkpoint_dir, step)
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    config_kwargs = dict(meta["model_config"])
+    if "window_pattern" not in config_kwargs:
+        log.info("%s has no window_pattern in its config: using 'L' (full context, as it was trained)", path)
+        config_kwargs["window_pattern"] = "L"
+    config = GPTConfig(**config_kwargs)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # the rotary tables are buffers, not in the checkpoint
+    expected = model.state_dict()
+    _patch_missing_keys(model_data, expected, path)
+    for key, value in model_data.items():
+        if key in expected and value.is_floating_point() and value.dtype != expected[key].dtype:
+            model_data[key] = value.to(expected[key].dtype)
+    try:
+        model.load_state_dict(model_data, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointCorruptError(f"checkpoint {path} does not fit the model built from its meta ({' '.join(str(e).split())}); it was "
+                                     f"written by an incompatible version of nanochat") from e
+    if phase == "train":
+        model.train()
+    else:
+        model.eval()
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but checkpoint {path} was trained "
+                         f"with {config.vocab_size}; use the tokenizer the model was trained with")
+    return model, tokenizer, meta
+
+
+def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
+    """build_model on `checkpoints_dir`/<tag>, guessing the tag (largest model) and step (last) if not given."""
+    checkpoint_dir, step = _resolve(checkpoints_dir, model_tag, step)
+    return build_model(checkpoint_dir, step, device, phase)
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """(model, tokenizer, meta) for source base, mid, sft or rl (see SOURCE_DIRS)."""
+    return load_model_from_dir(get_checkpoints_dir(source), device, phase, model_tag=model_tag, step=step)
+
+
+def load_optimizer_state(source, device, rank, model_tag=None, step=None):
+    """This rank's optimizer shard of a checkpoint, or None (logged) if that checkpoint has none."""
+    checkpoint_dir, step = _resolve(get_checkpoints_dir(source), model_tag, step)
+    path = optim_path(checkpoint_dir, step, rank)
+    if not os.path.exists(path):
+        log.info("No optimizer state at %s; the optimizer starts fresh", path)
+        return None
+    return _torch_load(path, device)

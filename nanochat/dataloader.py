@@ -1,0 +1,510 @@
+"""
+The pretraining data loader: parquet shards -> tokenized documents -> (B, T) rows packed by
+BOS-aligned best-fit with cropping, with a resume state that reproduces the uninterrupted run exactly.
+
+    from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
+    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, 8, 2048, "train", device=device)
+    inputs, targets, state = next(loader)   # (B, T) int64 views; `state` goes into the checkpoint meta
+    ...
+    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, 8, 2048, "train",
+                                                                      device=device, resume_state_dict=state)
+    # the next batches are bit-for-bit the ones the first loader would have produced
+
+Throughput: `python -m bench.bench_dataloader --help`.
+
+Pipeline (per rank r of W):
+1. Documents: the split's shards in name order (train = all but the last, val = the last); within a
+   file rank r reads row groups r, r+W, r+2W, ...; each row group is cut into text batches of
+   `tokenizer_batch_size` rows. After the last file the stream starts over with epoch + 1.
+2. Tokens: every document is encoded with BOS prepended. On CUDA this runs in a background thread a
+   few text batches ahead of the packer, so tokenizing overlaps the GPU step.
+3. Packing: a buffer of at least `buffer_size` documents; each row of T+1 tokens is filled with the
+   largest buffered document that still fits, and when none fits, the shortest one is cropped to
+   the space left (its tail is dropped). Rows always start with BOS and have no padding.
+"""
+
+import base64
+import bisect
+import collections
+import logging
+import os
+import queue
+import threading
+import weakref
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_dist_info, is_ddp_initialized
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "bestfit-exact-1"  # bump when the meaning of the state fields changes
+_REF_FIELDS = 4  # a buffered document is referenced as (pq_idx, rg_idx, row, token count incl. BOS)
+
+
+class ResumeError(RuntimeError):
+    """A loader state cannot be restored against the shards and tokenizer present now."""
+
+
+def default_tokenizer_threads(device):
+    """Encoder threads: 4 next to a GPU; on CPU at most half the usable cores (and at most 4).
+
+    On CPU the training step already keeps every core busy; more encoder threads than spare cores
+    only add context switches (a 2-core run spent half its wall time in the kernel that way).
+    """
+    if torch.device(device).type == "cuda":
+        return 4
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+def _uses_cuda(device):
+    # Compare the device *type*: upstream compared a torch.device to the string "cuda", which is always
+    # False, so the staging buffer was never pinned and every host-to-device copy was synchronous.
+    return torch.device(device).type == "cuda"
+
+
+# -----------------------------------------------------------------------------
+# 1. Documents
+
+
+class _TextBatch:
+    """Up to `tokenizer_batch_size` documents of one row group, and where they came from."""
+
+    __slots__ = ("texts", "rows", "epoch", "pq_idx", "rg_idx", "next_row")
+
+    def __init__(self, texts, rows, epoch, pq_idx, rg_idx, next_row):
+        self.texts, self.rows = texts, rows
+        self.epoch, self.pq_idx, self.rg_idx, self.next_row = epoch, pq_idx, rg_idx, next_row
+
+
+def _split_files(split, data_dir, warn_on_legacy):
+    from nanochat.dataset import DatasetError, get_data_dir, list_parquet_files
+
+    files = list_parquet_files(data_dir, warn_on_legacy=warn_on_legacy) if data_dir is None else list_parquet_files(data_dir)
+    where = data_dir or get_data_dir()
+    how = ("get shards with `python -m nanochat.dataset -n 8` (download), `python -m nanochat.dataset offline` "
+           "(no network) or `python -m nanochat.dataset ingest PATH` (your own text)")
+    if not files:
+        raise DatasetError(f"no pretraining shards (*.parquet) in {where}; {how}")
+    if split == "train" and len(files) == 1:
+        raise DatasetError(f"only one shard in {where} ({os.path.basename(files[0])}), and the last shard is the "
+                           f"validation split, so there is no training data; {how}")
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def _read_texts(parquet_file, rg_idx):
+    return parquet_file.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+
+
+def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, split):
+    """Endless stream of _TextBatch for this rank, starting at `cursor` = (epoch, pq_idx, rg_idx, row).
+
+    The first file visited starts at the cursor's row group and row; every later file starts at row
+    group `rank`. Null texts are skipped (their row numbers are simply absent from `rows`).
+    """
+    import pyarrow.parquet as pq
+
+    epoch, start_pq, start_rg, start_row = cursor
+    first_pass = True
+    while True:
+        produced = False
+        for pq_idx in range(start_pq if first_pass else 0, len(files)):
+            pf = pq.ParquetFile(files[pq_idx])
+            resume_here = first_pass and pq_idx == start_pq
+            rg_idx = start_rg if resume_here else rank
+            while rg_idx < pf.num_row_groups:
+                texts = _read_texts(pf, rg_idx)
+                row = start_row if (resume_here and rg_idx == start_rg) else 0
+                while row < len(texts):
+                    end = min(row + tokenizer_batch_size, len(texts))
+                    rows = [i for i in range(row, end) if texts[i] is not None]
+                    produced = True
+                    yield _TextBatch([texts[i] for i in rows], rows, epoch, pq_idx, rg_idx, end)
+                    row = end
+                rg_idx += world_size
+        if not first_pass and not produced:
+            from nanochat.dataset import DatasetError
+            raise DatasetError(f"rank {rank} of {world_size} got no documents from the {split} split ({len(files)} "
+                              f"file(s)): there are fewer row groups than ranks, or the shards are empty; "
+                              f"add data or launch fewer processes")
+        first_pass = False
+        epoch += 1
+
+
+# -----------------------------------------------------------------------------
+# 2. Tokens
+
+
+def _tokenize(tokenizer, texts, bos, threads):
+    return tokenizer.encode(texts, prepend=bos, num_threads=threads)
+
+
+def _as_doc(tokens, cap):
+    # Only the first T+1 tokens of a document can ever be placed (rows are T+1 long), so the tail of a
+    # long document is dropped here; its true length stays in the ref and drives the best-fit choice.
+    return np.array(tokens if len(tokens) <= cap else tokens[:cap], dtype=np.int32)
+
+
+def _tokenized_batches(text_batches, tokenizer, bos, threads, cap):
+    for batch in text_batches:
+        token_lists = _tokenize(tokenizer, batch.texts, bos, threads) if batch.texts else []
+        docs = [([batch.pq_idx, batch.rg_idx, row, len(tokens)], _as_doc(tokens, cap))
+                for row, tokens in zip(batch.rows, token_lists)]
+        yield batch, docs
+
+
+class _Prefetcher:
+    """Runs an iterator in a daemon thread, up to `depth` items ahead; errors re-raise in the consumer.
+
+    Order is untouched, so prefetching changes timing only, never the data or the resume state.
+    """
+
+    def __init__(self, source, depth):
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(source, self._queue, self._stop),
+                                        name="nanochat-dataloader", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _work(source, q, stop):
+        # A staticmethod on purpose: the thread must not hold a reference to the loader, or the loader
+        # could never be garbage collected and the thread would run forever.
+        def put(item):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for item in source:
+                if not put((True, item)):
+                    return
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put((False, e))
+
+    def __next__(self):
+        while True:
+            if self._stop.is_set():
+                raise RuntimeError("the data loader was closed (or failed earlier); build a new one to read more batches")
+            try:
+                ok, payload = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                continue
+        if not ok:
+            self._stop.set()  # the worker has exited; a later next() must not wait for it
+            raise payload
+        return payload
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# -----------------------------------------------------------------------------
+# 3. Packing
+
+
+class _DocBuffer:
+    """The packer's document pool with O(log n) best-fit queries.
+
+    Equivalent to a list scanned linearly (documents in arrival order; "largest that fits" and
+    "shortest" both break ties by the earliest arrival), which is what the spec and the reference
+    packer in tests/test_dataloader.py do.
+    """
+
+    def __init__(self):
+        self._docs = {}  # seq -> (ref, tokens); dicts keep insertion order, i.e. arrival order
+        self._by_len = {}  # true length -> deque of seq, oldest first
+        self._lengths = []  # sorted distinct true lengths present
+        self._seq = 0
+
+    def __len__(self):
+        return len(self._docs)
+
+    def add(self, ref, tokens):
+        n = ref[3]
+        self._docs[self._seq] = (ref, tokens)
+        same = self._by_len.get(n)
+        if same is None:
+            same = self._by_len[n] = collections.deque()
+            bisect.insort(self._lengths, n)
+        same.append(self._seq)
+        self._seq += 1
+
+    def pop(self, remaining):
+        """(ref, tokens, fits): the largest document of length <= remaining, else the shortest one."""
+        i = bisect.bisect_right(self._lengths, remaining) - 1
+        fits = i >= 0
+        if not fits:
+            i = 0
+        n = self._lengths[i]
+        same = self._by_len[n]
+        seq = same.popleft()
+        if not same:
+            del self._by_len[n]
+            del self._lengths[i]
+        ref, tokens = self._docs.pop(seq)
+        return ref, tokens, fits
+
+    def refs(self):
+        return [ref for ref, _ in self._docs.values()]
+
+
+def _encode_refs(refs):
+    # zlib + base64 keeps the checkpoint meta small and readable (refs are mostly consecutive rows).
+    arr = np.asarray(refs, dtype="<i8").reshape(-1, _REF_FIELDS)
+    return base64.b64encode(zlib.compress(arr.tobytes(), 1)).decode("ascii")
+
+
+def _decode_refs(text):
+    arr = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8").reshape(-1, _REF_FIELDS)
+    return arr.tolist()
+
+
+# -----------------------------------------------------------------------------
+# The loader
+
+
+class BestFitLoader:
+    """Iterator of (inputs, targets, state) batches; see the module docstring and
+    `tokenizing_distributed_data_loader_with_state_bos_bestfit`."""
+
+    def __init__(self, tokenizer, B, T, split, tokenizer_threads=None, tokenizer_batch_size=128, device=None,
+                 resume_state_dict=None, buffer_size=1000, data_dir=None, prefetch=None):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        for name, value in (("B", B), ("T", T), ("tokenizer_batch_size", tokenizer_batch_size), ("buffer_size", buffer_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.use_cuda = _uses_cuda(self.device)
+        self.B, self.T, self.split, self.buffer_size = B, T, split, buffer_size
+        self.tokenizer_threads = tokenizer_threads or default_tokenizer_threads(self.device)
+        _, self.rank, _, self.world_size = get_dist_info()
+        self._tokenizer = tokenizer
+        self._bos = tokenizer.get_bos_token_id()
+        self._cap = T + 1  # row capacity: T inputs plus the one-token shift for the targets
+        self._files = _split_files(split, data_dir, warn_on_legacy=self.rank == 0 and split == "train")
+
+        cursor, refs = self._resume_plan(resume_state_dict)
+        self._cursor = cursor  # (epoch, pq_idx, rg_idx, next_row) after the last text batch taken
+        self._buffer = _DocBuffer()
+        if refs:
+            self._restore_buffer(refs)
+
+        # Buffers are allocated once. The rows are packed in numpy, staged (pinned on CUDA) as
+        # [inputs | targets], then copied to the device in one transfer.
+        self._rows = np.empty((B, self._cap), dtype=np.int64)
+        rows_t = torch.from_numpy(self._rows)
+        self._row_inputs, self._row_targets = rows_t[:, :-1], rows_t[:, 1:]
+        self.cpu_buffer = torch.empty(2 * B * T, dtype=torch.int64, pin_memory=self.use_cuda)
+        self._cpu_inputs = self.cpu_buffer[:B * T].view(B, T)
+        self._cpu_targets = self.cpu_buffer[B * T:].view(B, T)
+        if self.device.type == "cpu":
+            self.device_buffer = self.cpu_buffer
+        else:
+            self.device_buffer = torch.empty(2 * B * T, dtype=torch.int64, device=self.device)
+        self._inputs = self.device_buffer[:B * T].view(B, T)
+        self._targets = self.device_buffer[B * T:].view(B, T)
+        self._copy_done = None  # CUDA event of the last async copy out of the pinned buffer
+
+        source = _tokenized_batches(_document_batches(self._files, self.rank, self.world_size, cursor,
+                                                      tokenizer_batch_size, split),
+                                    tokenizer, self._bos, self.tokenizer_threads, self._cap)
+        if prefetch is None:
+            prefetch = 4 if self.use_cuda else 0  # on CPU the training step wants every core
+        if prefetch > 0:
+            self._prefetcher = _Prefetcher(source, prefetch)
+            self._next_tokenized = self._prefetcher.__next__
+            weakref.finalize(self, self._prefetcher.close)
+        else:
+            self._prefetcher = None
+            self._next_tokenized = source.__next__
+
+    # -- resume
+
+    def _resume_plan(self, state):
+        """(cursor, buffered refs) to start from: exact when the state is ours for this rank, else
+        upstream's approximate rule (skip to the next round of row groups, empty buffer)."""
+        rank, W = self.rank, self.world_size
+        if state is None:
+            return (1, 0, rank, 0), []
+        if "ranks" in state:
+            states = state["ranks"]
+            if len(states) == W:
+                state = states[rank]
+            else:
+                log.warning("Loader state was saved by %d ranks, this run has %d: resuming approximately", len(states), W)
+                state = states[0]
+        if state.get("split", self.split) != self.split:
+            raise ResumeError(f"the loader state is for the {state['split']!r} split, not {self.split!r}")
+        if state.get("format") == STATE_FORMAT and state["world_size"] == W and state["rank"] == rank:
+            cursor = (state["epoch"], state["pq_idx"], state["rg_idx"], state["row_idx"])
+            return cursor, _decode_refs(state["buffer"])
+        if state.get("format") == STATE_FORMAT:
+            why = (f"it was saved by rank {state['rank']} of {state['world_size']} (this is rank {rank} of {W}); "
+                   f"save every rank's state (gather_loader_states) for an exact multi-process resume")
+        else:
+            why = "it has no buffer contents (an upstream-format state)"
+        log.warning("Resuming the data loader approximately: %s. Documents still buffered at save time and the "
+                    "rest of the current row-group round are skipped.", why)
+        pq_idx, rg_idx = state["pq_idx"], state["rg_idx"]
+        return (state.get("epoch", 1), pq_idx, (rg_idx // W + 1) * W + rank, 0), []
+
+    def _restore_buffer(self, refs):
+        """Re-read and re-tokenize the buffered documents; check every length against the saved one."""
+        import pyarrow.parquet as pq
+
+        wanted = collections.defaultdict(set)
+        for pq_idx, rg_idx, row, _ in refs:
+            wanted[(pq_idx, rg_idx)].add(row)
+        texts = {}
+        open_files = {}
+        for (pq_idx, rg_idx), rows in sorted(wanted.items()):
+            if pq_idx >= len(self._files):
+                raise ResumeError(f"the loader state refers to file #{pq_idx} of the {self.split} split, but there are "
+                                  f"only {len(self._files)} now; restore the shards the run started with")
+            if pq_idx not in open_files:
+                open_files[pq_idx] = pq.ParquetFile(self._files[pq_idx])
+            pf = open_files[pq_idx]
+            if rg_idx >= pf.num_row_groups:
+                raise ResumeError(f"the loader state refers to row group {rg_idx} of {self._files[pq_idx]}, which has "
+                                  f"{pf.num_row_groups}; the shard changed since the checkpoint was saved")
+            group = _read_texts(pf, rg_idx)
+            for row in rows:
+                if row >= len(group) or group[row] is None:
+                    raise ResumeError(f"document {row} of row group {rg_idx} in {self._files[pq_idx]} is missing; "
+                                      f"the shard changed since the checkpoint was saved")
+                texts[(pq_idx, rg_idx, row)] = group[row]
+        token_lists = _tokenize(self._tokenizer, [texts[tuple(r[:3])] for r in refs], self._bos, self.tokenizer_threads)
+        for ref, tokens in zip(refs, token_lists):
+            if len(tokens) != ref[3]:
+                raise ResumeError(f"document {ref[2]} of row group {ref[1]} in {self._files[ref[0]]} now encodes to "
+                                  f"{len(tokens)} tokens, the checkpoint saw {ref[3]}: the shard or the tokenizer "
+                                  f"changed since the checkpoint was saved")
+            self._buffer.add(list(ref), _as_doc(tokens, self._cap))
+        log.info("Data loader resumed exactly: %d buffered documents rebuilt from %d row groups", len(refs), len(wanted))
+
+    # -- iteration
+
+    def __iter__(self):
+        return self
+
+    def _refill(self):
+        batch, docs = self._next_tokenized()
+        for ref, tokens in docs:
+            self._buffer.add(ref, tokens)
+        self._cursor = (batch.epoch, batch.pq_idx, batch.rg_idx, batch.next_row)
+
+    def state_dict(self):
+        """Where this loader stands after the last batch it returned (see the factory's docstring)."""
+        epoch, pq_idx, rg_idx, row_idx = self._cursor
+        return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
+                "epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx, "row_idx": row_idx,
+                "buffer": _encode_refs(self._buffer.refs())}
+
+    def __next__(self):
+        buf, cap, rows = self._buffer, self._cap, self._rows
+        for r in range(self.B):
+            row = rows[r]
+            pos = 0
+            while pos < cap:
+                while len(buf) < self.buffer_size:
+                    self._refill()
+                remaining = cap - pos
+                _, tokens, fits = buf.pop(remaining)
+                if fits:
+                    row[pos:pos + len(tokens)] = tokens
+                    pos += len(tokens)
+                else:  # nothing fits: crop the shortest document to the space left, drop its tail
+                    row[pos:] = tokens[:remaining]
+                    pos = cap
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # the previous async copy may still be reading the pinned buffer
+        self._cpu_inputs.copy_(self._row_inputs)
+        self._cpu_targets.copy_(self._row_targets)
+        if self.device_buffer is not self.cpu_buffer:
+            self.device_buffer.copy_(self.cpu_buffer, non_blocking=self.use_cuda)
+            if self.use_cuda:
+                self._copy_done = torch.cuda.Event()
+                self._copy_done.record()
+        return self._inputs, self._targets, self.state_dict()
+
+    def close(self):
+        """Stop the prefetch thread (also happens when the loader is garbage collected)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+
+
+def tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, B, T, split, tokenizer_threads=None,
+                                                              tokenizer_batch_size=128, device=None,
+                                                              resume_state_dict=None, buffer_size=1000,
+                                                              data_dir=None, prefetch=None):
+    """Endless iterator of (inputs, targets, state_dict) for pretraining.
+
+    inputs/targets: (B, T) int64 on `device`, targets = inputs shifted by one. They are views into a
+    persistent buffer that the next `next()` overwrites: clone them to keep them.
+    tokenizer: `.encode(list_of_str, prepend=bos_id, num_threads=k)` and `.get_bos_token_id()`.
+    split: "train" (every shard but the last) or "val" (the last shard). `data_dir` defaults to the
+    dataset dir. Ranks (RANK/WORLD_SIZE from torchrun) take interleaved row groups.
+    tokenizer_threads: encoder threads (default: 4 on CUDA, else min(4, cores // 2) so as not to fight the
+    training step for cores). prefetch: text batches tokenized ahead in a background thread (default 4 on
+    CUDA, 0 = no thread elsewhere). device: a torch.device or string; on CUDA the staging buffer is pinned
+    and the copy is asynchronous.
+
+    Exact resume. The state describes the loader after the batch it came with:
+      epoch, pq_idx, rg_idx  the last text batch taken from the document stream (as upstream),
+      row_idx                the row of that row group where the next text batch starts,
+      buffer                 every document still in the packing buffer, in arrival order, as
+                             (pq_idx, rg_idx, row, token count), zlib+base64-encoded int64,
+      format, split, rank, world_size   for validation.
+    The buffer holds whole documents and only whole documents (a crop discards the rest), so it is
+    fully determined by those references: on resume they are re-read from the shards, re-tokenized in
+    the same order (the token counts are checked, so a changed shard or tokenizer fails loudly), and
+    reading continues at (pq_idx, rg_idx, row_idx) with the same text-batch boundaries. Given the same
+    shards, tokenizer, B, T, buffer_size and tokenizer_batch_size, the following batches are identical
+    to the uninterrupted run's. The state is JSON-serialisable and about 10 KB per rank.
+    Each rank has its own state; pass `gather_loader_states(state)` (all ranks call it) to the
+    checkpoint so that every rank can resume exactly. A state from another rank, another world size
+    or upstream's format falls back to upstream's approximate rule (with a warning): restart at the
+    next round of row groups with an empty buffer.
+    """
+    return BestFitLoader(tokenizer, B, T, split, tokenizer_threads=tokenizer_threads,
+                         tokenizer_batch_size=tokenizer_batch_size, device=device,
+                         resume_state_dict=resume_state_dict, buffer_size=buffer_size, data_dir=data_dir,
+                         prefetch=prefetch)
+
+
+def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):
+    """The same batches as the state-returning loader, as (inputs, targets) only (val, evals)."""
+    for inputs, targets, _ in tokenizing_distributed_data_loader_with_state_bos_bestfit(*args, **kwargs):
+        yield inputs, targets
+
+
+def gather_loader_states(state_dict):
+    """One checkpointable state holding every rank's loader state (a collective: all ranks call it).
+
+    Only rank 0 writes the checkpoint meta, but each rank's packing buffer is different. Returns the
+    state unchanged in a single process. The top-level epoch/pq_idx/rg_idx are rank 0's, for logs.
+    """
+    if not is_ddp_initialized() or dist.get_world_size() == 1:
+        return state_dict
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state_dict)
+    merged = {k: states[0][k] for k in ("epoch", "pq_idx", "rg_idx") if k in states[0]}
+    merged["ranks"] = states
+    return merged
