@@ -98,7 +98,7 @@ def main(argv=None):
     user_config = vars(args).copy()
 
     from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
-    from nanochat.dataloader import (tokenizing_distributed_data_loader_bos_bestfit,
+    from nanochat.dataloader import (gather_loader_states, tokenizing_distributed_data_loader_bos_bestfit,
                                      tokenizing_distributed_data_loader_with_state_bos_bestfit)
     from nanochat.gpt import GPT
     from nanochat.loss_eval import evaluate_bpb
@@ -252,7 +252,7 @@ def main(argv=None):
         if last_step or (step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0):
             meta_data = dict(step=step, val_bpb=val_bpb, model_config=asdict(model_config), user_config=user_config,
                              device_batch_size=B, max_seq_len=T, total_batch_size=total_batch_size,
-                             world_size=world_size, dataloader_state_dict=dataloader_state,
+                             world_size=world_size, dataloader_state_dict=gather_loader_states(dataloader_state),
                              loop_state=dict(min_val_bpb=min_val_bpb, meter=meter.state_dict()))
             save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_data, rank=rank)
             log.info("Saved checkpoint for step %d to %s", step, checkpoint_dir)

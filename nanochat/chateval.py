@@ -1,0 +1,267 @@
+"""
+Evaluation of chat models on tasks, and ChatCORE: the library behind scripts/chat_eval.py, also used
+by SFT for its periodic ChatCORE check.
+
+    from nanochat.chateval import run_chat_eval, chatcore, evaluate_chatcore
+    acc = run_chat_eval("ARC-Easy", model, tokenizer, engine, batch_size=8)
+    score = chatcore({"ARC-Easy": 0.40, ...})   # None unless every task of CHATCORE_TASKS is there
+    scores = evaluate_chatcore(model, tokenizer, engine, max_generative=24)   # all tasks (SFT's check)
+
+Two kinds of tasks:
+- categorical (multiple choice): one forward pass over a batch of prompts; the answer is the letter
+  whose token has the highest logit at the <|assistant_start|> position, among the allowed letters
+  only. The model never gets to answer off the menu.
+- generative: sample with the Engine (calculator tool on), decode, let the task judge the text; a
+  problem passes when any of its samples passes (pass@num_samples).
+
+Under torchrun each rank takes a share of the problems; the pass/total counts are summed over ranks.
+"""
+
+import logging
+import sys
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_dist_info, is_ddp_initialized
+
+logger = logging.getLogger("nanochat")
+
+# name -> (module, class, constructor kwargs, random-guess accuracy). Order = evaluation order.
+# SpellingBee is part of ChatCORE as in upstream's Mar-2026 version (6 tasks; Oct-2025 and Jul-2026 had 5).
+TASKS = {
+    "ARC-Easy": ("tasks.arc", "ARC", {"subset": "ARC-Easy", "split": "test"}, 0.25),
+    "ARC-Challenge": ("tasks.arc", "ARC", {"subset": "ARC-Challenge", "split": "test"}, 0.25),
+    "MMLU": ("tasks.mmlu", "MMLU", {"subset": "all", "split": "test"}, 0.25),
+    "GSM8K": ("tasks.gsm8k", "GSM8K", {"subset": "main", "split": "test"}, 0.0),
+    "HumanEval": ("tasks.humaneval", "HumanEval", {}, 0.0),
+    "SpellingBee": ("tasks.spellingbee", "SpellingBee", {"size": 256, "split": "test"}, 0.0),
+}
+CHATCORE_TASKS = tuple(TASKS)
+BASELINES = {name: spec[3] for name, spec in TASKS.items()}
+CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
+
+
+def parse_task_names(spec):
+    """'ARC-Easy|GSM8K' -> ["ARC-Easy", "GSM8K"]; None or "" -> every task. Unknown names raise ValueError."""
+    if not spec:
+        return list(TASKS)
+    names = [name.strip() for name in spec.split("|")]
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {'|'.join(TASKS)} (separate several with '|')")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task list {spec!r} names a task twice")
+    return names
+
+
+def build_task(name):
+    """The evaluation Task object for a name of TASKS (loads its dataset)."""
+    import importlib
+
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    module, cls, kwargs, _ = TASKS[name]
+    return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Counting across ranks
+
+
+def _num_problems(task, max_problems):
+    if max_problems is not None and max_problems < 1:
+        raise ValueError(f"max_problems must be None or >= 1, got {max_problems}")
+    return len(task) if max_problems is None else min(len(task), max_problems)
+
+
+def _reduce_counts(passed, total, device):
+    """(passed, total) summed over all ranks (unchanged in a single process)."""
+    if is_ddp_initialized():
+        counts = torch.tensor([passed, total], dtype=torch.long, device=device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        passed, total = (int(v) for v in counts.tolist())
+    return passed, total
+
+
+def _accuracy(name, passed, total):
+    if total == 0:
+        raise ValueError(f"{name}: no problems were evaluated (empty task or max_problems too small)")
+    logger.info("%s final: %d/%d (%.2f%%)", name, passed, total, 100 * passed / total)
+    return passed / total
+
+
+class _Progress:
+    """A live `Rank r | passed/total (xx.xx%)` line on an interactive terminal; silent otherwise."""
+
+    def __init__(self, rank):
+        self.rank, self.live = rank, sys.stderr.isatty()
+
+    def update(self, passed, total):
+        if self.live:
+            sys.stderr.write(f"\r\033[KRank {self.rank} | {passed}/{total} ({100 * passed / max(total, 1):.2f}%)")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.live:
+            sys.stderr.write("\n")
+
+
+# -----------------------------------------------------------------------------
+# Categorical: logits at the answer position, restricted to the answer letters
+
+
+def _model_device(model):
+    if hasattr(model, "get_device"):
+        return model.get_device()
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, name=None):
+    """Accuracy of `model` on a multiple-choice task, scoring only the allowed letters' logits.
+
+    Problems go in consecutive batches of `batch_size`; batch b is done by rank b mod world_size.
+    Prompts are right-padded with BOS: padding comes after the answer position, so a causal model's
+    logits there do not see it.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    name = name or type(task).__name__
+    _, rank, _, world_size = get_dist_info()
+    device = _model_device(model)
+    bos = tokenizer.get_bos_token_id()
+    letter_ids = {}  # letter -> its single token id
+
+    def letter_id(letter):
+        if letter not in letter_ids:
+            ids = tokenizer.encode(letter)
+            if len(ids) != 1:
+                raise ValueError(f"answer letter {letter!r} encodes to {len(ids)} tokens {ids}; categorical "
+                                 "scoring needs every letter to be exactly one token")
+            letter_ids[letter] = ids[0]
+        return letter_ids[letter]
+
+    num_problems = _num_problems(task, max_problems)
+    num_batches = -(-num_problems // batch_size)
+    passed = total = 0
+    for b in range(rank, num_batches, world_size):
+        conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, num_problems))]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)  # (B, T)
+        logits = model(ids)  # (B, T, V)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            candidates = torch.tensor([letter_id(letter) for letter in letters], device=device)
+            # The <|assistant_start|> position predicts the first answer token; argmax picks the first on ties.
+            scores = logits[row, len(prompt) - 1, candidates]
+            predicted = letters[int(torch.argmax(scores).item())]
+            passed += int(bool(task.evaluate(conversation, predicted)))
+            total += 1
+    passed, total = _reduce_counts(passed, total, device)
+    return _accuracy(name, passed, total)
+
+
+# -----------------------------------------------------------------------------
+# Generative: sample with the engine, the task judges the text
+
+
+def pass_at_k(outcomes, k):
+    """Fraction of problems with at least one success among their first k samples.
+
+    outcomes: one list of per-sample bools per problem (each with at least k samples).
+    """
+    if not outcomes:
+        raise ValueError("pass_at_k needs at least one problem")
+    if k < 1 or any(len(o) < k for o in outcomes):
+        raise ValueError(f"k={k} must be >= 1 and at most the number of samples of every problem")
+    return sum(any(o[:k]) for o in outcomes) / len(outcomes)
+
+
+def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                        max_problems=None, seed=42, name=None):
+    """pass@num_samples of sampled completions, judged by task.evaluate; problems rank-strided.
+
+    Completions are the decoded tokens after the prompt, tool outputs the engine forced included,
+    the final <|assistant_end|> excluded.
+    """
+    name = name or type(task).__name__
+    _, rank, _, world_size = get_dist_info()
+    num_problems = _num_problems(task, max_problems)
+    progress = _Progress(rank)
+    passed = total = 0
+    for i in range(rank, num_problems, world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=seed)
+        completions = [tokenizer.decode(result[len(prompt):]) for result in results]
+        outcomes = [bool(task.evaluate(conversation, completion)) for completion in completions]
+        passed += int(any(outcomes))
+        total += 1
+        progress.update(passed, total)
+    progress.close()
+    passed, total = _reduce_counts(passed, total, _model_device(engine.model))
+    return _accuracy(name, passed, total)
+
+
+def run_task_eval(task, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
+                  temperature=0.0, top_k=50, max_problems=None, name=None):
+    """Evaluate one Task object with the runner its eval_type calls for; returns the accuracy."""
+    if task.eval_type == "categorical":
+        return run_categorical_eval(task, tokenizer, model, batch_size, max_problems=max_problems, name=name)
+    if task.eval_type == "generative":
+        return run_generative_eval(task, tokenizer, engine, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, max_problems=max_problems, name=name)
+    raise ValueError(f"{name or type(task).__name__} has eval_type {task.eval_type!r}; expected categorical or generative")
+
+
+def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
+                  temperature=0.0, top_k=50, max_problems=None):
+    """Build the task called `task_name` (see TASKS) and evaluate it; returns the accuracy."""
+    return run_task_eval(build_task(task_name), model, tokenizer, engine, batch_size=batch_size, num_samples=num_samples,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         max_problems=max_problems, name=task_name)
+
+
+def evaluate_chatcore(model, tokenizer, engine, batch_size=8, max_categorical=None, max_generative=None, tasks=None,
+                      num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50):
+    """Every ChatCORE task, then the scores: {"accuracies": {name: acc}, "chatcore", "chatcore_cat"}.
+
+    The periodic check during SFT calls this with caps (upstream: all multiple-choice problems, 24
+    generative ones): max_categorical / max_generative limit the problems per task (None = all).
+    `tasks` maps names to already built Task objects (default: build every task of TASKS).
+    """
+    tasks = {name: build_task(name) for name in TASKS} if tasks is None else tasks
+    accuracies = {}
+    for name, task in tasks.items():
+        cap = max_categorical if task.eval_type == "categorical" else max_generative
+        accuracies[name] = run_task_eval(task, model, tokenizer, engine, batch_size=batch_size, num_samples=num_samples,
+                                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                         max_problems=cap, name=name)
+    return {"accuracies": accuracies, "chatcore": chatcore(accuracies), "chatcore_cat": chatcore_cat(accuracies)}
+
+
+# -----------------------------------------------------------------------------
+# ChatCORE
+
+
+def centered_accuracy(accuracy, baseline):
+    """Accuracy rescaled so that random guessing scores 0 and a perfect score 1 (below chance is negative)."""
+    if not 0 <= baseline < 1:
+        raise ValueError(f"baseline must be in [0, 1), got {baseline}")
+    return (accuracy - baseline) / (1 - baseline)
+
+
+def chatcore(accuracies, tasks=CHATCORE_TASKS, baselines=None):
+    """Mean centered accuracy over `tasks`, or None when any of them is missing from `accuracies`."""
+    baselines = BASELINES if baselines is None else baselines
+    if any(name not in accuracies for name in tasks):
+        return None
+    return sum(centered_accuracy(accuracies[name], baselines[name]) for name in tasks) / len(tasks)
+
+
+def chatcore_cat(accuracies):
+    """ChatCORE over the three multiple-choice tasks only (cheap to compute often during SFT)."""
+    return chatcore(accuracies, tasks=CATEGORICAL_TASKS)

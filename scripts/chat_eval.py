@@ -1,0 +1,111 @@
+"""
+Evaluate a chat model (mid / SFT / RL checkpoint) on ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval
+and SpellingBee, and compute ChatCORE when all six ran.
+
+One GPU / CPU:   python -m scripts.chat_eval -i sft
+Many GPUs:       torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
+Some tasks:      python -m scripts.chat_eval -i rl -a GSM8K
+                 python -m scripts.chat_eval -i sft -a 'ARC-Easy|MMLU' -x 200
+pass@8:          python -m scripts.chat_eval -i sft -a GSM8K -n 8 -t 1.0
+
+Writes the report section "Chat evaluation <source>": the arguments, each task's accuracy and, when
+every task ran, "ChatCORE metric". The evaluation itself lives in nanochat/chateval.py.
+"""
+
+import argparse
+import logging
+import time
+
+from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, setup_default_logging
+
+log = logging.getLogger("nanochat.chat_eval")
+
+SOURCES = ("mid", "sft", "rl")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate a chat model on the ChatCORE tasks.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--source", required=True, choices=SOURCES, help="checkpoint family to evaluate")
+    p.add_argument("-a", "--task-name", default=None,
+                   help="one task or several separated by '|' (default: all; ChatCORE needs all)")
+    p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("-m", "--max-new-tokens", type=int, default=512, help="generation limit per sample")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 = off; ignored at temperature 0)")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass for multiple-choice tasks")
+    p.add_argument("-g", "--model-tag", default=None, help="checkpoint directory tag (default: the largest d<N>)")
+    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
+    p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
+    return p
+
+
+def check_args(args):
+    """Reject flag values that would fail later (or silently mean something else); returns the task list."""
+    from nanochat.chateval import parse_task_names
+
+    problems = []
+    if args.temperature < 0:
+        problems.append(f"--temperature must be >= 0, got {args.temperature}")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
+    if args.top_k < 0:
+        problems.append(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if args.max_problems is not None and args.max_problems < 1:
+        problems.append(f"--max-problems must be >= 1 (or left out for all), got {args.max_problems}")
+    try:
+        names = parse_task_names(args.task_name)
+    except ValueError as e:
+        problems.append(f"--task-name: {e}")
+        names = []
+    if problems:
+        raise SystemExit("chat_eval: " + "; ".join(problems))
+    return names
+
+
+def main(argv=None):
+    """Run the evaluation; returns {"accuracies": {task: acc}, "chatcore": float | None}."""
+    setup_default_logging()
+    args = build_parser().parse_args(argv)
+    task_names = check_args(args)
+
+    from nanochat.chateval import CHATCORE_TASKS, chatcore, run_chat_eval
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+    from nanochat.report import get_report
+
+    device_type = args.device_type or autodetect_device_type()
+    _, rank, _, _, device = compute_init(device_type)
+    try:
+        try:
+            model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        except FileNotFoundError as e:
+            raise SystemExit(f"chat_eval: no {args.source} checkpoint to evaluate ({e}); train one first or pass "
+                             "--model-tag/--step") from None
+        engine = Engine(model, tokenizer)
+
+        accuracies = {}
+        for name in task_names:
+            t0 = time.time()
+            accuracies[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=args.batch_size,
+                                             num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                                             temperature=args.temperature, top_k=args.top_k,
+                                             max_problems=args.max_problems)
+            log.info("%s accuracy: %.2f%% (%.1fs)", name, 100 * accuracies[name], time.time() - t0)
+
+        # Only a full run is comparable across models: a partial one would average a different task set.
+        score = chatcore(accuracies) if set(task_names) == set(CHATCORE_TASKS) else None
+        if score is not None:
+            log.info("ChatCORE metric: %.4f", score)
+        get_report().log(section=f"Chat evaluation {args.source}",
+                         data=[vars(args), accuracies, {"ChatCORE metric": score} if score is not None else None])
+        return {"accuracies": accuracies, "chatcore": score}
+    finally:
+        compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()
