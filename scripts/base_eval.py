@@ -1,0 +1,184 @@
+"""
+Evaluate a base model: the CORE metric, train/val bits per byte, and a few samples.
+
+One GPU / CPU:   python -m scripts.base_eval
+Many GPUs:       torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --device-batch-size=16
+Quick CPU look:  python -m scripts.base_eval --device-batch-size=1 --split-tokens=16384 --max-per-task=16
+Only CORE:       python -m scripts.base_eval --eval core --model-tag d12 --step 5000
+
+Writes <base>/base_eval/<slug>.csv (per-task accuracy and centered accuracy, CORE last) and the
+"Base model evaluation" section of the report. The CORE eval bundle is downloaded on first use
+(set NANOCHAT_EVAL_BUNDLE_URL to use a mirror).
+"""
+
+import argparse
+import logging
+import os
+import time
+
+from nanochat.common import (atomic_write, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
+                             setup_default_logging)
+from nanochat.core_eval import EvalBundleError, evaluate_core, format_results_csv
+
+log = logging.getLogger("nanochat.base_eval")
+
+EVAL_MODES = ("core", "bpb", "sample")  # run in the order sample, bpb, core (cheap and informative first)
+SOURCES = ("base", "mid", "sft", "rl")
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+NUM_UNCONDITIONED = 8
+
+
+def parse_eval_modes(text):
+    """argparse type for --eval: a comma list drawn from core, bpb, sample."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in EVAL_MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(EVAL_MODES)} (unknown: {', '.join(unknown) or 'none given'})")
+    return modes
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate a base model: CORE metric, train/val bpb, samples.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--eval", type=parse_eval_modes, default="core,bpb,sample", help="comma list of evaluations: core, bpb, sample")
+    g = p.add_argument_group("model")
+    g.add_argument("-i", "--source", choices=SOURCES, default="base", help="checkpoint family to load")
+    g.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint directory tag (default: the largest d<N>)")
+    g.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
+    g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    g = p.add_argument_group("CORE")
+    g.add_argument("--max-per-task", type=int, default=-1, help="examples scored per task (-1 = all); prompts do not depend on it")
+    g.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens (rows x padded length) per forward pass; 0 = one example per forward (default: 8192 on CUDA, 2048 elsewhere)")
+    g = p.add_argument_group("bits per byte")
+    g.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
+    g.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split (rounded down to whole steps)")
+    return p
+
+
+def bpb_steps(split_tokens, batch_size, seq_len, world_size):
+    """(split_tokens rounded down to whole steps, number of steps) for the bpb evaluation."""
+    tokens_per_step = batch_size * seq_len * world_size
+    steps = split_tokens // tokens_per_step
+    if steps == 0:
+        raise ValueError(f"--split-tokens {split_tokens} is less than one step of {batch_size} x {seq_len} x {world_size} ranks "
+                         f"= {tokens_per_step} tokens; raise --split-tokens or lower --device-batch-size")
+    return steps * tokens_per_step, steps
+
+
+def run_samples(model, tokenizer):
+    """Greedy completions of the fixed prompts, then unconditioned samples from BOS alone (rank 0)."""
+    from nanochat.engine import Engine
+
+    engine = Engine(model, tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    samples = []
+    for prompt in SAMPLE_PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=bos)
+        rows, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
+        samples.append(tokenizer.decode(rows[0]))
+        log.info("sample: %s", samples[-1])
+    rows, _ = engine.generate_batch([bos], num_samples=NUM_UNCONDITIONED, max_tokens=128, temperature=1.0)
+    unconditioned = [tokenizer.decode(row) for row in rows]
+    for text in unconditioned:
+        log.info("unconditioned: %s", text)
+    return samples, unconditioned
+
+
+def run_bpb(model, tokenizer, device, batch_size, seq_len, steps):
+    """Bits per byte over `steps` batches of the train split, then of the val split."""
+    from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+
+    token_bytes = get_token_bytes(device=device)
+    out = {}
+    for split in ("train", "val"):
+        loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, batch_size, seq_len, split=split, device=device)
+        out[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        log.info("%s bpb: %.6f", split, out[split])
+    return out
+
+
+def main(argv=None):
+    """Parse the flags, run the chosen evaluations; returns what was measured (for tests and callers)."""
+    args = build_parser().parse_args(argv)
+    setup_default_logging()
+    try:
+        return _evaluate(args)
+    except EvalBundleError as e:
+        raise SystemExit("base_eval: " + " ".join(str(e).split())) from None  # one line, no traceback
+    finally:
+        compute_cleanup()
+
+
+def _evaluate(args):
+    from nanochat import checkpoint_manager
+    from nanochat.report import get_report
+
+    device_type = args.device_type or autodetect_device_type()
+    _, rank, _, world_size, device = compute_init(device_type)
+    unloadable = (ValueError, getattr(checkpoint_manager, "CheckpointCorruptError", ValueError))
+    try:
+        model, tokenizer, meta = checkpoint_manager.load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    except FileNotFoundError as e:
+        raise SystemExit(f"base_eval: no {args.source} checkpoint to evaluate ({e}); train one first "
+                         f"(python -m scripts.base_train) or pass --model-tag/--step") from None
+    except unloadable as e:
+        raise SystemExit("base_eval: cannot load the checkpoint: " + " ".join(str(e).split())) from None
+    step = meta["step"]
+    seq_len = meta["model_config"]["sequence_len"]
+    name = f"{args.source}_model (step {step})"
+    slug = f"{args.source}_model_{args.model_tag + '_' if args.model_tag else ''}{step:06d}"
+    log.info("Evaluating %s (%s) on %s", name, ", ".join(args.eval), device)
+
+    if "bpb" in args.eval:  # check the flags before spending time on the other modes
+        try:
+            split_tokens, steps = bpb_steps(args.split_tokens, args.device_batch_size, seq_len, world_size)
+        except ValueError as e:
+            raise SystemExit(f"base_eval: {e}") from None
+        if split_tokens != args.split_tokens:
+            log.info("Adjusted split_tokens to %d (a whole number of %d-token steps)", split_tokens, split_tokens // steps)
+
+    samples, unconditioned, bpb, core = None, None, {}, None
+    if "sample" in args.eval and rank == 0:
+        samples, unconditioned = run_samples(model, tokenizer)
+    if "bpb" in args.eval:
+        bpb = run_bpb(model, tokenizer, device, args.device_batch_size, seq_len, steps)
+    if "core" in args.eval:
+        t0 = time.time()
+        core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, max_seq_len=seq_len,
+                             batch_tokens=args.batch_tokens)
+        if rank == 0:
+            path = os.path.join(get_base_dir(), "base_eval", f"{slug}.csv")
+            atomic_write(path, format_results_csv(core["results"], core["centered_results"], core["core_metric"]))
+            log.info("Wrote %s", path)
+            log.info("CORE metric: %.4f (%.1fs)", core["core_metric"], time.time() - t0)
+
+    data = {"model": name}
+    if core is not None:
+        data["CORE metric"] = core["core_metric"]
+    for split, value in bpb.items():
+        data[f"{split} bpb"] = value
+    if core is not None:
+        data.update(core["centered_results"])
+    for i, text in enumerate(samples or []):
+        data[f"sample {i}"] = text
+    for i, text in enumerate(unconditioned or []):
+        data[f"unconditioned {i}"] = text
+    # Evaluating a mid/sft/rl checkpoint here must not overwrite the base model's report section.
+    section = "Base model evaluation" if args.source == "base" else f"Base-style evaluation {args.source}"
+    get_report().log(section=section, data=[data])
+    return {"core": core, "bpb": bpb, "samples": samples, "unconditioned": unconditioned, "slug": slug}
+
+
+if __name__ == "__main__":
+    main()
