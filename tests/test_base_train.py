@@ -1,0 +1,151 @@
+"""scripts/base_train.py end to end on CPU: a tiny run learns, resume is bit-exact, NaN stops cleanly, torchrun works."""
+
+import glob
+import os
+import random
+import re
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from scripts import base_train, tok_train
+
+WORDS = ("the a river stone market winter garden signal copper lantern orbit meadow thunder violet harbor "
+         "pencil canyon ember falcon quartz velvet wander glacier saddle timber hollow breeze runs sleeps "
+         "under over near bright cold quiet").split()
+
+# A model small enough that a step takes milliseconds: 2 layers, width 64, context 32.
+TINY = ["--device-type=cpu", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=32",
+        "--window-pattern=L", "--device-batch-size=4", "--total-batch-size=256", "--eval-tokens=256",
+        "--core-metric-every=-1", "--sample-every=-1", "--warmup-steps=2"]
+
+
+def _documents(seed, n):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def pipeline_base(tmp_path_factory):
+    """A base dir with 3 train shards + 1 val shard and a trained 512-token tokenizer."""
+    base = tmp_path_factory.mktemp("base")
+    data_dir = base / "base_data_climbmix"
+    data_dir.mkdir()
+    for index in range(4):
+        pq.write_table(pa.table({"text": _documents(index, 400)}), data_dir / f"shard_{index:05d}.parquet", row_group_size=100)
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(base)
+    try:
+        tok_train.main(["--vocab-size=512", "--max-chars=200000"])
+    finally:
+        if old is None:
+            del os.environ["NANOCHAT_BASE_DIR"]
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = old
+    return base
+
+
+@pytest.fixture
+def base_dir(pipeline_base, tmp_path, monkeypatch):
+    """A private copy of the pipeline base dir for each test (checkpoints and reports don't leak)."""
+    base = tmp_path / "base"
+    shutil.copytree(pipeline_base, base)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.chdir(tmp_path)  # report.generate() copies report.md into the working directory
+    return base
+
+
+def _losses(caplog):
+    return {int(m.group(1)): float(m.group(2)) for r in caplog.records
+            if (m := re.match(r"step (\d+)/\d+ .*\| loss: ([0-9.]+)", r.getMessage()))}
+
+
+def _val_bpbs(caplog):
+    return [float(m.group(1)) for r in caplog.records if (m := re.search(r"Validation bpb: ([0-9.]+)", r.getMessage()))]
+
+
+def test_tiny_run_learns_and_writes_its_report_section(base_dir, caplog):
+    caplog.set_level("INFO")
+    base_train.main(TINY + ["--num-iterations=30", "--eval-every=15", "--matrix-lr=0.3", "--embedding-lr=3", "--unembedding-lr=0.1"])
+    bpbs = _val_bpbs(caplog)
+    assert len(bpbs) == 3
+    assert bpbs[-1] < 0.75 * bpbs[0], bpbs
+    assert os.path.exists(base_dir / "base_checkpoints" / "d2" / "model_000030.pt")
+    section = (base_dir / "report" / "base-model-training.md").read_text()
+    assert section.startswith("## Base model training")
+    assert "- Minimum validation bpb:" in section and "- Average tok/sec:" in section
+
+
+def test_resume_is_bit_exact(base_dir, caplog):
+    """6 steps straight == 3 steps, save, resume from step 3 for 3 more: same losses, same parameters."""
+    caplog.set_level("INFO")
+    args = TINY + ["--num-iterations=6", "--eval-every=-1", "--save-every=3"]
+    base_train.main(args + ["--model-tag=straight"])
+    straight_losses = _losses(caplog)
+    ckpt = base_dir / "base_checkpoints"
+    os.makedirs(ckpt / "resumed")
+    for path in glob.glob(str(ckpt / "straight" / "*_000003*")):
+        shutil.copy(path, ckpt / "resumed")
+    caplog.clear()
+    base_train.main(args + ["--model-tag=resumed", "--resume-from-step=3"])
+    resumed_losses = _losses(caplog)
+    assert sorted(resumed_losses) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert resumed_losses[step] == straight_losses[step]
+    a = torch.load(ckpt / "straight" / "model_000006.pt")
+    b = torch.load(ckpt / "resumed" / "model_000006.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    oa = torch.load(ckpt / "straight" / "optim_000006_rank0.pt")
+    ob = torch.load(ckpt / "resumed" / "optim_000006_rank0.pt")
+    for sa, sb in zip(oa["state"].values(), ob["state"].values()):
+        for key in sa:
+            if torch.is_tensor(sa[key]):
+                assert torch.equal(sa[key], sb[key]), key
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(base_dir, caplog, monkeypatch):
+    from nanochat import gpt
+
+    caplog.set_level("INFO")
+    real_forward = gpt.GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kwargs):
+        out = real_forward(self, idx, targets, **kwargs)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 3:  # one micro-batch per step (128 = 4 x 32): steps 0-2 train, step 3 goes NaN
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(gpt.GPT, "forward", forward)
+    with pytest.raises(SystemExit) as exc:
+        base_train.main(TINY + ["--num-iterations=10", "--eval-every=-1", "--save-every=1", "--total-batch-size=128"])
+    assert exc.value.code == 1
+    assert any("training loss is nan" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    ckpt = base_dir / "base_checkpoints" / "d2"
+    assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "meta_000002.json", "meta_000003.json",
+                                         "model_000001.pt", "model_000002.pt", "model_000003.pt",
+                                         "optim_000001_rank0.pt", "optim_000002_rank0.pt", "optim_000003_rank0.pt"]
+    state = torch.load(ckpt / "model_000003.pt")
+    assert all(torch.isfinite(t.float()).all() for t in state.values())
+
+
+def test_bad_batch_geometry_is_a_clear_error(base_dir):
+    with pytest.raises(ValueError, match="not divisible"):
+        base_train.main(TINY + ["--num-iterations=2", "--total-batch-size=100"])
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_run_saves_every_rank(base_dir):
+    from tests.dist_harness import run_torchrun
+
+    env = {"NANOCHAT_BASE_DIR": str(base_dir)}
+    run_torchrun(["-m", "scripts.base_train", "--"] + TINY + ["--num-iterations=3", "--eval-every=3"], nproc=2, env=env, timeout=300)
+    ckpt = base_dir / "base_checkpoints" / "d2"
+    assert (ckpt / "optim_000003_rank0.pt").exists() and (ckpt / "optim_000003_rank1.pt").exists()
