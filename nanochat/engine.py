@@ -386,6 +386,36 @@ class Engine:
 # Reference (cache-free) generation and the self-check
 
 
+# The fixed prompts whose greedy completions base_train, base_eval and base_loss print as a smell test.
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def complete_prompts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
+    """Greedy completions (decoded, BOS included) of each prompt, one batch-1 generation per prompt."""
+    engine = Engine(model, tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    texts = []
+    for prompt in prompts:
+        rows, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), num_samples=1, max_tokens=max_tokens, temperature=0)
+        texts.append(tokenizer.decode(rows[0]))
+    return texts
+
+
+def unconditioned_samples(model, tokenizer, num_samples=8, max_tokens=128, temperature=1.0):
+    """Samples from BOS alone: what the model writes when nobody asks it anything."""
+    bos = tokenizer.get_bos_token_id()
+    rows, _ = Engine(model, tokenizer).generate_batch([bos], num_samples=num_samples, max_tokens=max_tokens, temperature=temperature)
+    return [tokenizer.decode(row) for row in rows]
+
+
 @torch.inference_mode()
 def reference_generate(model, tokens, max_tokens):
     """Greedy tokens by re-running the whole sequence each step without a cache: the slow, obvious oracle."""

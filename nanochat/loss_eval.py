@@ -7,12 +7,15 @@ Bits per byte: the tokenizer-independent loss used to compare models with differ
 Run by scripts/base_train.py (validation) and scripts/base_eval.py (train and val splits).
 """
 
+import logging
 import math
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import is_ddp_initialized
+
+log = logging.getLogger("nanochat.loss_eval")
 
 
 @torch.no_grad()
@@ -56,3 +59,17 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     if num_bytes == 0:
         return float("inf")
     return nats / (math.log(2) * num_bytes)
+
+
+def evaluate_splits_bpb(model, tokenizer, device, batch_size, seq_len, steps, splits=("train", "val")):
+    """Bits per byte over `steps` packed batches of each split ({split: bpb}); base_eval and base_loss share it."""
+    from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+    from nanochat.tokenizer import get_token_bytes
+
+    token_bytes = get_token_bytes(device=device)
+    out = {}
+    for split in splits:
+        loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, batch_size, seq_len, split=split, device=device)
+        out[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        log.info("%s bpb: %.6f", split, out[split])
+    return out

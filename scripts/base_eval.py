@@ -19,20 +19,12 @@ import time
 from nanochat.common import (atomic_write, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              setup_default_logging)
 from nanochat.core_eval import EvalBundleError, evaluate_core, format_results_csv
+from nanochat.loss_eval import evaluate_splits_bpb
 
 log = logging.getLogger("nanochat.base_eval")
 
 EVAL_MODES = ("core", "bpb", "sample")  # run in the order sample, bpb, core (cheap and informative first)
 SOURCES = ("base", "mid", "sft", "rl")
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 NUM_UNCONDITIONED = 8
 
 
@@ -76,36 +68,15 @@ def bpb_steps(split_tokens, batch_size, seq_len, world_size):
 
 def run_samples(model, tokenizer):
     """Greedy completions of the fixed prompts, then unconditioned samples from BOS alone (rank 0)."""
-    from nanochat.engine import Engine
+    from nanochat.engine import complete_prompts, unconditioned_samples
 
-    engine = Engine(model, tokenizer)
-    bos = tokenizer.get_bos_token_id()
-    samples = []
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        rows, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-        samples.append(tokenizer.decode(rows[0]))
-        log.info("sample: %s", samples[-1])
-    rows, _ = engine.generate_batch([bos], num_samples=NUM_UNCONDITIONED, max_tokens=128, temperature=1.0)
-    unconditioned = [tokenizer.decode(row) for row in rows]
+    samples = complete_prompts(model, tokenizer)
+    for text in samples:
+        log.info("sample: %s", text)
+    unconditioned = unconditioned_samples(model, tokenizer, num_samples=NUM_UNCONDITIONED)
     for text in unconditioned:
         log.info("unconditioned: %s", text)
     return samples, unconditioned
-
-
-def run_bpb(model, tokenizer, device, batch_size, seq_len, steps):
-    """Bits per byte over `steps` batches of the train split, then of the val split."""
-    from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
-
-    token_bytes = get_token_bytes(device=device)
-    out = {}
-    for split in ("train", "val"):
-        loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, batch_size, seq_len, split=split, device=device)
-        out[split] = evaluate_bpb(model, loader, steps, token_bytes)
-        log.info("%s bpb: %.6f", split, out[split])
-    return out
 
 
 def main(argv=None):
@@ -152,7 +123,7 @@ def _evaluate(args):
     if "sample" in args.eval and rank == 0:
         samples, unconditioned = run_samples(model, tokenizer)
     if "bpb" in args.eval:
-        bpb = run_bpb(model, tokenizer, device, args.device_batch_size, seq_len, steps)
+        bpb = evaluate_splits_bpb(model, tokenizer, device, args.device_batch_size, seq_len, steps)
     if "core" in args.eval:
         t0 = time.time()
         core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, max_seq_len=seq_len,

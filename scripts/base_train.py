@@ -26,16 +26,6 @@ from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup
 
 log = logging.getLogger("nanochat.base_train")
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-
 
 def build_parser():
     p = argparse.ArgumentParser(description="Pretrain the base model. Derived values (width, batch, LR, WD, horizon) are printed at startup.",
@@ -100,6 +90,7 @@ def main(argv=None):
     from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
     from nanochat.dataloader import (gather_loader_states, tokenizing_distributed_data_loader_bos_bestfit,
                                      tokenizing_distributed_data_loader_with_state_bos_bestfit)
+    from nanochat.engine import complete_prompts
     from nanochat.gpt import GPT
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.report import get_report
@@ -242,10 +233,8 @@ def main(argv=None):
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
             with disable_fp8():
-                for prompt in SAMPLE_PROMPTS:
-                    tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-                    generated = list(orig_model.generate(tokens, max_tokens=16, temperature=0))
-                    log.info("sample: %s", tokenizer.decode(tokens + generated))
+                for text in complete_prompts(orig_model, tokenizer):
+                    log.info("sample: %s", text)
             orig_model.train()
 
         # once in a while: checkpoint (every rank writes its optimizer shard)

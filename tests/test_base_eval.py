@@ -133,7 +133,9 @@ def test_sample_mode_logs_samples(base, loaded, monkeypatch):
             rows = [list(tokens) + self.tokenizer.encode(f" gen{i}") for i in range(num_samples)]
             return rows, [[0] * len(r) for r in rows]
 
-    monkeypatch.setitem(sys.modules, "nanochat.engine", types.SimpleNamespace(Engine=Engine))
+    import nanochat.engine
+
+    monkeypatch.setattr(nanochat.engine, "Engine", Engine)
     out = base_eval.main(["--eval", "sample", "--device-type", "cpu"])
     assert out["samples"][0] == "<|bos|>The capital of France is gen0"
     assert len(out["samples"]) == 7 and len(out["unconditioned"]) == 8
@@ -155,8 +157,8 @@ def test_bpb_mode_rounds_split_tokens_and_reports_both_splits(base, loaded, monk
         seen.append(steps)
         return {"train": 0.9, "val": 1.1}[split]
 
-    monkeypatch.setitem(sys.modules, "nanochat.dataloader", types.SimpleNamespace(tokenizing_distributed_data_loader_bos_bestfit=loader))
-    monkeypatch.setitem(sys.modules, "nanochat.loss_eval", types.SimpleNamespace(evaluate_bpb=evaluate_bpb))
+    monkeypatch.setattr("nanochat.dataloader.tokenizing_distributed_data_loader_bos_bestfit", loader)
+    monkeypatch.setattr("nanochat.loss_eval.evaluate_bpb", evaluate_bpb)
     monkeypatch.setattr("nanochat.tokenizer.get_token_bytes", lambda device: torch.ones(265, dtype=torch.int32))
     with caplog.at_level(logging.INFO):
         out = base_eval.main(["--eval", "bpb", "--device-type", "cpu", "--device-batch-size", "2", "--split-tokens", "2000"])

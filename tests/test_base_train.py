@@ -149,3 +149,21 @@ def test_two_process_torchrun_run_saves_every_rank(base_dir):
     run_torchrun(["-m", "scripts.base_train", "--"] + TINY + ["--num-iterations=3", "--eval-every=3"], nproc=2, env=env, timeout=300)
     ckpt = base_dir / "base_checkpoints" / "d2"
     assert (ckpt / "optim_000003_rank0.pt").exists() and (ckpt / "optim_000003_rank1.pt").exists()
+
+
+def test_base_loss_reports_both_splits_and_samples(base_dir):
+    from scripts import base_loss
+
+    base_train.main(TINY + ["--num-iterations=2", "--eval-every=-1"])
+    bpb, samples = base_loss.main(["--device-type=cpu", "--device-batch-size=4", "--split-tokens=256"])
+    assert set(bpb) == {"train", "val"} and all(0 < v < 20 for v in bpb.values())
+    assert len(samples) == 7 and all(s.startswith("<|bos|>") for s in samples)
+    section = (base_dir / "report" / "base-model-loss.md").read_text()
+    assert "- train bpb:" in section and "- val bpb:" in section and "- sample 6: <|bos|>" in section
+
+
+def test_base_loss_without_a_checkpoint_says_what_to_do(base_dir):
+    from scripts import base_loss
+
+    with pytest.raises(SystemExit, match="base_loss: .*base_train"):
+        base_loss.main(["--device-type=cpu"])
