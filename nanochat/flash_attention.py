@@ -1,0 +1,221 @@
+"""
+Causal attention with sliding windows: Flash Attention 3 where it runs, PyTorch SDPA everywhere else.
+
+Both entry points take FA3's signature and its (B, T, H, D) layout, so the model never needs to know
+which implementation ran:
+
+    from nanochat.flash_attention import flash_attn
+    y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(512, 0))          # training / no cache
+    y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                           cache_seqlens=seqlens, causal=True, window_size=(512, 0))
+
+Window semantics follow FA3: with left window w, query i attends keys j with i - w <= j <= i (at most w+1
+keys); w < 0 means unlimited. Only causal attention is supported.
+
+FA3 comes from the Hugging Face `kernels` hub and is loaded lazily, on first use (never at import), once
+per process. It is used only for bf16 CUDA tensors (FA3 has no fp16/fp32 path here). When it can't be
+loaded (no CUDA, no `kernels` package, no kernel for this GPU, hub unreachable) the reason is logged
+once and SDPA takes over. `set_impl("sdpa" | "fa3" | None)` forces a choice (tests, benchmarks).
+
+Tests: python -m pytest tests/test_attention_fallback.py -q
+"""
+
+import logging
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("nanochat.flash_attention")
+
+# FA3 builds, by GPU generation. Hopper (SM 9.x) has its own build; the community build covers Ampere
+# (sm80/86) and Ada (sm89). Anything else (e.g. Blackwell sm100) falls back to SDPA.
+HOPPER_FA3_REPO = "varunneal/flash-attention-3"
+COMMUNITY_FA3_REPO = "kernels-community/flash-attn3"
+
+_fa3 = None  # the loaded flash_attn_interface module, or None
+_fa3_reason = None  # why FA3 is (not) available; None until the first load attempt
+_override_impl = None  # None (automatic), "fa3" or "sdpa"
+
+
+# -----------------------------------------------------------------------------
+# Loading FA3 (lazy, once)
+
+
+@torch.compiler.disable
+def _load_fa3():
+    """Try once to load FA3; remember the module (or None) and a one-line reason. Returns the module."""
+    global _fa3, _fa3_reason
+    if _fa3_reason is not None:
+        return _fa3
+    module, reason = None, None
+    if not torch.cuda.is_available():
+        reason = "no CUDA device"
+    else:
+        try:
+            import kernels
+        except ImportError:
+            reason = "the `kernels` package is not installed (pip install 'kernels>=0.11.7' to enable FA3)"
+        else:
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            major, minor = torch.cuda.get_device_capability(0)
+            try:
+                if major == 9:
+                    module = kernels.get_kernel(HOPPER_FA3_REPO).flash_attn_interface
+                    reason = f"loaded {HOPPER_FA3_REPO} for SM {major}{minor}"
+                elif kernels.has_kernel(COMMUNITY_FA3_REPO):
+                    module = kernels.get_kernel(COMMUNITY_FA3_REPO).flash_attn_interface
+                    reason = f"loaded {COMMUNITY_FA3_REPO} for SM {major}{minor}"
+                else:
+                    reason = f"no FA3 kernel build for SM {major}{minor}"
+            except Exception as e:  # hub unreachable, build missing, ABI mismatch: all mean "use SDPA"
+                module = None
+                reason = f"loading FA3 failed ({type(e).__name__}: {e})"
+    _fa3, _fa3_reason = module, reason
+    if module is None:
+        log.info("Flash Attention 3 unavailable: %s; using PyTorch SDPA", reason)
+    else:
+        log.info("Flash Attention 3: %s", reason)
+    return module
+
+
+def has_fa3():
+    """True when FA3 loaded on this machine (triggers the one-time load)."""
+    return _load_fa3() is not None
+
+
+def fa3_status():
+    """(available, reason) for startup logs: whether FA3 loaded and why (not)."""
+    available = has_fa3()
+    return available, _fa3_reason
+
+
+def set_impl(impl):
+    """Force the implementation: "fa3" (raises if FA3 can't load), "sdpa", or None for automatic."""
+    global _override_impl
+    if impl not in (None, "fa3", "sdpa"):
+        raise ValueError(f"attention implementation must be 'fa3', 'sdpa' or None, got {impl!r}")
+    if impl == "fa3" and not has_fa3():
+        raise RuntimeError(f"FA3 was requested but is not available: {_fa3_reason}")
+    _override_impl = impl
+
+
+def use_fa3(dtype=None):
+    """Whether attention on tensors of `dtype` (default: the global compute dtype) goes to FA3."""
+    if _override_impl is not None:
+        return _override_impl == "fa3"
+    if dtype is None:
+        from nanochat.common import get_compute_dtype
+
+        dtype = get_compute_dtype()[0]
+    # FA3 here supports bf16 (and fp8) only; fp16/fp32 activations go to SDPA.
+    return dtype == torch.bfloat16 and has_fa3()
+
+
+def _fa3_for(q):
+    """The FA3 module if this call should use it, else None."""
+    if _override_impl == "sdpa" or not q.is_cuda:
+        return None
+    if _fa3_reason is None:
+        # Only the very first call loads (a compiled graph breaks here once, then guards on the global).
+        _load_fa3()
+    if _override_impl == "fa3" or q.dtype == torch.bfloat16:
+        return _fa3
+    return None
+
+
+def __getattr__(name):
+    # HAS_FA3 / USE_FA3 read like module constants but are resolved on access, so import loads nothing.
+    if name == "HAS_FA3":
+        return has_fa3()
+    if name == "USE_FA3":
+        return use_fa3()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -----------------------------------------------------------------------------
+# SDPA fallback
+
+
+def _sdpa_attention(q, k, v, window_size, enable_gqa):
+    """Causal attention on (B, H, T, D) tensors with a left window; queries are the LAST Tq key positions.
+
+    Three cases, cheapest first: plain causal (window covers everything and Tq == Tk: training with an
+    "L" window), single-token decode (crop the keys to the window, no mask needed), and an explicit
+    boolean mask for everything else (training with "S" windows, chunked prefill into a cache).
+    """
+    window = window_size[0]
+    Tq, Tk = q.size(2), k.size(2)
+    if (window < 0 or window >= Tq) and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    if Tq == 1:
+        if 0 <= window < Tk:
+            start = max(0, Tk - (window + 1))
+            k, v = k[:, :, start:], v[:, :, start:]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=enable_gqa)
+    row = (Tk - Tq) + torch.arange(Tq, device=q.device).unsqueeze(1)  # (Tq, 1) absolute query positions
+    col = torch.arange(Tk, device=q.device).unsqueeze(0)  # (1, Tk)
+    mask = col <= row
+    if 0 <= window < Tk:
+        mask = mask & (row - col <= window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
+def _check_causal(causal):
+    if not causal:
+        raise ValueError("only causal attention is implemented (pass causal=True)")
+
+
+# -----------------------------------------------------------------------------
+# Public API (FA3 signature, (B, T, H, D) layout)
+
+
+def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+    """Attention over a whole sequence. q: (B, T, H, D); k, v: (B, T, Hkv, D) with H % Hkv == 0.
+
+    Returns (B, T, H, D) in q's dtype. window_size = (left, right) in FA3 convention; right must be 0.
+    """
+    _check_causal(causal)
+    fa3 = _fa3_for(q)
+    if fa3 is not None:
+        return fa3.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+    y = _sdpa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size,
+                        enable_gqa=q.size(2) != k.size(2))  # (B, H, T, D)
+    return y.transpose(1, 2)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
+                            window_size=(-1, -1), cache_pos=None):
+    """Attention of new queries against a KV cache, after writing the new keys/values into it in place.
+
+    q: (B, Tn, H, D); k_cache, v_cache: (B, T_max, Hkv, D); k, v: (B, Tn, Hkv, D) or None;
+    cache_seqlens: (B,) int32, positions already filled (every row at the same position).
+    cache_pos: optional host-side copy of cache_seqlens[0]; the SDPA path uses it to avoid a device
+    sync per layer (FA3 reads cache_seqlens on the device and ignores it).
+    """
+    _check_causal(causal)
+    fa3 = _fa3_for(q)
+    if fa3 is not None:
+        return fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                           causal=causal, window_size=window_size)
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"KV cache is {k_cache.dtype} but the queries are {q.dtype}; allocate the cache in the "
+                         "model's compute dtype (model.compute_dtype)")
+    pos = int(cache_seqlens[0].item()) if cache_pos is None else int(cache_pos)
+    end = pos
+    if k is not None:
+        end = pos + k.size(1)
+        if end > k_cache.size(1):
+            raise RuntimeError(f"KV cache overflow: {pos} cached + {k.size(1)} new positions > capacity {k_cache.size(1)}; "
+                               "allocate the cache with room for the prompt plus every generated token")
+        k_cache[:, pos:end] = k
+        v_cache[:, pos:end] = v
+    # Without new keys the queries are taken to be the last q.size(1) cached positions.
+    k_full, v_full = k_cache[:, :end], v_cache[:, :end]
+    y = _sdpa_attention(q.transpose(1, 2), k_full.transpose(1, 2), v_full.transpose(1, 2), window_size,
+                        enable_gqa=q.size(2) != k_cache.size(2))
+    return y.transpose(1, 2)
+
+
+flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)
