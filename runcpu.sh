@@ -26,4 +26,13 @@ python -m nanochat.dataset -n 4 --offline-fallback
 python -m scripts.tok_train --max-chars=20000000 --vocab-size=8192
 python -m scripts.tok_eval
 
+# Pretraining: a 4-layer model for a few hundred steps (minutes on a laptop), checkpoint at the end.
+python -m scripts.base_train --depth=4 --max-seq-len=512 --window-pattern=L --device-batch-size=8 \
+    --total-batch-size=4096 --num-iterations=300 --eval-every=100 --eval-tokens=65536 \
+    --core-metric-every=-1 --sample-every=300 --warmup-steps=10 --run="$WANDB_RUN"
+python -m scripts.base_loss --device-batch-size=8 --split-tokens=65536
+
+# CORE needs the eval bundle; without network access base_eval says so in one line and the run goes on.
+python -m scripts.base_eval --eval core --max-per-task=16 || echo "CORE evaluation skipped (see the line above)"
+
 python -m nanochat.report generate

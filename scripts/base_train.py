@@ -112,6 +112,13 @@ def main(argv=None):
     else:
         wandb_run = DummyWandb()
 
+    from nanochat.flash_attention import fa3_status
+    fa3_available, fa3_reason = fa3_status()  # also loads FA3 now, before any compile sees the attention call
+    log.info("Flash Attention 3: %s", "in use" if fa3_available else f"not in use ({fa3_reason}); attention runs on PyTorch SDPA")
+    if not fa3_available and args.window_pattern.upper() != "L":
+        log.warning("SDPA has no efficient sliding-window kernel: --window-pattern %s runs masked attention; "
+                    "--window-pattern L is usually faster without FA3", args.window_pattern)
+
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
     vocab_size = tokenizer.get_vocab_size()
