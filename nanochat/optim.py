@@ -89,6 +89,18 @@ def adamw_step(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
     exp_avg_sq.copy_(v32)
 
 
+def _fused_adamw_cpu(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
+    """`adamw_step` through PyTorch's fused CPU AdamW kernel: the same update (decoupled WD, bias correction,
+    fp32 math on bf16 storage, rounded once), but one vectorised, multithreaded pass per tensor.
+
+    The eager `adamw_step` makes ~15 full-size fp32 temporaries; on the (V, d) embedding and lm_head
+    tables that was ~0.1 s per table per step on 2 cores, against ~5 ms here. `step` is the step count
+    after this update (the kernel reads it, it does not increment it).
+    """
+    torch._fused_adamw_([p], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))], lr=lr, beta1=beta1,
+                        beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+
+
 def muon_eq(X):
     """MuonEq row equilibration: give every row of each (m, n) matrix in the (K, m, n) stack the same norm.
 
@@ -341,8 +353,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p_view)
                 state["exp_avg_sq"] = torch.zeros_like(p_view)
             state["step"] += 1
-            hp = self._fill(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"])
-            kernel(p_view, grad, state["exp_avg"], state["exp_avg_sq"], hp["step"], hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["wd"])
+            if not self.compile and p_view.device.type == "cpu" and grad.dtype == p_view.dtype:
+                _fused_adamw_cpu(p_view, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1, beta2,
+                                 group["eps"], group["weight_decay"])
+            else:
+                hp = self._fill(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"])
+                kernel(p_view, grad, state["exp_avg"], state["exp_avg_sq"], hp["step"], hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["wd"])
             if rows is not None:
                 # In-place gather: p_view is already this rank's segment of p.
                 gathers.append(dist.all_gather_into_tensor(p, p_view, async_op=True))

@@ -98,6 +98,11 @@ def main(argv=None):
 
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    if device.type == "cpu":
+        # Split the cores between CPU ranks (torchrun + gloo); oversubscribed matmul threads only thrash.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = training.configure_cpu_threads(max(1, cores // world_size))
+        log.info("CPU: %d torch threads per rank, denormals flushed to zero", threads)
     master = rank == 0
     if master:
         print_banner()
