@@ -100,14 +100,7 @@ def make_engine(**kwargs):
 PROMPT = [BOS] + list(b"Hi there")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU the thread
-    pool's spinning makes each tiny matmul ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 # -----------------------------------------------------------------------------
