@@ -36,6 +36,7 @@ def build_parser():
     g.add_argument("--fp8", action="store_true", help="FP8 training of the big matmuls (CUDA SM>=8.9 only)")
     g.add_argument("--fp8-recipe", type=str, default="tensorwise", help="FP8 scaling recipe (only 'tensorwise' is implemented)")
     g.add_argument("--compile", type=str, default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto = on for CUDA, off elsewhere)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the weight init (pretraining reads the shards in a fixed order)")
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=20, help="number of transformer layers")
     g.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim")
@@ -97,7 +98,7 @@ def main(argv=None):
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
     device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
     if device.type == "cpu":
         # Split the cores between CPU ranks (torchrun + gloo); oversubscribed matmul threads only thrash.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
