@@ -1,16 +1,26 @@
 """
-CORE evaluation throughput: examples per second with several examples per forward pass (ours) versus
-one forward per example (upstream's way), on a tiny model (CPU by default).
+CORE evaluation speed: the head run at the scored positions only (model.hidden_states, then model.logits
+on those rows) against the full-logits reference (model(idx) at every position), on the same examples.
 
-    python bench/bench_core_eval.py                       # depth 2, 8 examples x 22 tasks, CPU
-    python bench/bench_core_eval.py --depth 4 --examples-per-task 16 --batch-tokens 16384
-    python bench/bench_core_eval.py --device cuda --examples-per-task 64
+    python bench/bench_core_eval.py                                    # d4, V=32768, 8 examples x 22 tasks, CPU
+    python bench/bench_core_eval.py --repeats 5 --threads 2            # the documented measurement (quiet machine)
+    python bench/bench_core_eval.py --batch-tokens 0,2048,8192         # also one example per forward vs batched
+    python bench/bench_core_eval.py --device cuda --examples-per-task 64 --batch-tokens 8192
+    python bench/bench_core_eval.py --depth 2 --examples-per-task 2 --repeats 1   # a quick dry run
 
-The eval bundle is synthetic but has the real structure: the 22 CORE tasks with their types, shot
-counts and delimiters, random-word rows in each type's JSONL format, and a byte-level tokenizer. The
-model is nanochat's GPT when nanochat/gpt.py is importable, otherwise a small stand-in transformer.
-It reports examples/s per mode (best of --repeats interleaved runs), the speed ratios, and whether every
-mode gave the same per-task accuracy (exactly so in fp32; in bf16 a near-tie may flip).
+The model is nanochat's GPT built the way base_train builds it (training.config_for_depth, meta device,
+to_empty, init_weights, the compute dtype of nanochat.common.get_compute_dtype), randomly initialised:
+speed doesn't depend on the weights. The vocabulary is 32768, the size of the tokenizer base_train
+trains by default, because the head's cost is what the fast path removes: at depth 4 the lm_head is
+8.4M of the 11.5M matmul weights. The eval bundle is synthetic but has the real structure (the 22
+CORE tasks with their types, shot counts and delimiters; random-word rows in each type's JSONL format),
+tokenised byte by byte, so the model's first 265 ids are the only ones fed.
+
+Every (batch budget, path) mode runs once per repeat, in turn (A, B, A, B, ...), so background load
+hits every mode alike. It prints each mode's best and median wall time over the repeats, the ratios
+reference / fast, and checks that both paths gave the same per-task accuracy (exits 1 if not). In
+fp32 the scores agree to rounding; in bf16 an exact tie between two options could in principle break
+differently, which the check would report.
 """
 
 import argparse
@@ -18,36 +28,42 @@ import json
 import logging
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+from nanochat import training  # noqa: E402
 from nanochat.core_eval import REFERENCE_TASKS, evaluate_core  # noqa: E402
+from nanochat.gpt import GPT  # noqa: E402
 from nanochat.tokenizer import RustBPETokenizer  # noqa: E402
 
 WORDS = ("the", "a", "river", "stone", "cloud", "runs", "over", "under", "green", "quick", "slow", "light",
          "house", "city", "moves", "bright", "dark", "water", "fire", "north", "south", "small", "large", "old")
+PATHS = (("full logits (reference)", True), ("scored positions only", False))  # (name, full_logits)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="CORE eval throughput: batched vs one forward per example.",
+    p = argparse.ArgumentParser(description="CORE eval: lm_head at the scored positions only vs full logits.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--depth", type=int, default=2, help="model depth (width = 64 * depth)")
-    p.add_argument("--seq-len", type=int, default=512, help="model context; longer prompts are left-truncated")
-    p.add_argument("--vocab-size", type=int, default=8192, help="model output vocabulary (the tokenizer uses the first 265 ids)")
-    p.add_argument("--examples-per-task", type=int, default=8, help="examples scored per task (22 tasks)")
-    p.add_argument("--batch-tokens", type=lambda t: [int(x) for x in t.split(",")], default=[2048, 8192],
-                   help="comma list of token budgets per forward for the batched runs (0 = one example per forward is always run)")
-    p.add_argument("--device", type=str, default="cpu", help="cpu | cuda | mps")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per mode, interleaved; the fastest counts (noisy machines)")
-    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model (as base_train builds it)")
+    g.add_argument("--depth", type=int, default=4, help="model depth (width = 64 x depth rounded up to 128)")
+    g.add_argument("--seq-len", type=int, default=512, help="model context; longer prompts keep their last tokens")
+    g.add_argument("--vocab-size", type=int, default=32768, help="model output vocabulary (the byte tokenizer feeds the first 265 ids)")
+    g.add_argument("--window-pattern", default="SSSL", help="attention window pattern, as base_train")
+    g = p.add_argument_group("workload")
+    g.add_argument("--examples-per-task", type=int, default=8, help="examples scored per task (22 tasks)")
+    g.add_argument("--batch-tokens", type=lambda t: [int(x) for x in t.split(",")], default=[2048],
+                   help="comma list of token budgets per forward (0 = one example per forward); both paths run at each")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", type=str, default="cpu", help="cpu | cuda | mps")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = every core in the affinity mask, as base_train)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per mode, interleaved across modes")
+    g.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -85,105 +101,94 @@ def write_synthetic_bundle(root, rows_per_task, seed):
     return bundle
 
 
-class StandInGPT(nn.Module):
-    """Pre-norm causal transformer used only when nanochat.gpt is not available yet."""
-
-    def __init__(self, depth, width, heads, vocab_size, seq_len):
-        super().__init__()
-        self.config = type("Cfg", (), {"sequence_len": seq_len})()
-        self.heads = heads
-        self.wte = nn.Embedding(vocab_size, width)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"qkv": nn.Linear(width, 3 * width, bias=False), "proj": nn.Linear(width, width, bias=False),
-                                                   "fc": nn.Linear(width, 4 * width, bias=False), "out": nn.Linear(4 * width, width, bias=False)})
-                                    for _ in range(depth))
-        self.lm_head = nn.Linear(width, vocab_size, bias=False)
-
-    def forward(self, idx):
-        B, T = idx.shape
-        x = self.wte(idx)
-        for blk in self.blocks:
-            q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in blk["qkv"](F.rms_norm(x, (x.size(-1),))).chunk(3, dim=-1))
-            x = x + blk["proj"](F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1))
-            x = x + blk["out"](F.relu(blk["fc"](F.rms_norm(x, (x.size(-1),)))).square())
-        return self.lm_head(F.rms_norm(x, (x.size(-1),))).float()
-
-
-class CountingModel(nn.Module):
-    """Counts forward passes and real vs padded tokens (pad = BOS, which only ever starts a real row)."""
+class Counters:
+    """Forward passes, fed tokens (real vs padding) and lm_head rows, read from hooks on the model's
+    embedding and head, so the model keeps its own methods (the fast path needs hidden_states/logits)."""
 
     def __init__(self, model, pad_id):
-        super().__init__()
-        self.model, self.pad_id, self.config = model, pad_id, model.config
-        self.forwards = self.padded_tokens = self.real_tokens = 0
+        self.pad_id = pad_id
+        self.reset()
+        model.transformer.wte.register_forward_pre_hook(self._on_embed)  # called once per forward
+        model.lm_head.register_forward_hook(self._on_head)
 
-    def forward(self, idx):
+    def reset(self):
+        self.forwards = self.fed_tokens = self.real_tokens = self.head_rows = 0
+
+    def _on_embed(self, module, args):
+        idx = args[0]  # (B, T)
         self.forwards += 1
-        self.padded_tokens += idx.numel()
-        # every row's BOS is real; trailing BOS tokens are padding
-        real = (idx != self.pad_id).sum().item() + (idx[:, 0] == self.pad_id).sum().item()
-        self.real_tokens += real
-        return self.model(idx)
+        self.fed_tokens += idx.numel()
+        # BOS only ever starts a real row, so trailing BOS tokens are padding
+        self.real_tokens += (idx != self.pad_id).sum().item() + (idx[:, 0] == self.pad_id).sum().item()
+
+    def _on_head(self, module, args, out):
+        self.head_rows += args[0].shape[:-1].numel()
 
 
-def build_model(depth, seq_len, vocab_size, device):
-    width = 64 * depth
-    heads = max(1, width // 64)
-    try:
-        from nanochat.gpt import GPT, GPTConfig
-    except ImportError as e:
-        print(f"nanochat.gpt not importable ({e}); using a stand-in transformer of the same shape")
-        torch.manual_seed(0)
-        return StandInGPT(depth, width, heads, vocab_size, seq_len).to(device).eval(), "stand-in transformer"
-    config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=heads, n_kv_head=heads,
-                       n_embd=width, window_pattern="L")
+def build_model(args, device):
+    """The GPT base_train would build for --depth (random init)."""
+    config = training.config_for_depth(args.depth, max_seq_len=args.seq_len, window_pattern=args.window_pattern,
+                                       vocab_size=args.vocab_size)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model.init_weights()
-    return model.eval(), "nanochat GPT"
+    return model.eval()
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    tokenizer = RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
     device = torch.device(args.device)
-    inner, kind = build_model(args.depth, args.seq_len, args.vocab_size, device)
-    model = CountingModel(inner, tokenizer.get_bos_token_id())
-    n_params = sum(p.numel() for p in inner.parameters())
-    print(f"model: {kind}, depth {args.depth}, {n_params:,} params, context {args.seq_len}, vocab {args.vocab_size}; "
-          f"device {device}, torch threads {torch.get_num_threads()}")
+    if device.type == "cpu":
+        training.configure_cpu_threads(args.threads if args.threads > 0 else None)
+    tokenizer = RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
+    model = build_model(args, device)
+    counters = Counters(model, tokenizer.get_bos_token_id())
+    c = model.config
+    print(f"model: nanochat GPT d{c.n_layer} (n_embd {c.n_embd}, {c.n_head} heads, window {c.window_pattern}), "
+          f"{sum(p.numel() for p in model.parameters()):,} params, context {c.sequence_len}, vocab {c.vocab_size}, "
+          f"{str(model.compute_dtype).removeprefix('torch.')}; device {device}, torch threads {torch.get_num_threads()}")
+    modes = [(f"{name}, {budget} tokens/forward" if budget > 0 else f"{name}, one example/forward", budget, full)
+             for budget in args.batch_tokens for name, full in PATHS]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n_examples = args.examples_per_task * len(REFERENCE_TASKS)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_synthetic_bundle(tmp, max(args.examples_per_task, 11), args.seed)  # 10-shot needs 11 rows
-        n_examples = args.examples_per_task * len(REFERENCE_TASKS)
-        evaluate_core(model, tokenizer, device, max_per_task=2, bundle_dir=bundle, batch_tokens=max(args.batch_tokens))  # warm-up
-        modes = [("one forward per example", 0)] + [(f"batched ({b} tokens/forward)", b) for b in args.batch_tokens if b > 0]
-        timings, outputs, stats = {m: [] for m, _ in modes}, {}, {}
+        for _, budget, full in modes:  # warm-up: allocator, thread pool, kernel choice
+            evaluate_core(model, tokenizer, device, max_per_task=1, bundle_dir=bundle, batch_tokens=budget, full_logits=full)
+        timings, outputs, stats = {m: [] for m, _, _ in modes}, {}, {}
         for _ in range(args.repeats):
-            for mode, budget in modes:  # interleaved, so background load hits both modes alike
-                model.forwards = model.padded_tokens = model.real_tokens = 0
+            for mode, budget, full in modes:  # interleaved: A, B, A, B, ...
+                counters.reset()
                 sync()
                 t0 = time.perf_counter()
-                outputs[mode] = evaluate_core(model, tokenizer, device, max_per_task=args.examples_per_task, bundle_dir=bundle, batch_tokens=budget)
+                outputs[mode] = evaluate_core(model, tokenizer, device, max_per_task=args.examples_per_task,
+                                              bundle_dir=bundle, batch_tokens=budget, full_logits=full)
                 sync()
                 timings[mode].append(time.perf_counter() - t0)
-                stats[mode] = (model.forwards, model.real_tokens / model.padded_tokens)
-    for mode, _ in modes:
-        best = min(timings[mode])
-        forwards, real = stats[mode]
-        print(f"{mode:<40} best {best:7.2f} s of {args.repeats}  {n_examples / best:8.1f} examples/s  {forwards:5d} forwards  "
-              f"{real:6.1%} of fed tokens real  CORE {outputs[mode]['core_metric']:.6f}")
-    timings = {m: min(t) for m, t in timings.items()}
-    base_mode = modes[0][0]
-    for mode, _ in modes[1:]:
-        print(f"speedup {mode} / one-per-example: {timings[base_mode] / timings[mode]:.2f}x over {n_examples} examples")
-    differ = sorted({label for mode, _ in modes[1:] for label, acc in outputs[mode]["results"].items() if acc != outputs[base_mode]["results"][label]})
-    print("per-task accuracy identical in every mode" if not differ else f"accuracy differs between modes on: {', '.join(differ)}")
+                stats[mode] = (counters.forwards, counters.real_tokens / counters.fed_tokens, counters.head_rows)
+    for mode, _, _ in modes:
+        best, median = min(timings[mode]), statistics.median(timings[mode])
+        forwards, real, head_rows = stats[mode]
+        print(f"{mode:<50} best {best:7.2f} s  median {median:7.2f} s of {args.repeats}  {n_examples / best:7.1f} examples/s  "
+              f"{forwards:4d} forwards  {real:6.1%} of fed tokens real  {head_rows:8,d} lm_head rows  "
+              f"CORE {outputs[mode]['core_metric']:.6f}")
+    for budget in args.batch_tokens:
+        ref, fast = (next(m for m, b, f in modes if b == budget and f == full) for _, full in PATHS)
+        print(f"speedup at {budget} tokens/forward (reference / scored positions only): "
+              f"best {min(timings[ref]) / min(timings[fast]):.2f}x, "
+              f"median {statistics.median(timings[ref]) / statistics.median(timings[fast]):.2f}x over {n_examples} examples")
+    base = modes[0][0]
+    differ = sorted({label for mode, _, _ in modes[1:] for label, acc in outputs[mode]["results"].items()
+                     if acc != outputs[base]["results"][label]})
+    if differ:
+        print(f"ACCURACY DIFFERS between modes on: {', '.join(differ)}")
+        return 1
+    print(f"per-task accuracy identical in every mode ({len(outputs[base]['results'])} tasks)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,6 +48,8 @@ VARIANTS = {
     "bf16-refloss": ("bfloat16", ("refloss",), "bf16, the plain (unchunked) loss path"),
     "bf16-refadamw": ("bfloat16", ("refadamw",), "bf16, the eager AdamW kernel instead of the fused CPU one"),
     "bf16-emb32-ortho32": ("bfloat16", ("emb32", "ortho32"), "bf16, fp32 embedding tables and fp32 orthogonalisation"),
+    "bf16-emb16-natattn": ("bfloat16", ("emb16", "natattn"), "bf16 tables, and the real bf16 attention kernel even under emulation"),
+    "bf16-emb32-natattn": ("bfloat16", ("emb32", "natattn"), "fp32 tables, and the real bf16 attention kernel even under emulation"),
 }
 
 _VAL = re.compile(r"Step (\d+) \| Validation bpb: ([0-9.]+)")
@@ -66,6 +68,7 @@ def build_parser():
     p.add_argument("--emulate", default="auto", choices=["auto", "on", "off"],
                    help="emulate bf16 matmuls in fp32 (auto: when this CPU has no native bf16)")
     p.add_argument("--out-dir", default="bench/results/precision", help="per-run logs and the JSON summary go here")
+    p.add_argument("--reuse", action="store_true", help="parse a finished run's log in --out-dir instead of running it again")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     return p
@@ -100,7 +103,7 @@ def _apply_patches(patches, emulate):
     if emulate:
         from bench.bf16_emulation import EmulatedBF16Matmuls
 
-        mode = EmulatedBF16Matmuls()
+        mode = EmulatedBF16Matmuls(attention="natattn" not in patches)
         mode.__enter__()
         return mode
     return None
@@ -257,6 +260,14 @@ def main(argv=None):
         while todo and len(running) < args.jobs:
             variant, seed = todo.pop(0)
             log_path = os.path.join(args.out_dir, f"{variant}-{seed}.log")
+            if args.reuse and os.path.exists(log_path):
+                try:
+                    text = open(log_path).read()
+                    runs[(variant, seed)] = dict(parse_log(text), emulated="bf16 emulation:" in text)
+                    print(f"reused {log_path}", flush=True)
+                    continue
+                except RuntimeError:
+                    pass  # unfinished: run it again
             proc, log, emulated = _launch(variant, seed, args, threads, log_path)
             running.append((variant, seed, proc, log, log_path, emulated))
             print(f"[{time.time() - t0:6.0f}s] started {variant} seed {seed}" + (" (bf16 emulated)" if emulated else ""), flush=True)

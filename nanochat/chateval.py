@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import get_dist_info, is_ddp_initialized
+from nanochat.engine import model_device
 
 logger = logging.getLogger("nanochat")
 
@@ -38,30 +39,37 @@ TASKS = {
     "SpellingBee": ("tasks.spellingbee", "SpellingBee", {"size": 256, "split": "test"}, 0.0),
 }
 CHATCORE_TASKS = tuple(TASKS)
+# Evaluated only when asked for by name (-a SyntheticArithmetic); not part of ChatCORE nor of the default run.
+EXTRA_TASKS = {
+    "SyntheticArithmetic": ("tasks.arithmetic", "SyntheticArithmetic", {"size": 1319, "split": "test"}, 0.0),
+}
 BASELINES = {name: spec[3] for name, spec in TASKS.items()}
 CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
 
 
 def parse_task_names(spec):
-    """'ARC-Easy|GSM8K' -> ["ARC-Easy", "GSM8K"]; None or "" -> every task. Unknown names raise ValueError."""
+    """'ARC-Easy|GSM8K' -> ["ARC-Easy", "GSM8K"]; None or "" -> every task of TASKS (not EXTRA_TASKS).
+    Unknown names raise ValueError."""
     if not spec:
         return list(TASKS)
     names = [name.strip() for name in spec.split("|")]
-    unknown = [name for name in names if name not in TASKS]
+    unknown = [name for name in names if name not in TASKS and name not in EXTRA_TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {'|'.join(TASKS)} (separate several with '|')")
+        raise ValueError(f"unknown task(s) {unknown}; choose from {'|'.join([*TASKS, *EXTRA_TASKS])} "
+                         "(separate several with '|')")
     if len(set(names)) != len(names):
         raise ValueError(f"task list {spec!r} names a task twice")
     return names
 
 
 def build_task(name):
-    """The evaluation Task object for a name of TASKS (loads its dataset)."""
+    """The evaluation Task object for a name of TASKS or EXTRA_TASKS (loads its dataset)."""
     import importlib
 
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    module, cls, kwargs, _ = TASKS[name]
+    spec = TASKS.get(name) or EXTRA_TASKS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join([*TASKS, *EXTRA_TASKS])}")
+    module, cls, kwargs, _ = spec
     return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
@@ -111,12 +119,6 @@ class _Progress:
 # Categorical: logits at the answer position, restricted to the answer letters
 
 
-def _model_device(model):
-    if hasattr(model, "get_device"):
-        return model.get_device()
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, name=None):
     """Accuracy of `model` on a multiple-choice task, scoring only the allowed letters' logits.
@@ -129,7 +131,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     name = name or type(task).__name__
     _, rank, _, world_size = get_dist_info()
-    device = _model_device(model)
+    device = model_device(model)
     bos = tokenizer.get_bos_token_id()
     letter_ids = {}  # letter -> its single token id
 
@@ -202,7 +204,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
         total += 1
         progress.update(passed, total)
     progress.close()
-    passed, total = _reduce_counts(passed, total, _model_device(engine.model))
+    passed, total = _reduce_counts(passed, total, model_device(engine.model))
     return _accuracy(name, passed, total)
 
 

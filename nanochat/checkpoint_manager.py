@@ -25,7 +25,8 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_torch_save, atomic_write, get_base_dir, is_ddp_initialized
+from nanochat.common import (UserError, atomic_torch_save, atomic_write, get_base_dir, get_compute_dtype, get_inference_dtype,
+                             is_ddp_initialized, strict_json)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,16 @@ _PRODUCERS = {"base_checkpoints": "python -m scripts.base_train", "mid_checkpoin
 _MODEL_RE = re.compile(r"model_(\d+)\.pt")
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
     """No checkpoint where one was asked for (message says which file/dir and how to make one)."""
 
 
-class CheckpointCorruptError(RuntimeError):
+class CheckpointCorruptError(UserError, RuntimeError):
     """A checkpoint file exists but cannot be read, or does not fit the current model."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A readable checkpoint that does not go with what it is used with (e.g. another tokenizer's vocab)."""
 
 
 def model_path(checkpoint_dir, step):
@@ -93,7 +98,8 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         atomic_torch_save(optimizer_data, optim_path(checkpoint_dir, step, rank))
     _barrier()
     if rank == 0:
-        atomic_write(meta_path(checkpoint_dir, step), json.dumps(meta_data, indent=2, ensure_ascii=False))
+        # Strict JSON (NaN / inf become null): the meta must load in any JSON parser, not only Python's.
+        atomic_write(meta_path(checkpoint_dir, step), strict_json(meta_data, indent=2, ensure_ascii=False))
         log.info("Saved checkpoint step %d to %s", step, checkpoint_dir)
     _barrier()
 
@@ -221,7 +227,8 @@ def _patch_missing_keys(model_data, expected, path):
 
 
 def build_model(checkpoint_dir, step, device, phase):
-    """(model, tokenizer, meta) from one checkpoint step; phase "train" or "eval" sets the module mode.
+    """(model, tokenizer, meta) from one checkpoint step; phase "train" or "eval" sets the module mode
+    and the dtype: the training compute dtype, or the faster inference dtype of the device (fp32 on CPU).
 
     Strips torch.compile's `_orig_mod.` key prefix, fills config/parameters that older checkpoints
     lack (window_pattern -> "L", the full context they were trained with; see _patch_missing_keys),
@@ -242,8 +249,9 @@ def build_model(checkpoint_dir, step, device, phase):
         log.info("%s has no window_pattern in its config: using 'L' (full context, as it was trained)", path)
         config_kwargs["window_pattern"] = "L"
     config = GPTConfig(**config_kwargs)
+    dtype = get_compute_dtype()[0] if phase == "train" else get_inference_dtype(device.type)
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, compute_dtype=dtype)
     model.to_empty(device=device)
     model.init_weights()  # the rotary tables are buffers, not in the checkpoint
     expected = model.state_dict()
@@ -262,8 +270,9 @@ def build_model(checkpoint_dir, step, device, phase):
         model.eval()
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but checkpoint {path} was trained "
-                         f"with {config.vocab_size}; use the tokenizer the model was trained with")
+        raise CheckpointMismatchError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but checkpoint {path} was "
+                                      f"trained with {config.vocab_size}; use the tokenizer the model was trained with "
+                                      "(or retrain the model with this one)")
     return model, tokenizer, meta
 
 

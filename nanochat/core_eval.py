@@ -18,7 +18,10 @@ Differences from upstream, on purpose:
   are scored and never changes their prompts (upstream drew them from the truncated list);
 - prompts longer than the model's context keep their last `sequence_len` tokens (upstream never cropped
   for its own GPT);
-- several examples share one forward pass (upstream ran one forward per example).
+- several examples share one forward pass (upstream ran one forward per example);
+- with nanochat's GPT the unembedding runs only at the scored positions (model.hidden_states, then
+  model.logits on those rows); upstream computed the (B, T, V) logits everywhere. full_logits=True
+  keeps that path as the reference.
 With max_per_task=-1 and prompts that fit the context, the scores are the same as upstream's.
 """
 
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import download_file_with_lock, get_base_dir, is_ddp_initialized
+from nanochat.common import UserError, download_file_with_lock, get_base_dir, is_ddp_initialized
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +55,10 @@ FEWSHOT_SEED = 1234  # example idx draws its few-shot examples with random.Rando
 FEWSHOT_SEPARATOR = "\n\n"
 # Token budget (rows x padded length) of one forward pass, by device. On CUDA, small forwards leave the
 # GPU idle, and 8192 tokens of fp32 logits at a 32K vocab (1 GiB) is what one 4-option example at a 2048
-# context needs anyway. CPU forwards are compute-bound, so batching buys little there (bench/
-# bench_core_eval.py: 0.83x-1.28x versus one example per forward on 2 shared cores, within the noise);
-# a smaller budget keeps the fp32 (B, T, V) logits at 256 MiB.
+# context needs anyway (on the full-logits path; scoring at the scored positions only needs far less).
+# CPU forwards are compute-bound, so batching buys little there (bench/bench_core_eval.py: 0.83x-1.28x
+# versus one example per forward on 2 shared cores, within the noise); a smaller budget keeps the fp32
+# (B, T, V) logits of the full-logits path at 256 MiB.
 DEFAULT_BATCH_TOKENS = {"cuda": 8192}
 DEFAULT_BATCH_TOKENS_OTHER = 2048
 PREPARE_CHUNK = 256  # examples tokenised at a time: bounds host memory on 10K-example tasks
@@ -88,7 +92,7 @@ REFERENCE_TASKS = (
 )
 
 
-class EvalBundleError(RuntimeError):
+class EvalBundleError(UserError, RuntimeError):
     """The eval bundle can't be downloaded, unpacked or read; the message says what to do."""
 
 
@@ -423,12 +427,21 @@ def plan_batches(examples, batch_tokens):
     return batches
 
 
+def scores_positions_only(model):
+    """Whether `model` can run its head on chosen positions: it has hidden_states(idx) -> (B, T, d) and
+    logits(x) -> (..., V), as nanochat's GPT does. Other models are scored from model(idx)'s full logits."""
+    return callable(getattr(model, "hidden_states", None)) and callable(getattr(model, "logits", None))
+
+
 @torch.no_grad()
-def score_batch(model, examples, device, pad_token_id):
+def score_batch(model, examples, device, pad_token_id, full_logits=False):
     """One forward over every row of `examples`; returns [(correct, per-row mean loss list)] per example.
 
     Rows are right-padded with `pad_token_id` (causal attention: padding never affects earlier
-    positions). Only the scored positions' logits go through softmax, in fp32.
+    positions). Only the scored positions' logits go through softmax, in fp32. When the model supports
+    it (scores_positions_only), only those positions' hidden states go through the head at all: the
+    head is most of a small model's FLOPs and its (B, T, V) fp32 output most of the memory.
+    full_logits=True computes model(idx) at every position instead: the reference, same scores.
     """
     rows = [(seq, a, b) for ex in examples for seq, a, b in zip(ex.seqs, ex.starts, ex.ends)]
     width = max(len(seq) for seq, _, _ in rows)
@@ -437,10 +450,13 @@ def score_batch(model, examples, device, pad_token_id):
         row_idx.extend([r] * (b - a))
         pos_idx.extend(range(a - 1, b - 1))  # logits at t predict token t + 1
     ids = torch.tensor([seq + [pad_token_id] * (width - len(seq)) for seq, _, _ in rows], dtype=torch.long).to(device)
-    logits = model(ids)  # (B, T, V)
     row_t = torch.tensor(row_idx, dtype=torch.long, device=device)
     pos_t = torch.tensor(pos_idx, dtype=torch.long, device=device)
-    picked = logits[row_t, pos_t].float()  # (N, V): only the scored positions
+    if full_logits or not scores_positions_only(model):
+        picked = model(ids)[row_t, pos_t].float()  # (B, T, V) -> (N, V): only the scored positions
+    else:
+        hidden = model.hidden_states(ids)  # (B, T, d)
+        picked = model.logits(hidden[row_t, pos_t]).float()  # (N, d) -> (N, V)
     targets = ids[row_t, pos_t + 1]  # (N,)
     nll = F.cross_entropy(picked, targets, reduction="none")
     miss = (picked.argmax(dim=-1) != targets).float()
@@ -476,13 +492,14 @@ def default_batch_tokens(device):
 
 
 def evaluate_task(model, tokenizer, data, device, spec, num_examples=None, max_seq_len=None,
-                  batch_tokens=None, rank=None, world_size=None):
+                  batch_tokens=None, rank=None, world_size=None, full_logits=False):
     """0/1 correctness (float tensor, length num_examples) of the first `num_examples` items of `data`.
 
     Few-shot examples are drawn from all of `data`, so `num_examples` never changes a prompt. Examples
     are strided over ranks (idx = rank, rank + W, ...). With rank/world_size left None they come from
     the initialised process group and the result is all-reduced (every rank gets the full vector);
     passing them explicitly scores that share only and returns it unreduced (zeros elsewhere).
+    full_logits=True scores from model(idx)'s logits at every position (the reference; see score_batch).
     """
     n = len(data) if num_examples is None else min(num_examples, len(data))
     reduce = rank is None and world_size is None and is_ddp_initialized()
@@ -497,7 +514,7 @@ def evaluate_task(model, tokenizer, data, device, spec, num_examples=None, max_s
     for c in range(0, len(mine), PREPARE_CHUNK):
         examples = prepare_examples(tokenizer, data, mine[c: c + PREPARE_CHUNK], spec, max_seq_len)
         for batch in plan_batches(examples, batch_tokens):
-            for ex, (ok, _) in zip(batch, score_batch(model, batch, device, pad)):
+            for ex, (ok, _) in zip(batch, score_batch(model, batch, device, pad, full_logits)):
                 correct[ex.index] = float(ok)
     correct = torch.tensor(correct, dtype=torch.float32, device=device)
     if reduce and world_size > 1:
@@ -512,13 +529,16 @@ def centered_accuracy(accuracy, random_baseline_percent):
     return (accuracy - rb) / (1.0 - rb)
 
 
-def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, max_seq_len=None, batch_tokens=None):
+def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, max_seq_len=None, batch_tokens=None,
+                  full_logits=False):
     """Run every task of the eval bundle; returns {"results", "centered_results", "core_metric"}.
 
-    model(idx) must return logits (B, T, V); tokenizer needs encode(list, prepend=id) and
-    get_bos_token_id(). max_per_task > 0 scores only the first that many (shuffled) examples per task.
-    max_seq_len defaults to the model's context (see model_context_len); batch_tokens (rows x padded
-    length per forward; 0 = one example per forward) to default_batch_tokens(device). All ranks call this.
+    model(idx) must return logits (B, T, V); a model that also has hidden_states/logits (nanochat's GPT)
+    runs its head only at the scored positions unless full_logits=True (the reference path, same scores).
+    tokenizer needs encode(list, prepend=id) and get_bos_token_id(). max_per_task > 0 scores only the
+    first that many (shuffled) examples per task. max_seq_len defaults to the model's context (see
+    model_context_len); batch_tokens (rows x padded length per forward; 0 = one example per forward) to
+    default_batch_tokens(device). All ranks call this.
     """
     bundle_dir = bundle_dir or ensure_eval_bundle()
     specs = load_task_specs(bundle_dir)
@@ -526,13 +546,15 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ma
         log.warning("Eval bundle differs from the reference CORE suite (scores not comparable to published ones): %s", diff)
     if max_seq_len is None:
         max_seq_len = model_context_len(model)
+    if not full_logits and not scores_positions_only(model):
+        log.info("%s has no hidden_states()/logits(): scoring from its full (B, T, V) logits", type(model).__name__)
     results, centered = {}, {}
     for spec in specs:
         t0 = time.time()
         data = load_task_data(bundle_dir, spec)
         n = len(data) if max_per_task is None or max_per_task <= 0 else min(max_per_task, len(data))
         correct = evaluate_task(model, tokenizer, data, device, spec, num_examples=n, max_seq_len=max_seq_len,
-                                batch_tokens=batch_tokens)
+                                batch_tokens=batch_tokens, full_logits=full_logits)
         accuracy = correct.mean().item() if n else float("nan")
         results[spec.label] = accuracy
         centered[spec.label] = centered_accuracy(accuracy, spec.random_baseline)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_dist_info, is_ddp_initialized
+from nanochat.common import UserError, get_dist_info, is_ddp_initialized
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ STATE_FORMAT = "bestfit-exact-1"  # bump when the meaning of the state fields ch
 _REF_FIELDS = 4  # a buffered document is referenced as (pq_idx, rg_idx, row, token count incl. BOS)
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A loader state cannot be restored against the shards and tokenizer present now."""
 
 

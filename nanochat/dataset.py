@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from nanochat.common import atomic_write, get_base_dir, setup_default_logging
+from nanochat.common import UserError, atomic_write, get_base_dir, setup_default_logging
 
 log = logging.getLogger("nanochat.dataset")
 
@@ -56,7 +56,7 @@ SUBCOMMANDS = ("download", "ingest", "offline")
 OFFLINE_DOC_CHARS = 4000  # offline documents are cut to at most this many characters
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A problem the user can fix (missing shards, bad input, a data dir holding something else)."""
 
 

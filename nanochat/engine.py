@@ -243,7 +243,8 @@ class _RowState:
         self.terminal = None  # the token that ended this row (assistant_end or bos), once it has
 
 
-def _model_device(model):
+def model_device(model):
+    """The device a model computes on: get_device() when it has one (GPT), else its first parameter or buffer."""
     if hasattr(model, "get_device"):
         return model.get_device()
     for tensor in model.parameters():
@@ -321,7 +322,7 @@ class Engine:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         budget = self._budget(len(tokens), max_tokens)
-        device = _model_device(self.model)
+        device = model_device(self.model)
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
@@ -416,41 +417,21 @@ def unconditioned_samples(model, tokenizer, num_samples=8, max_tokens=128, tempe
     return [tokenizer.decode(row) for row in rows]
 
 
-@torch.inference_mode()
-def reference_generate(model, tokens, max_tokens):
-    """Greedy tokens by re-running the whole sequence each step without a cache: the slow, obvious oracle."""
-    if len(tokens) < 2:
-        raise ValueError("the cache-free forward needs a prompt of at least 2 tokens")
-    device = _model_device(model)
-    sequence = list(tokens)
-    out = []
-    for _ in range(max_tokens):
-        ids = torch.tensor([sequence], dtype=torch.long, device=device)
-        next_id = int(torch.argmax(model.forward(ids)[0, -1]).item())
-        sequence.append(next_id)
-        out.append(next_id)
-    return out
-
-
 def compare_with_reference(model, prompt_tokens, max_tokens=64):
-    """Greedy-generate with the model's own cache-free sampler and with the Engine; time both.
+    """Greedy-generate with the model's cache-free sampler (GPT.generate) and with the Engine; time both.
 
     Returns {"reference": ids, "engine": ids, "reference_seconds", "engine_seconds", "match": bool}.
-    Uses model.generate when the model has one (the naive reference sampler), else reference_generate.
     """
     def timed(fn):
-        if _model_device(model).type == "cuda":
+        if model_device(model).type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = fn()
-        if _model_device(model).type == "cuda":
+        if model_device(model).type == "cuda":
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
-    if hasattr(model, "generate"):
-        reference, ref_s = timed(lambda: list(model.generate(prompt_tokens, max_tokens, temperature=0)))
-    else:
-        reference, ref_s = timed(lambda: reference_generate(model, prompt_tokens, max_tokens))
+    reference, ref_s = timed(lambda: list(model.generate(prompt_tokens, max_tokens, temperature=0)))
     # The naive sampler knows no stop tokens or tools, so compare raw streams: an Engine without tokenizer.
     engine = Engine(model, None)
     (rows, _), eng_s = timed(lambda: engine.generate_batch(prompt_tokens, max_tokens=max_tokens, temperature=0))

@@ -56,7 +56,7 @@ def _load_fa3():
         try:
             import kernels
         except ImportError:
-            reason = "the `kernels` package is not installed (pip install 'kernels>=0.11.7' to enable FA3)"
+            reason = "the `kernels` package is not installed (install the GPU extra: `uv sync --extra gpu`)"
         else:
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             major, minor = torch.cuda.get_device_capability(0)

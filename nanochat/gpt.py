@@ -17,6 +17,8 @@ which live in the compute dtype; every Linear casts its weight to the activation
     model.init_weights()
     loss = model(idx, targets)               # idx, targets: (B, T) int64; targets -1 = ignored
     logits = model(idx)                      # (B, T, vocab_size) fp32, soft-capped
+    h = model.hidden_states(idx)             # (B, T, n_embd): forward without the head
+    scored = model.logits(h[rows, cols])     # (N, vocab_size): the head on chosen positions only
 
 Tests: python -m pytest tests/test_gpt.py -q
 """
@@ -290,6 +292,15 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx: (B, T) int64. Returns fp32 soft-capped logits (B, T, vocab_size) when targets is None,
         else the cross-entropy (scalar for 'mean'/'sum', (B*T,) for 'none'); targets == -1 are ignored."""
+        x = self.hidden_states(idx, kv_cache)  # (B, T, d)
+        if targets is None:
+            return self.logits(x)
+        B, T = idx.shape
+        return lm_loss(x.view(B * T, -1), self.lm_head, targets.reshape(-1), self.config.vocab_size, loss_reduction)
+
+    def hidden_states(self, idx, kv_cache=None):
+        """idx: (B, T) int64 -> the final normalised hidden states (B, T, n_embd) in the compute dtype,
+        i.e. everything forward does before the head. Advances kv_cache by T when one is given."""
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):
@@ -315,12 +326,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         # Backout: take back part of the middle layer's output, which helps the head (autoresearch).
-        x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)
+        return norm(x - self.backout_lambda.to(x.dtype) * x_backout)
 
-        V = self.config.vocab_size
-        if targets is None:
-            return softcap(self.lm_head(x)[..., :V].float())
-        return lm_loss(x.view(B * T, -1), self.lm_head, targets.reshape(-1), V, loss_reduction)
+    def logits(self, x):
+        """(..., n_embd) hidden states -> fp32 soft-capped logits (..., vocab_size); the padded vocab
+        columns are dropped. Callers that score a few positions pass only those rows (core_eval)."""
+        return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
 
     # -- counting --------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import tempfile
 
 import tiktoken
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import UserError, atomic_write, get_base_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ NUM_BYTE_TOKENS = 256
 TRAIN_HINT = "train one with `python -m scripts.tok_train` (after `python -m nanochat.dataset -n 8`)"
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(UserError, FileNotFoundError):
     """The tokenizer files under <base>/tokenizer are missing."""
 
 
-class EncodingUnavailableError(RuntimeError):
+class EncodingUnavailableError(UserError, RuntimeError):
     """A tiktoken reference encoding (GPT-2, GPT-4) could not be loaded, typically for lack of network."""
 
 

@@ -1,18 +1,22 @@
 """
 Training-loop pieces that every training stage (base, mid, SFT) shares, each in one place:
 the scaling rules that turn `--depth` into batch size / LR / weight decay, the LR / momentum /
-weight-decay schedules, the gradient-accumulation step (with NaN detection and CUDA out-of-memory
-recovery), and the loss / throughput / MFU / ETA bookkeeping behind the step log line.
+weight-decay schedules, the gradient-accumulation step (NaN and fp16 found-inf decisions made
+together by every rank), the start-up probe of the device batch size, and the loss / throughput /
+MFU / ETA bookkeeping behind the step log line.
 
-Everything here is a plain function or a small class; scripts/ wire them together.
+Everything here is a plain function or a small class; nanochat/loop.py runs them for every stage.
 """
 
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+from nanochat.common import ConfigError, UserError, is_ddp_initialized
 
 # Reference batch for the LR / WD scaling rules: 2^19 tokens, the batch the base LRs were tuned at.
 B_REF = 2**19
@@ -106,9 +110,26 @@ def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_siz
     """Micro-batches per optimizer step; the global batch must split evenly across ranks and rows."""
     world_tokens = device_batch_size * seq_len * world_size
     if total_batch_size % world_tokens != 0:
-        raise ValueError(f"--total-batch-size {total_batch_size:,} is not divisible by device_batch_size*max_seq_len*world_size = "
-                         f"{device_batch_size}*{seq_len}*{world_size} = {world_tokens:,}; change --device-batch-size or --total-batch-size")
+        below = total_batch_size // world_tokens * world_tokens
+        nearest = " or ".join(f"--total-batch-size={v}" for v in (below, below + world_tokens) if v > 0)
+        rows = [b for b in range(device_batch_size, 0, -1) if total_batch_size % (b * seq_len * world_size) == 0]
+        also = f", or keep it with --device-batch-size={rows[0]}" if rows else ""
+        raise ConfigError(f"--total-batch-size {total_batch_size:,} is not divisible by device batch x seq len x world size = "
+                          f"{device_batch_size} x {seq_len} x {world_size} = {world_tokens:,}; use {nearest}{also}")
     return total_batch_size // world_tokens
+
+
+def eval_steps_for(eval_tokens, device_batch_size, seq_len, world_size, flag="--eval-tokens"):
+    """Batches per evaluation for a budget of `eval_tokens` over all ranks (rounded down to whole batches).
+
+    Every stage and eval script turns its token budget into steps here; a budget below one batch is an error
+    that names `flag`, not a silent zero-step evaluation.
+    """
+    per_step = device_batch_size * seq_len * world_size
+    if eval_tokens < per_step:
+        raise ConfigError(f"{flag} {eval_tokens:,} is less than one batch of {device_batch_size} x {seq_len} x {world_size} "
+                          f"rank(s) = {per_step:,} tokens; raise {flag} or lower --device-batch-size")
+    return eval_tokens // per_step
 
 
 # -----------------------------------------------------------------------------
@@ -144,6 +165,29 @@ def muon_weight_decay(it, num_iterations, weight_decay):
     return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
 
 
+def progress_lr_multiplier(progress, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0):
+    """LR multiplier from training progress in [0, 1] (mid and SFT, whose horizon may be one data epoch):
+    linear warmup over `warmup_ratio`, flat, then linear to `final_lr_frac` over the last `warmdown_ratio`.
+    Midtraining's "flat to 80%, then linear to 0" is warmdown_ratio=0.2."""
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1 - warmdown_ratio:
+        return 1.0
+    d = (progress - (1 - warmdown_ratio)) / warmdown_ratio
+    return (1 - d) + d * final_lr_frac
+
+
+def momentum_warmup(it, steps=300, start=0.85, end=0.95):
+    """Muon momentum for finetuning stages: `start` -> `end` linearly over the first `steps` steps, then held."""
+    frac = min(it / steps, 1.0)
+    return (1 - frac) * start + frac * end
+
+
+def linear_decay(it, num_iterations):
+    """1 at step 0 down to 1/num_iterations at the last trained step (RL)."""
+    return 1.0 - it / num_iterations
+
+
 def apply_schedule(optimizer, lrm, momentum=None, weight_decay=None):
     """Set every group's lr to initial_lr * lrm; Muon groups also get the scheduled momentum and WD."""
     for group in optimizer.param_groups:
@@ -159,72 +203,244 @@ def apply_schedule(optimizer, lrm, momentum=None, weight_decay=None):
 # The optimizer step
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when a training loss is NaN or inf; the run must stop before the optimizer spreads it."""
+class NonFiniteLossError(UserError):
+    """A training loss was NaN or inf on some rank: every rank stops before the optimizer spreads it."""
 
 
-def _is_cuda_oom(err):
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError) and "CUDA out of memory" in str(err))
+class OutOfMemory(UserError):
+    """The device ran out of memory during a training step (the message names the flag to lower)."""
 
 
 @dataclass
-class TrainStep:
-    """One optimizer step over a list of micro-batches, with gradient accumulation.
+class StepResult:
+    loss: float  # mean training loss over every micro-batch of every rank
+    tokens: int = 0  # target positions in this step over all ranks (padding included)
+    skipped: bool = False  # fp16: the GradScaler found inf/NaN gradients and every rank skipped the update
 
-    `splits` cuts each micro-batch into that many row chunks. It starts at 1 and doubles when CUDA
-    runs out of memory, which halves the effective device batch and doubles the accumulation steps
-    while every step still sees exactly the same data (so the loss curve is unaffected).
+
+def _default_loss(model, inputs, targets):
+    return model(inputs, targets)
+
+
+def _all_reduce(tensor, op):
+    if is_ddp_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+class TrainStep:
+    """One optimizer step with gradient accumulation over `grad_accum_steps` micro-batches.
+
+    `batches` yields (inputs, targets, state) micro-batches. With prefetch (pretraining, mid, SFT) the next
+    micro-batch is fetched right after each backward, while the device still works, so the batch that
+    starts the next step is already here; `state` is then the loader state of that pending batch, which
+    is what the horizon reads (mid/SFT stop when the pending batch is past the data), while
+    `resume_state` is what a checkpoint records. Without prefetch (RL, whose batches are sampled from the current
+    weights) each micro-batch is fetched when it is needed.
+
+    The loss of every micro-batch is kept. Before the optimizer step one all-reduce sums the losses and
+    counts the non-finite ones over all ranks: if any micro-batch on any rank was NaN/inf, every rank
+    drops its gradients and raises NonFiniteLossError, so nothing bad reaches the weights and no rank is
+    left waiting in a collective. The reported loss is the mean over micro-batches and ranks.
+
+    loss_fn(model, inputs, targets) -> scalar loss, the mean over the micro-batch (default: model(x, y)).
+    Each micro-batch's loss is divided by grad_accum_steps, so the gradient is the mean of the
+    micro-batch means (the same as one big batch when every micro-batch has as many targets).
+    scaler: a torch.amp.GradScaler on the fp16 path; its found-inf flags are all-reduced (MAX) so that
+    every rank skips, or steps, together.
     """
 
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: object = None  # torch.amp.GradScaler on the fp16 path
-    splits: int = 1
-    log: object = print
-    oom_retries: int = field(default=0)
+    def __init__(self, model, optimizer, grad_accum_steps, scaler=None, loss_fn=None, prefetch=True, oom_hint=""):
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.grad_accum_steps = grad_accum_steps
+        self.loss_fn = loss_fn or _default_loss
+        self.prefetch = prefetch
+        self.oom_hint = oom_hint
+        self.pending = None  # the prefetched (inputs, targets) that starts the next step
+        self.state = None  # loader state after the most recently fetched micro-batch
+        self._before_pending = None  # loader state after the last micro-batch actually trained on
 
-    def __call__(self, micro_batches):
-        """Run forward/backward over `micro_batches` [(x, y), ...] and step the optimizer. Returns the last loss (float)."""
-        while True:
-            try:
-                loss = self._accumulate(micro_batches)
-                break
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-                if not _is_cuda_oom(err):
-                    raise
-                rows = micro_batches[0][0].size(0)
-                if self.splits * 2 > rows:
-                    raise RuntimeError(f"CUDA out of memory even at 1 row per micro-batch; use a smaller model or --max-seq-len") from err
-                self.model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                self.splits *= 2
-                self.oom_retries += 1
-                self.log(f"CUDA out of memory: halving the device batch to {rows // self.splits} rows "
-                         f"(gradient accumulation x{self.splits}) and retrying this step")
+    def fetch(self, batches):
+        """Take the next micro-batch from `batches` (used to prefetch the first one before the loop)."""
+        inputs, targets, state = next(batches)
+        self._before_pending, self.state = self.state, state
+        self.pending = (inputs, targets)
+        return state
+
+    @property
+    def resume_state(self):
+        """The loader state a checkpoint must record: after the last batch trained on, so that a resumed
+        loader produces the pending (prefetched, not yet trained) batch again."""
+        return self._before_pending if self.pending is not None else self.state
+
+    def __call__(self, batches):
+        losses, tokens = [], 0
+        try:
+            for _ in range(self.grad_accum_steps):
+                if self.pending is None:
+                    self.fetch(batches)
+                (inputs, targets), self.pending = self.pending, None
+                loss = self.loss_fn(self.model, inputs, targets)
+                losses.append(loss.detach())
+                tokens += inputs.numel()
+                loss = loss / self.grad_accum_steps
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                if self.prefetch:
+                    self.fetch(batches)  # overwrites the loader's buffers: inputs/targets are done with
+        except torch.OutOfMemoryError as err:
+            self.model.zero_grad(set_to_none=True)
+            raise OutOfMemory(f"out of memory on {inputs.device} in a training step at {inputs.size(0)} rows x "
+                              f"{inputs.size(1)} tokens per micro-batch; {self.oom_hint or 'lower --device-batch-size'}") from err
+        stacked = torch.stack(losses).float()
+        finite = torch.isfinite(stacked)
+        # [sum of finite losses, number of non-finite ones, number of losses], summed over ranks: one collective.
+        totals = torch.stack([torch.where(finite, stacked, 0.0).sum(), (~finite).sum().float(),
+                              torch.tensor(float(len(losses)), device=stacked.device)])
+        loss_sum, bad, count = _all_reduce(totals, dist.ReduceOp.SUM).tolist()
+        if bad > 0:
+            self.model.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"the training loss was NaN/inf in {int(bad)} of {int(count)} micro-batches "
+                                     "(over all ranks); stopped before the optimizer step, so the last checkpoint "
+                                     "is good. Try a lower learning rate, or NANOCHAT_DTYPE=float32")
+        skipped = False
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-            self.scaler.step(self.optimizer)
+            found = self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"]
+            for flag in found.values():
+                _all_reduce(flag, dist.ReduceOp.MAX)
+            skipped = any(flag.item() > 0 for flag in found.values())
+            self.scaler.step(self.optimizer)  # skips the update when found-inf is set (now on every rank)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        return loss
+        world = dist.get_world_size() if is_ddp_initialized() else 1
+        return StepResult(loss=loss_sum / count, tokens=tokens * world, skipped=skipped)
 
-    def _accumulate(self, micro_batches):
-        n = len(micro_batches) * self.splits
-        last = None
-        for x, y in micro_batches:
-            for xs, ys in zip(x.chunk(self.splits), y.chunk(self.splits)):
-                loss = self.model(xs, ys)
-                last = loss.detach()
-                loss = loss / n
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        value = last.item()
-        if not math.isfinite(value):
-            self.model.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"training loss is {value}; stopping before the optimizer step so the last checkpoint stays good. "
-                                     "Try a lower learning rate, or a different --device-type / NANOCHAT_DTYPE")
+
+# -----------------------------------------------------------------------------
+# Device batch size: probe once at startup
+
+
+def batch_size_candidates(total_batch_size, seq_len, world_size, largest=64):
+    """Device batch sizes that split `total_batch_size` evenly (powers of two up to `largest`), largest first."""
+    per_rank_rows = total_batch_size // (seq_len * world_size) if total_batch_size % (seq_len * world_size) == 0 else 0
+    sizes = [b for b in (2**i for i in range(int(math.log2(largest)) + 1)) if per_rank_rows and per_rank_rows % b == 0]
+    return sorted(sizes, reverse=True)
+
+
+def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print):
+    """The largest device batch size in `candidates` for which `try_batch(B)` fits, with a safety margin.
+
+    try_batch(B) runs one real forward + backward at B rows of the full sequence length (the caller sets
+    up the model and its optimizer state first, so their memory is counted). It fits when it raises no
+    torch.OutOfMemoryError and, on CUDA, the peak allocated memory stays within `margin` of the device's
+    total (room for fragmentation and the optimizer's temporaries). Every rank must agree: the per-size
+    verdict is all-reduced (MIN), so all ranks try the same sizes and pick the same one.
+    """
+    if not candidates:
+        raise ConfigError("no device batch size divides the total batch evenly; set --device-batch-size and --total-batch-size explicitly")
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    for b in candidates:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        try:
+            try_batch(b)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            fits = peak is None or peak <= margin * total
+            detail = f"peak {peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB" if peak is not None else "no memory limit checked off CUDA"
+        except torch.OutOfMemoryError:
+            fits, detail = False, "out of memory"
+        fits_everywhere = _all_reduce(torch.tensor(int(fits), device=device), dist.ReduceOp.MIN).item() == 1
+        log(f"device batch size probe: {b} rows -> {'fits' if fits_everywhere else 'does not fit'} ({detail}, {time.perf_counter() - t0:.1f}s)")
+        if fits_everywhere:
+            return b
+    raise OutOfMemory(f"even {candidates[-1]} row(s) per micro-batch do not fit in memory; use a smaller model (--depth) "
+                      "or a shorter --max-seq-len")
+
+
+def probe_training_step(model, optimizer, seq_len, vocab_size, device):
+    """A `try_batch` for probe_device_batch_size: forward + backward of random tokens through `model`.
+
+    The optimizer state is allocated first by one zero-learning-rate step on zero gradients (the update is
+    exactly zero, so the weights are untouched), then dropped again after the probe by `reset()`; the
+    returned function leaves no gradients behind.
+    """
+
+    def allocate_state():
+        saved = [g["lr"] for g in optimizer.param_groups]
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        optimizer.step()
+        for g, lr in zip(optimizer.param_groups, saved):
+            g["lr"] = lr
+        model.zero_grad(set_to_none=True)
+
+    def try_batch(b):
+        try:
+            x = torch.randint(0, vocab_size, (b, seq_len), device=device)
+            model(x, x).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    def reset():
+        optimizer.state.clear()  # fresh moments: the probe's zero step must not count as a real one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    allocate_state()
+    try_batch.reset = reset
+    return try_batch
+
+
+def window_pattern_arg(value):
+    """argparse type of --window-pattern: a non-empty string of S (short window) and L (full context)."""
+    if not value or set(value.upper()) - {"S", "L"}:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be a string of S and L such as SSSL or L, got {value!r}")
+    return value.upper()
+
+
+def device_batch_size_arg(value):
+    """argparse type of --device-batch-size: a positive int, or "auto" (probe on CUDA)."""
+    if value == "auto":
         return value
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
+    return rows
+
+
+def resolve_device_batch_size(value, fallback, model, optimizer, total_batch_size, seq_len, world_size, vocab_size,
+                              device, log=print):
+    """--device-batch-size as an int: the value itself, or for "auto" the largest size whose real training
+    step fits on this CUDA device (probed once, here), or `fallback` off CUDA, where nothing can be probed."""
+    if value != "auto":
+        return value
+    if device.type != "cuda":
+        log(f"--device-batch-size auto: no memory probe on {device.type}; using {fallback}")
+        return fallback
+    candidates = batch_size_candidates(total_batch_size, seq_len, world_size)
+    try_batch = probe_training_step(model, optimizer, seq_len, vocab_size, device)
+    try:
+        rows = probe_device_batch_size(try_batch, candidates, device, log=log)
+    finally:
+        try_batch.reset()
+    log(f"--device-batch-size auto: {rows} rows fit one training step at {seq_len} tokens (90% memory margin)")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -233,15 +449,16 @@ class TrainStep:
 
 @dataclass
 class StepMeter:
-    """EMA of the loss (debiased), tok/s, MFU and ETA. Steps before `warmup` are left out of the timing (compile warm-up)."""
+    """EMA of the loss (debiased), tok/s, MFU and ETA. Steps up to `warmup` are left out of the timing
+    (torch.compile warm-up); a step's tokens default to `tokens_per_step` (pass them when they vary)."""
 
-    num_iterations: int
     tokens_per_step: int
     flops_per_token: float
     peak_flops: float | None  # aggregate over all ranks; None = unknown (MFU shown as n/a)
     smooth_loss: float = 0.0
     total_time: float = 0.0
     timed_steps: int = 0
+    timed_tokens: int = 0
     warmup: int = 10
     _t0: float = 0.0
 
@@ -250,40 +467,45 @@ class StepMeter:
             sync()
         self._t0 = time.perf_counter()
 
-    def stop(self, step, loss, sync=None):
-        """Record step `step` with its loss; returns a dict of the step's metrics."""
+    def stop(self, step, loss, progress, sync=None, tokens=None):
+        """Record step `step` (taken at `progress` in [0, 1]) with its loss; returns a dict of the step's metrics."""
         if sync:
             sync()
         dt = time.perf_counter() - self._t0
+        tokens = self.tokens_per_step if tokens is None else tokens
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
         debiased = self.smooth_loss / (1 - 0.9 ** (step + 1))
         if step > self.warmup:
             self.total_time += dt
             self.timed_steps += 1
-        tok_per_sec = self.tokens_per_step / dt
-        flops_per_sec = self.flops_per_token * self.tokens_per_step / dt
+            self.timed_tokens += tokens
+        flops_per_sec = self.flops_per_token * tokens / dt
         mfu = 100 * flops_per_sec / self.peak_flops if self.peak_flops else None
-        eta = (self.num_iterations - step) * self.total_time / self.timed_steps if self.timed_steps else None
-        return dict(loss=debiased, dt=dt, tok_per_sec=tok_per_sec, flops_per_sec=flops_per_sec, mfu=mfu, eta=eta)
+        eta = None
+        if self.timed_steps and 0 < progress:
+            remaining_steps = (step + 1) * (1 - progress) / progress
+            eta = remaining_steps * self.total_time / self.timed_steps
+        return dict(loss=debiased, dt=dt, tok_per_sec=tokens / dt, flops_per_sec=flops_per_sec, mfu=mfu, eta=eta)
 
     def avg_tok_per_sec(self):
-        return self.tokens_per_step * self.timed_steps / self.total_time if self.total_time > 0 else None
+        return self.timed_tokens / self.total_time if self.total_time > 0 else None
 
     def state_dict(self):
-        return dict(smooth_loss=self.smooth_loss, total_time=self.total_time, timed_steps=self.timed_steps)
+        return dict(smooth_loss=self.smooth_loss, total_time=self.total_time, timed_steps=self.timed_steps,
+                    timed_tokens=self.timed_tokens)
 
     def load_state_dict(self, state):
         self.smooth_loss = state["smooth_loss"]
         self.total_time = state["total_time"]
         self.timed_steps = state["timed_steps"]
+        self.timed_tokens = state.get("timed_tokens", self.timed_steps * self.tokens_per_step)
 
-
-def format_step_line(step, num_iterations, m, lrm, extra="", total_time=0.0):
-    """The one-line step log: step, loss, lrm, dt, tok/s, MFU, data position, total time, ETA."""
-    pct = 100 * step / num_iterations
-    mfu = f"{m['mfu']:.2f}" if m["mfu"] is not None else "n/a"
-    eta = f"{m['eta'] / 60:.1f}m" if m["eta"] is not None else "n/a"
-    extra = f" | {extra}" if extra else ""
-    return (f"step {step:05d}/{num_iterations:05d} ({pct:.2f}%) | loss: {m['loss']:.6f} | lrm: {lrm:.2f} | "
-            f"dt: {m['dt'] * 1000:.2f}ms | tok/sec: {int(m['tok_per_sec']):,} | bf16_mfu: {mfu}{extra} | "
-            f"total time: {total_time / 60:.2f}m | eta: {eta}")
+    def format_line(self, step, num_iterations, progress, m, lrm, extra=""):
+        """The one-line step log: step (of the total when known), progress, loss, lrm, dt, tok/s, MFU, time, ETA."""
+        total = f"/{num_iterations:05d}" if num_iterations else ""
+        mfu = f"{m['mfu']:.2f}" if m["mfu"] is not None else "n/a"
+        eta = f"{m['eta'] / 60:.1f}m" if m["eta"] is not None else "n/a"
+        extra = f" | {extra}" if extra else ""
+        return (f"step {step:05d}{total} ({100 * progress:.2f}%) | loss: {m['loss']:.6f} | lrm: {lrm:.2f} | "
+                f"dt: {m['dt'] * 1000:.2f}ms | tok/sec: {int(m['tok_per_sec']):,} | bf16_mfu: {mfu}{extra} | "
+                f"total time: {self.total_time / 60:.2f}m | eta: {eta}")

@@ -16,10 +16,11 @@ import logging
 import os
 import time
 
-from nanochat.common import (atomic_write, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
-                             setup_default_logging)
-from nanochat.core_eval import EvalBundleError, evaluate_core, format_results_csv
+from nanochat.common import (add_debug_flag, atomic_write, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, script_main, setup_default_logging)
+from nanochat.core_eval import evaluate_core, format_results_csv
 from nanochat.loss_eval import evaluate_splits_bpb
+from nanochat.training import eval_steps_for
 
 log = logging.getLogger("nanochat.base_eval")
 
@@ -46,6 +47,7 @@ def build_parser():
     g.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint directory tag (default: the largest d<N>)")
     g.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
     g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    add_debug_flag(g)
     g = p.add_argument_group("CORE")
     g.add_argument("--max-per-task", type=int, default=-1, help="examples scored per task (-1 = all); prompts do not depend on it")
     g.add_argument("--batch-tokens", type=int, default=None,
@@ -54,16 +56,6 @@ def build_parser():
     g.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
     g.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split (rounded down to whole steps)")
     return p
-
-
-def bpb_steps(split_tokens, batch_size, seq_len, world_size):
-    """(split_tokens rounded down to whole steps, number of steps) for the bpb evaluation."""
-    tokens_per_step = batch_size * seq_len * world_size
-    steps = split_tokens // tokens_per_step
-    if steps == 0:
-        raise ValueError(f"--split-tokens {split_tokens} is less than one step of {batch_size} x {seq_len} x {world_size} ranks "
-                         f"= {tokens_per_step} tokens; raise --split-tokens or lower --device-batch-size")
-    return steps * tokens_per_step, steps
 
 
 def run_samples(model, tokenizer):
@@ -79,14 +71,13 @@ def run_samples(model, tokenizer):
     return samples, unconditioned
 
 
+@script_main("base_eval")
 def main(argv=None):
     """Parse the flags, run the chosen evaluations; returns what was measured (for tests and callers)."""
     args = build_parser().parse_args(argv)
     setup_default_logging()
     try:
         return _evaluate(args)
-    except EvalBundleError as e:
-        raise SystemExit("base_eval: " + " ".join(str(e).split())) from None  # one line, no traceback
     finally:
         compute_cleanup()
 
@@ -97,14 +88,7 @@ def _evaluate(args):
 
     device_type = args.device_type or autodetect_device_type()
     _, rank, _, world_size, device = compute_init(device_type)
-    unloadable = (ValueError, getattr(checkpoint_manager, "CheckpointCorruptError", ValueError))
-    try:
-        model, tokenizer, meta = checkpoint_manager.load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except FileNotFoundError as e:
-        raise SystemExit(f"base_eval: no {args.source} checkpoint to evaluate ({e}); train one first "
-                         f"(python -m scripts.base_train) or pass --model-tag/--step") from None
-    except unloadable as e:
-        raise SystemExit("base_eval: cannot load the checkpoint: " + " ".join(str(e).split())) from None
+    model, tokenizer, meta = checkpoint_manager.load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     step = meta["step"]
     seq_len = meta["model_config"]["sequence_len"]
     name = f"{args.source}_model (step {step})"
@@ -112,12 +96,9 @@ def _evaluate(args):
     log.info("Evaluating %s (%s) on %s", name, ", ".join(args.eval), device)
 
     if "bpb" in args.eval:  # check the flags before spending time on the other modes
-        try:
-            split_tokens, steps = bpb_steps(args.split_tokens, args.device_batch_size, seq_len, world_size)
-        except ValueError as e:
-            raise SystemExit(f"base_eval: {e}") from None
-        if split_tokens != args.split_tokens:
-            log.info("Adjusted split_tokens to %d (a whole number of %d-token steps)", split_tokens, split_tokens // steps)
+        steps = eval_steps_for(args.split_tokens, args.device_batch_size, seq_len, world_size, flag="--split-tokens")
+        log.info("bpb: %d batches per split = %s tokens (--split-tokens rounded down to whole batches)", steps,
+                 f"{steps * args.device_batch_size * seq_len * world_size:,}")
 
     samples, unconditioned, bpb, core = None, None, {}, None
     if "sample" in args.eval and rank == 0:

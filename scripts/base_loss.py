@@ -11,7 +11,9 @@ Writes the "Base model loss" section of the report.
 import argparse
 import logging
 
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, setup_default_logging
+from nanochat.common import (add_debug_flag, autodetect_device_type, compute_cleanup, compute_init, script_main,
+                             setup_default_logging)
+from nanochat.training import eval_steps_for
 
 log = logging.getLogger("nanochat.base_loss")
 
@@ -24,9 +26,11 @@ def build_parser():
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split (rounded down to whole steps)")
+    add_debug_flag(p)
     return p
 
 
+@script_main("base_loss")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_default_logging()
@@ -38,15 +42,9 @@ def main(argv=None):
     device_type = args.device_type or autodetect_device_type()
     _, rank, _, world_size, device = compute_init(device_type)
     try:
-        try:
-            model, tokenizer, meta = checkpoint_manager.load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
-        except (FileNotFoundError, checkpoint_manager.CheckpointCorruptError) as e:
-            raise SystemExit(f"base_loss: {' '.join(str(e).split())}") from None
+        model, tokenizer, meta = checkpoint_manager.load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
         seq_len = meta["model_config"]["sequence_len"]
-        steps = args.split_tokens // (args.device_batch_size * seq_len * world_size)
-        if steps < 1:
-            raise SystemExit(f"base_loss: --split-tokens {args.split_tokens} is less than one step of "
-                             f"{args.device_batch_size} x {seq_len} x {world_size} tokens; raise it or lower --device-batch-size")
+        steps = eval_steps_for(args.split_tokens, args.device_batch_size, seq_len, world_size, flag="--split-tokens")
         bpb = evaluate_splits_bpb(model, tokenizer, device, args.device_batch_size, seq_len, steps)
         samples = complete_prompts(model, tokenizer) if rank == 0 else []
         for text in samples:

@@ -16,7 +16,8 @@ import argparse
 import logging
 import time
 
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, setup_default_logging
+from nanochat.common import (ConfigError, add_debug_flag, autodetect_device_type, compute_cleanup, compute_init, script_main,
+                             setup_default_logging)
 
 log = logging.getLogger("nanochat.chat_eval")
 
@@ -38,6 +39,7 @@ def build_parser():
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
+    add_debug_flag(p)
     return p
 
 
@@ -62,10 +64,11 @@ def check_args(args):
         problems.append(f"--task-name: {e}")
         names = []
     if problems:
-        raise SystemExit("chat_eval: " + "; ".join(problems))
+        raise ConfigError("; ".join(problems))
     return names
 
 
+@script_main("chat_eval")
 def main(argv=None):
     """Run the evaluation; returns {"accuracies": {task: acc}, "chatcore": float | None}."""
     setup_default_logging()
@@ -80,11 +83,7 @@ def main(argv=None):
     device_type = args.device_type or autodetect_device_type()
     _, rank, _, _, device = compute_init(device_type)
     try:
-        try:
-            model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        except FileNotFoundError as e:
-            raise SystemExit(f"chat_eval: no {args.source} checkpoint to evaluate ({e}); train one first or pass "
-                             "--model-tag/--step") from None
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         engine = Engine(model, tokenizer)
 
         accuracies = {}

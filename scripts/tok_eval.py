@@ -12,8 +12,8 @@ import argparse
 import logging
 import sys
 
-from nanochat.common import setup_default_logging
-from nanochat.tokenizer import (EncodingUnavailableError, RustBPETokenizer, TokenizerNotFoundError, get_tokenizer,
+from nanochat.common import add_debug_flag, script_main, setup_default_logging
+from nanochat.tokenizer import (EncodingUnavailableError, RustBPETokenizer, get_tokenizer,
                                 load_tok_eval_samples, measure_compression)
 
 log = logging.getLogger("nanochat.tok_eval")
@@ -27,6 +27,7 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--offline", action="store_true", help="use only tiktoken's local cache for GPT-2/GPT-4, never the network")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a GPT-2/GPT-4 vocabulary download")
+    add_debug_flag(p)
     return p
 
 
@@ -88,15 +89,13 @@ def ours_markdown(vocab_size, ours):
     return "\n".join(lines) + "\n\n"
 
 
+@script_main("tok_eval")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_default_logging()
     from nanochat.report import get_report
 
-    try:
-        tokenizer = get_tokenizer()
-    except TokenizerNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    tokenizer = get_tokenizer()
     texts = load_tok_eval_samples() + shard_texts()
 
     baselines, unavailable = {}, {}

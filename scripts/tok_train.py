@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from nanochat.common import atomic_torch_save, get_base_dir, setup_default_logging
+from nanochat.common import add_debug_flag, atomic_torch_save, get_base_dir, script_main, setup_default_logging
 from nanochat.tokenizer import SPECIAL_TOKENS, CappedTexts, RustBPETokenizer, compute_token_bytes, token_bytes_summary
 
 log = logging.getLogger("nanochat.tok_train")
@@ -35,9 +35,11 @@ def build_parser():
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters of text (2B)")
     p.add_argument("--doc-cap", type=int, default=10_000, help="crop every document to its first N characters")
     p.add_argument("--vocab-size", type=int, default=32_768, help="vocabulary size including the 9 special tokens (2^15)")
+    add_debug_flag(p)
     return p
 
 
+@script_main("tok_train")
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,11 +53,11 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    from nanochat.dataset import list_parquet_files, parquets_iter_batched
+    from nanochat.dataset import DatasetError, list_parquet_files, parquets_iter_batched
     from nanochat.report import get_report
 
     if len(list_parquet_files(warn_on_legacy=True)) < 2:
-        raise SystemExit("error: tok_train needs pretraining shards: at least one train shard plus the validation shard "
+        raise DatasetError("tok_train needs pretraining shards: at least one train shard plus the validation shard "
                          "(the last file). Download them with `python -m nanochat.dataset -n 8`, build them without network "
                          "with `python -m nanochat.dataset offline`, or turn your own text into shards with "
                          "`python -m nanochat.dataset ingest <files or dirs>`.")
@@ -66,7 +68,7 @@ def main(argv=None):
         tokenizer = RustBPETokenizer.train_from_iterator(texts, args.vocab_size)
         train_time = time.time() - t0
     if texts.chars == 0:
-        raise SystemExit("error: the train shards hold no text; re-create them with `python -m nanochat.dataset -n 8` "
+        raise DatasetError("the train shards hold no text; re-create them with `python -m nanochat.dataset -n 8` "
                          "or `python -m nanochat.dataset ingest ...`")
     log.info("Trained on %s characters from %s documents in %.2fs; vocab size %s",
              f"{texts.chars:,}", f"{texts.docs:,}", train_time, f"{tokenizer.get_vocab_size():,}")

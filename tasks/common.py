@@ -12,6 +12,11 @@ of shards. On a machine with network, `python -m tasks.common` writes every data
 
     python -m tasks.common                    # all of them, into <base_dir>/task_data
     python -m tasks.common --out-dir /data/nanochat_tasks --only allenai/ai2_arc
+
+Where data can't be had at all, stand-ins need no download: gsm8k_or_synthetic() gives generated
+arithmetic problems instead of GSM8K, CustomJSON the identity conversations shipped in nanochat/data/,
+SpellingBee a word list from the offline corpus. Each logs a warning the first time and is listed by
+fallbacks_used(), for the training report.
 """
 
 import abc
@@ -25,12 +30,14 @@ import operator
 import os
 import random
 
-logger = logging.getLogger("nanochat")
+from nanochat.common import UserError
+
+logger = logging.getLogger(__name__)
 
 SHUFFLE_SEED = 42  # every task dataset is shuffled with this seed, as upstream
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserError, RuntimeError):
     """A task dataset could not be found locally nor fetched from the hub."""
 
 
@@ -225,6 +232,56 @@ def load_hf_dataset(path, name=None, split="train", data_files=None, shuffle_see
         except OSError as e:  # ConnectionError, offline mode, missing repo or file: all OSError subclasses
             raise DatasetUnavailableError(_missing_message(path, name, split, f"{type(e).__name__}: {e}")) from e
     return ds if shuffle_seed is None else ds.shuffle(seed=shuffle_seed)
+
+
+# -----------------------------------------------------------------------------
+# Offline stand-ins: what was used instead of data that could not be had
+
+# key -> one-line description, in the order first used. Process-wide on purpose: a training script asks
+# at the end which stand-ins any of its tasks used, to say so in its report section.
+_fallbacks = {}
+
+
+def note_fallback(key, description, detail=""):
+    """Record that a stand-in replaced missing data; logs a warning the first time `key` is noted.
+
+    `description` is the one line fallbacks_used() reports; `detail` (why, and how to get the real data)
+    only goes to the log. Returns True the first time, False after.
+    """
+    if key in _fallbacks:
+        return False
+    _fallbacks[key] = description
+    logger.warning("%s%s", description, f"\n{detail}" if detail else "")
+    return True
+
+
+def fallbacks_used():
+    """One-line descriptions of every stand-in used so far in this process, in the order first used."""
+    return list(_fallbacks.values())
+
+
+# Rows per GSM8K split (both subsets), so the synthetic stand-in keeps a mixture's proportions.
+GSM8K_SIZES = {"train": 7473, "test": 1319}
+
+
+def gsm8k_or_synthetic(split, subset="main", size=None, seed=0, **kwargs):
+    """GSM8K(subset, split), or, when it can't be had, SyntheticArithmetic(size, split, seed).
+
+    `size` defaults to the GSM8K split's own size; `kwargs` (start/stop/step) go to either task. The
+    fallback is logged once per (subset, split) and listed by fallbacks_used().
+    """
+    from tasks.arithmetic import SyntheticArithmetic
+    from tasks.gsm8k import GSM8K
+
+    try:
+        return GSM8K(subset, split, **kwargs)
+    except DatasetUnavailableError as e:
+        size = GSM8K_SIZES[split] if size is None else size
+        note_fallback(f"gsm8k/{subset}/{split}",
+                      f"GSM8K {subset}/{split} unavailable offline: {size:,} synthetic arithmetic problems "
+                      f"(tasks/arithmetic.py) used instead",
+                      str(e))
+        return SyntheticArithmetic(size=size, split=split, seed=seed, **kwargs)
 
 
 # Every (path, subset, split) nanochat's stages read, for the offline export below.

@@ -7,23 +7,40 @@ Conversations from a JSONL file, one JSON array of messages per line; used for n
 
 Each non-empty line: [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...],
 alternating and starting with the user, at least two messages, string contents, no system message.
-A missing file is not an error: the task is empty and a warning says how to get the file.
+A missing file is not an error: the task is empty and a warning says how to get the file. The one
+exception is the identity file in the base dir: when it is missing, the few dozen identity conversations
+shipped with nanochat (nanochat/data/identity_conversations.jsonl) are used instead, announced once and
+recorded in tasks.common.fallbacks_used().
 """
 
 import json
+import logging
 import os
 
-from tasks.common import Task, logger
+import nanochat
+from tasks.common import Task, note_fallback
+
+logger = logging.getLogger(__name__)
 
 IDENTITY_CONVERSATIONS_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 DISCUSSION_URL = "https://github.com/karpathy/nanochat/discussions/139"
+IDENTITY_FILENAME = "identity_conversations.jsonl"
+# Written for this project: who nanochat is and what it can do, in the upstream file's format.
+SHIPPED_IDENTITY_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__file__)), "data", IDENTITY_FILENAME)
 
 
 def identity_conversations_path():
     """<base_dir>/identity_conversations.jsonl, where the run scripts download the identity data."""
     from nanochat.common import get_base_dir
 
-    return os.path.join(get_base_dir(), "identity_conversations.jsonl")
+    return os.path.join(get_base_dir(), IDENTITY_FILENAME)
+
+
+def _is_identity_path(filepath):
+    # Checked only for a file named like the identity file, so other missing paths never touch the base dir.
+    if os.path.basename(filepath) != IDENTITY_FILENAME:
+        return False
+    return os.path.abspath(filepath) == os.path.abspath(identity_conversations_path())
 
 
 def _validate(messages, where):
@@ -48,7 +65,16 @@ class CustomJSON(Task):
         super().__init__(**kwargs)
         self.filepath = os.fspath(filepath)
         self.conversations = []
-        if not os.path.exists(self.filepath):
+        if os.path.exists(self.filepath):
+            self._load()
+        elif _is_identity_path(self.filepath):
+            missing, self.filepath = self.filepath, SHIPPED_IDENTITY_PATH
+            self._load()
+            note_fallback("identity",
+                          f"identity conversations: {missing} not found, the {len(self.conversations)} conversations "
+                          f"shipped in nanochat/data/{IDENTITY_FILENAME} used instead",
+                          f"For upstream's ~1,000 conversations: curl -L -o {missing} {IDENTITY_CONVERSATIONS_URL}")
+        else:
             rule = "-" * 80
             logger.warning(
                 "\n%s\nCustomJSON: %s does not exist, so this task has 0 conversations.\n"
@@ -56,7 +82,8 @@ class CustomJSON(Task):
                 "  curl -L -o %s %s\n"
                 "or write your own in the same format (see %s).\n%s",
                 rule, self.filepath, self.filepath, IDENTITY_CONVERSATIONS_URL, DISCUSSION_URL, rule)
-            return
+
+    def _load(self):
         with open(self.filepath, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 line = line.strip()

@@ -7,21 +7,37 @@ keeping a running count, checks with a python tool call ('strawberry'.count('r')
 
 Examples are generated on the fly from an English word list (downloaded once to
 <base_dir>/words_alpha.txt); example i of the train split uses random.Random(i), of the test split
-random.Random(10_000_000 + i), so both are reproducible and never overlap.
+random.Random(10_000_000 + i), so both are reproducible and never overlap. When the list can't be
+downloaded, words from the offline corpus (text that ships with Python) are used instead, built once
+into <base_dir>/words_offline.txt; the log and tasks.common.fallbacks_used() say so.
 
     from tasks.spellingbee import SpellingBee, SimpleSpelling
     SpellingBee(size=256, split="test")[0]
 """
 
 import functools
+import logging
+import os
 import random
+import re
 import string
 
-from tasks.common import Task
+from tasks.common import Task, note_fallback
 from tasks.gsm8k import evaluate_final_answer
+
+logger = logging.getLogger(__name__)
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 WORD_LIST_FILENAME = "words_alpha.txt"
+OFFLINE_WORD_LIST_FILENAME = "words_offline.txt"
+# Enough text for about 20k distinct words: on CPython 3.11 this is the standard library alone, read in
+# a few seconds (the installed packages after it take minutes to walk and add few new words).
+OFFLINE_MAX_CHARS = 32_000_000
+OFFLINE_SHUFFLE_SEED = 42
+# A word: 2-20 lowercase letters with a vowel, not glued to other identifier characters, a backslash
+# (the "n" of "\nfoo") or a dot (attribute names), and not a call ("print(").
+OFFLINE_WORD_RE = re.compile(r"(?<![A-Za-z0-9_\\.])[a-z]{2,20}(?![A-Za-z0-9_(])")
+VOWELS = frozenset("aeiouy")
 # Test seeds start far above any train index. (Upstream first used negative seeds, but
 # random.seed(-n) == random.seed(n), so test examples repeated train examples.)
 TEST_RANDOM_SEED_OFFSET = 10_000_000
@@ -94,12 +110,62 @@ def _read_words(path):
         return tuple(line.strip() for line in f)
 
 
-def load_words(word_list_path=None):
-    """The word list: `word_list_path` if given, else <base_dir>/words_alpha.txt (downloaded on first use)."""
-    if word_list_path is None:
-        from nanochat.common import download_file_with_lock
+def words_from_offline_corpus(max_chars=None):
+    """Distinct lowercase words of the offline corpus (see OFFLINE_WORD_RE), sorted, then shuffled with
+    random.Random(OFFLINE_SHUFFLE_SEED): the same list wherever the same Python and packages are installed.
+    Reads up to `max_chars` characters of the corpus (None: OFFLINE_MAX_CHARS).
 
-        word_list_path = download_file_with_lock(WORD_LIST_URL, WORD_LIST_FILENAME, desc="word list")
+    The corpus is mostly code, so a few identifiers ("isinstance") come along; for spelling and letter
+    counting any string of letters is still a fair question.
+    """
+    from nanochat.offline_corpus import iter_offline_documents
+
+    max_chars = OFFLINE_MAX_CHARS if max_chars is None else max_chars
+    found = set()
+    for text in iter_offline_documents(max_chars=max_chars):
+        found.update(OFFLINE_WORD_RE.findall(text))
+    words = sorted(w for w in found if not VOWELS.isdisjoint(w))
+    random.Random(OFFLINE_SHUFFLE_SEED).shuffle(words)
+    return words
+
+
+def offline_word_list(max_chars=None):
+    """Path of <base_dir>/words_offline.txt, built from the offline corpus on first use (one rank builds it)."""
+    from filelock import FileLock
+
+    from nanochat.common import atomic_write, get_base_dir
+
+    path = os.path.join(get_base_dir(), OFFLINE_WORD_LIST_FILENAME)
+    with FileLock(path + ".lock"):
+        if not os.path.exists(path):
+            logger.info("Building a word list from the offline corpus...")
+            words = words_from_offline_corpus(max_chars)
+            if not words:
+                raise ValueError("the offline corpus gave no words; place a word list at "
+                                 f"{os.path.join(get_base_dir(), WORD_LIST_FILENAME)} (one word per line)")
+            atomic_write(path, "\n".join(words) + "\n")
+    return path
+
+
+def load_words(word_list_path=None):
+    """The word list: `word_list_path` if given, else <base_dir>/words_alpha.txt (downloaded on first use).
+
+    When the download fails, the offline corpus's words (offline_word_list) are used instead; that is
+    announced once and recorded in tasks.common.fallbacks_used().
+    """
+    if word_list_path is None:
+        from nanochat.common import download_file_with_lock, get_base_dir
+
+        try:
+            word_list_path = download_file_with_lock(WORD_LIST_URL, WORD_LIST_FILENAME, desc="word list")
+        except RuntimeError as e:  # the one error the downloader raises: host unreachable or HTTP error
+            word_list_path = offline_word_list()
+            count = len(_read_words(str(word_list_path)))
+            note_fallback("spelling-words",
+                          f"SpellingBee/SimpleSpelling word list unavailable offline: {count:,} words from the "
+                          f"offline corpus used instead",
+                          f"{e}\nThe stand-in is cached at {word_list_path}. For upstream's list, put {WORD_LIST_URL} "
+                          f"at {os.path.join(get_base_dir(), WORD_LIST_FILENAME)}.")
     words = _read_words(str(word_list_path))
     if not words:
         raise ValueError(f"word list {word_list_path} is empty")

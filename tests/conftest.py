@@ -1,7 +1,27 @@
-"""Fixtures shared by several test files."""
+"""The test kit shared by every test file: a byte-level tokenizer, a tiny real GPT, a throwaway base dir,
+and a runner that executes a function on N gloo ranks in-process.
+
+    def test_x(byte_tokenizer, tiny_gpt, base_dir, run_on_ranks):
+        model = tiny_gpt(scrambled=True)
+        per_rank = run_on_ranks(_worker, str(base_dir))  # _worker(rank, world_size, base) at module level
+
+Whole scripts under torchrun go through tests/dist_harness.py instead.
+"""
+
+import datetime
+import os
+import pickle
+import tempfile
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_harness import free_port
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
 
 
 @pytest.fixture(scope="module")
@@ -12,3 +32,121 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A merge-free tokenizer: the 256 bytes plus the 9 specials (265 tokens, BOS = 256). Picklable, so a
+    rank function can take it as an argument."""
+    return RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
+
+
+def _make_tiny_gpt(vocab_size=265, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, sequence_len=64, window_pattern="L",
+                   seed=0, scrambled=False, compute_dtype=torch.float32, device="cpu"):
+    """A real GPT the way training builds one (meta device, to_empty, init_weights), seeded.
+
+    compute_dtype=None takes nanochat.common.get_compute_dtype(), as a script's model would.
+    scrambled: add noise to every matrix and open the smear gate. A fresh init has zero residual
+    projections and a tiny lm_head, so its logits are near ties and smear, value embeddings, backout and
+    GQA barely shape them; scrambled, greedy decoding is decisive and every feature counts.
+    """
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                       n_kv_head=n_kv_head, n_embd=n_embd, window_pattern=window_pattern)
+    with torch.device("meta"):
+        model = GPT(config, compute_dtype=compute_dtype)
+    model.to_empty(device=device)
+    # init_weights draws from the global generator: fork it so the test's own stream is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.init_weights()
+    if scrambled:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    noise = torch.randn(p.shape, generator=gen) * (0.3 if "lm_head" in name else 0.1)
+                    p.add_(noise.to(device=p.device, dtype=p.dtype))
+            model.smear_lambda.fill_(0.8)
+    return model
+
+
+@pytest.fixture
+def tiny_gpt():
+    """_make_tiny_gpt as a fixture: call it with the sizes the test needs."""
+    return _make_tiny_gpt
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    """A fresh, not yet created NANOCHAT_BASE_DIR under tmp_path."""
+    base = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    return base
+
+
+# -----------------------------------------------------------------------------
+# N gloo ranks in-process
+
+
+def _rank_main(rank, fn, world_size, port, args, out_dir, timeout):
+    """One spawned rank: the torchrun environment, a gloo group around fn, its return value to a file."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    # N ranks share a small CPU: intra-op threads would only oversubscribe it.
+    torch.set_num_threads(1)
+    # The group's own timeout makes a rank stuck in a collective fail with a message instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+    try:
+        result = fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _spawn(fn, args, world_size, timeout, out_dir):
+    """Start the ranks and wait for them: None when every rank succeeds, else a report on each failed rank."""
+    ctx = mp.start_processes(_rank_main, args=(fn, world_size, free_port(), args, out_dir, timeout),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0), grace_period=5):
+            if time.monotonic() >= deadline:
+                alive = [rank for rank, process in enumerate(ctx.processes) if process.is_alive()]
+                for process in ctx.processes:
+                    process.kill()
+                    process.join()
+                raise AssertionError(f"{fn.__name__} did not finish within {timeout} s (ranks {alive} still running)")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        # The first rank to exit may only be a victim (its peer hung up mid-collective), so report them all.
+        reports = []
+        for rank, (process, error_file) in enumerate(zip(ctx.processes, ctx.error_files)):
+            if os.access(error_file, os.R_OK):
+                with open(error_file, "rb") as f:
+                    reports.append(f"--- rank {rank} raised:\n{pickle.load(f)}")
+            elif process.exitcode != 0:
+                reports.append(f"--- rank {rank} exited with code {process.exitcode}")
+        return "\n".join(reports)
+    return None
+
+
+def _run_on_ranks(fn, *args, world_size=2, timeout=120):
+    """Run fn(rank, world_size, *args) on world_size spawned processes in one gloo group; return the
+    per-rank results in rank order. fn must be a module-level function; args and results are pickled;
+    the ranks inherit the test's environment (monkeypatched variables included). Any rank's exception (or a timeout) fails the test with every failed rank's traceback, and every
+    rank is killed, so a rank left waiting in a collective never hangs the run."""
+    with tempfile.TemporaryDirectory(prefix="ranks-") as out_dir:
+        for attempt in range(2):
+            failure = _spawn(fn, args, world_size, timeout, out_dir)
+            if failure is None:
+                break
+            # free_port only says the port was free a moment ago; another process may have taken it since.
+            if attempt == 0 and "address already in use" in failure.lower():
+                continue
+            raise AssertionError(f"{fn.__name__} failed on {world_size} gloo ranks:\n{failure}")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+@pytest.fixture
+def run_on_ranks():
+    """run(fn, *args, world_size=2, timeout=120) -> [fn's result on rank 0, rank 1, ...]; see _run_on_ranks."""
+    return _run_on_ranks

@@ -1,6 +1,6 @@
 """scripts/base_eval.py: flags, the CSV and report section it writes, the sample and bpb modes, and its
 one-line errors. The checkpoint loader, engine and data loader are replaced by small fakes so the
-script is tested on its own; the CORE fixture bundle and fake model come from test_core_eval."""
+script is tested on its own; the CORE fixture bundle and fake model come from tests/core_bundle.py."""
 
 import logging
 import sys
@@ -9,31 +9,35 @@ import types
 import pytest
 import torch
 
+from nanochat.checkpoint_manager import CheckpointMismatchError, CheckpointNotFoundError
 from nanochat.core_eval import format_results_csv
 from scripts import base_eval
-from test_core_eval import EXPECTED_ACC, EXPECTED_CENTERED, FakeLM, _free_port, byte_tokenizer, write_bundle
+
+from core_bundle import EXPECTED_ACC, EXPECTED_CENTERED, FakeLM, write_bundle
+from dist_harness import free_port
 
 STEP = 1234
 
 
 @pytest.fixture
-def base(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+def base(base_dir, monkeypatch):
+    """The kit's NANOCHAT_BASE_DIR, created, with no bundle URL override and no torchrun environment."""
+    base_dir.mkdir()
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE_URL", raising=False)
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    return tmp_path
+    return base_dir
 
 
 @pytest.fixture
-def loaded(monkeypatch):
+def loaded(monkeypatch, byte_tokenizer):
     """Install a fake nanochat.checkpoint_manager; returns the list of load_model calls."""
     calls = []
     module = types.ModuleType("nanochat.checkpoint_manager")
 
     def load_model(source, device, phase, model_tag=None, step=None):
         calls.append(dict(source=source, device=str(device), phase=phase, model_tag=model_tag, step=step))
-        return FakeLM(context=256), byte_tokenizer(), {"step": STEP, "model_config": {"sequence_len": 256}}
+        return FakeLM(context=256), byte_tokenizer, {"step": STEP, "model_config": {"sequence_len": 256}}
 
     module.load_model = load_model
     monkeypatch.setitem(sys.modules, "nanochat.checkpoint_manager", module)
@@ -94,18 +98,20 @@ def test_max_per_task_and_default_slug(base, loaded):
 
 
 def test_unreachable_bundle_is_a_one_line_exit(base, loaded, monkeypatch):
-    url = f"http://127.0.0.1:{_free_port()}/eval_bundle.zip"
+    url = f"http://127.0.0.1:{free_port()}/eval_bundle.zip"
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url)
     with pytest.raises(SystemExit) as e:
         base_eval.main(["--eval", "core", "--device-type", "cpu"])
     message = e.value.code
     assert isinstance(message, str) and "\n" not in message  # sys.exit(str) prints it alone, no traceback
-    assert message.startswith("base_eval: eval bundle unavailable") and url in message
+    assert message.startswith("base_eval: error: eval bundle unavailable") and url in message
 
 
 @pytest.mark.parametrize("error, expected", [
-    (FileNotFoundError("no checkpoints in /x/base_checkpoints"), "no base checkpoint to evaluate"),
-    (ValueError("the tokenizer has 265 tokens but checkpoint\n/x was trained with 32768"), "cannot load the checkpoint: the tokenizer has 265"),
+    (CheckpointNotFoundError("no checkpoints in /x/base_checkpoints; run base_train first"),
+     "base_eval: error: no checkpoints in /x/base_checkpoints; run base_train first"),
+    (CheckpointMismatchError("the tokenizer has 265 tokens but checkpoint\n/x was trained with 32768"),
+     "base_eval: error: the tokenizer has 265 tokens but checkpoint /x was trained with 32768"),
 ])
 def test_unloadable_checkpoint_is_a_clear_exit(base, monkeypatch, error, expected):
     module = types.ModuleType("nanochat.checkpoint_manager")
@@ -164,35 +170,33 @@ def test_bpb_mode_rounds_split_tokens_and_reports_both_splits(base, loaded, monk
         out = base_eval.main(["--eval", "bpb", "--device-type", "cpu", "--device-batch-size", "2", "--split-tokens", "2000"])
     # 2 rows x 256 tokens (the checkpoint's sequence_len) = 512 tokens per step: 3 steps, 1536 tokens
     assert seen == [(2, 256, "train"), 3, (2, 256, "val"), 3]
-    assert "Adjusted split_tokens to 1536" in caplog.text
+    assert "bpb: 3 batches per split = 1,536 tokens" in caplog.text
     assert out["bpb"] == {"train": 0.9, "val": 1.1}
     section = read(base / "report" / "base-model-evaluation.md")
     assert "- train bpb: 0.9000\n- val bpb: 1.1000\n" in section
 
 
 def test_split_tokens_below_one_step_is_a_clear_error(base, loaded):
-    assert base_eval.bpb_steps(1024, 2, 256, 2) == (1024, 1)
+    from nanochat.training import eval_steps_for
+
+    assert eval_steps_for(1024, 2, 256, 2) == 1 and eval_steps_for(2047, 2, 256, 2) == 1
     with pytest.raises(SystemExit) as e:
         base_eval.main(["--eval", "bpb", "--device-type", "cpu", "--split-tokens", "100"])
-    assert "--split-tokens 100 is less than one step" in e.value.code
+    assert "--split-tokens 100 is less than one batch" in e.value.code
 
 
-def test_end_to_end_with_a_real_tiny_checkpoint(base):
+def test_end_to_end_with_a_real_tiny_checkpoint(base, byte_tokenizer, tiny_gpt):
     """The real checkpoint loader, GPT and tokenizer: the script's CORE equals evaluate_core on the same model."""
     from dataclasses import asdict
 
     from nanochat.checkpoint_manager import load_model, save_checkpoint
     from nanochat.core_eval import evaluate_core
-    from nanochat.gpt import GPT, GPTConfig
 
-    byte_tokenizer().save(str(base / "tokenizer"))
-    config = GPTConfig(sequence_len=128, vocab_size=265, n_layer=1, n_head=1, n_kv_head=1, n_embd=64, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.init_weights()
-    save_checkpoint(str(base / "base_checkpoints" / "d1"), 7, model.state_dict(), None, {"step": 7, "model_config": asdict(config)})
+    byte_tokenizer.save(str(base / "tokenizer"))
+    # compute_dtype=None: the dtype a training script would build it in on this machine.
+    model = tiny_gpt(sequence_len=128, n_layer=1, n_head=1, n_kv_head=1, compute_dtype=None)
+    save_checkpoint(str(base / "base_checkpoints" / "d1"), 7, model.state_dict(), None,
+                    {"step": 7, "model_config": asdict(model.config)})
     write_bundle(str(base))
     out = base_eval.main(["--eval", "core", "--device-type", "cpu", "--max-per-task", "4"])
     assert out["slug"] == "base_model_000007"

@@ -126,8 +126,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(base_
     monkeypatch.setattr(gpt.GPT, "forward", forward)
     with pytest.raises(SystemExit) as exc:
         base_train.main(TINY + ["--num-iterations=10", "--eval-every=-1", "--save-every=1", "--total-batch-size=128"])
-    assert exc.value.code == 1
-    assert any("training loss is nan" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert exc.value.code.startswith("base_train: error: the training loss was NaN/inf in 1 of 1 micro-batches")
     ckpt = base_dir / "base_checkpoints" / "d2"
     assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "meta_000002.json", "meta_000003.json",
                                          "model_000001.pt", "model_000002.pt", "model_000003.pt",
@@ -137,8 +136,52 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(base_
 
 
 def test_bad_batch_geometry_is_a_clear_error(base_dir):
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(SystemExit, match="not divisible"):
         base_train.main(TINY + ["--num-iterations=2", "--total-batch-size=100"])
+
+
+def test_resume_from_a_checkpoint_without_our_loop_state(base_dir, caplog):
+    """A meta with only upstream's keys (no loop_state, no loader state) resumes with fresh meters."""
+    import json
+
+    caplog.set_level("INFO")
+    base_train.main(TINY + ["--num-iterations=4", "--eval-every=-1", "--save-every=2"])
+    ckpt = base_dir / "base_checkpoints" / "d2"
+    meta_file = ckpt / "meta_000002.json"
+    meta = json.loads(meta_file.read_text())
+    foreign = {k: meta[k] for k in ("step", "model_config", "user_config")}
+    meta_file.write_text(json.dumps(foreign))
+    caplog.clear()
+    base_train.main(TINY + ["--num-iterations=4", "--eval-every=-1", "--save-every=2", "--resume-from-step=2"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no loop state" in m for m in messages) and any("no data loader state" in m for m in messages)
+    assert sorted(_losses(caplog)) == [2, 3]
+    state = torch.load(ckpt / "model_000004.pt")
+    assert all(torch.isfinite(t.float()).all() for t in state.values())
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_both_ranks_under_torchrun(base_dir):
+    """Rank 1 alone produces a NaN loss at step 2: both processes exit non-zero within seconds, with the same
+    message, and the last checkpoint (step 2) loads and is finite."""
+    import time
+
+    from tests.dist_harness import run_torchrun
+
+    env = {"NANOCHAT_BASE_DIR": str(base_dir)}
+    t0 = time.time()
+    result = run_torchrun(["tests/_nan_rank_worker.py", "--nan-rank=1", "--nan-step=2", "--"] + TINY +
+                          ["--num-iterations=6", "--eval-every=-1", "--save-every=1"], nproc=2, env=env, timeout=300, check=False)
+    elapsed = time.time() - t0
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    for rank in (0, 1):
+        assert f"[rank{rank}]: base_train: error: the training loss was NaN/inf in 1 of 2 micro-batches" in out, out[-3000:]
+    ckpt = base_dir / "base_checkpoints" / "d2"
+    assert not (ckpt / "model_000003.pt").exists()
+    state = torch.load(ckpt / "model_000002.pt")
+    assert all(torch.isfinite(t.float()).all() for t in state.values())
+    assert elapsed < 240, elapsed
 
 
 @pytest.mark.slow

@@ -17,12 +17,12 @@ from nanochat import chateval
 from nanochat.chateval import (BASELINES, CHATCORE_TASKS, centered_accuracy, chatcore, chatcore_cat, parse_task_names,
                                pass_at_k, run_categorical_eval, run_generative_eval, run_task_eval)
 from nanochat.engine import Engine
-from nanochat.tokenizer import RustBPETokenizer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
+@pytest.fixture
+def tok(byte_tokenizer):
+    """The kit's byte tokenizer (tests/conftest.py), under the short name every test here uses."""
+    return byte_tokenizer
 
 
 def write_jsonl(path, rows):
@@ -78,11 +78,11 @@ def write_task_dir(root):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    """NANOCHAT_BASE_DIR and NANOCHAT_TASKS_DIR in tmp_path, with every fixture dataset and the word list."""
-    base = tmp_path / "base"
+def env(base_dir, tmp_path, monkeypatch):
+    """NANOCHAT_BASE_DIR (tmp_path/base) and NANOCHAT_TASKS_DIR in tmp_path, with every fixture dataset and
+    the word list."""
+    base = base_dir
     base.mkdir()
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     monkeypatch.setenv("NANOCHAT_TASKS_DIR", str(tmp_path / "tasks"))
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -364,42 +364,23 @@ def test_parse_task_names():
 # Several ranks (gloo on CPU): the split covers every problem once and the counts add up
 
 
-def _rank_worker(rank, world_size, port, tasks_dir, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), NANOCHAT_TASKS_DIR=tasks_dir, NANOCHAT_BASE_DIR=out_dir)
-    import torch.distributed as dist
-
+def _rank_worker(rank, world_size, tok):
+    # The tasks read $NANOCHAT_TASKS_DIR, which the ranks inherit from the test's env fixture.
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        tok = RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
-        arc = ARC("ARC-Easy", "test")
-        model = oracle(tok, mc_answers(tok, arc, right={0, 2, 3}))
-        cat = run_categorical_eval(arc, tok, model, batch_size=2)
-        gsm = GSM8K("main", "test")
-        answers = {tuple(tok.render_for_completion(gsm[i])): text_completion(tok, "#### 18") for i in range(len(gsm))}
-        gen = run_generative_eval(gsm, tok, Engine(oracle(tok, answers), tok), max_new_tokens=16)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"cat": cat, "gen": gen, "batches": model.forward_batches}, f)
-    finally:
-        dist.destroy_process_group()
+    arc = ARC("ARC-Easy", "test")
+    model = oracle(tok, mc_answers(tok, arc, right={0, 2, 3}))
+    cat = run_categorical_eval(arc, tok, model, batch_size=2)
+    gsm = GSM8K("main", "test")
+    answers = {tuple(tok.render_for_completion(gsm[i])): text_completion(tok, "#### 18") for i in range(len(gsm))}
+    gen = run_generative_eval(gsm, tok, Engine(oracle(tok, answers), tok), max_new_tokens=16)
+    return {"cat": cat, "gen": gen, "batches": model.forward_batches}
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one(env, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "out"
-    out.mkdir()
-    mp.spawn(_rank_worker, args=(2, port, str(tmp_path / "tasks"), str(out)), nprocs=2, join=True)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+def test_two_ranks_match_one(env, tok, run_on_ranks):
+    results = run_on_ranks(_rank_worker, tok)
     for r in results:
         assert r["cat"] == 3 / 5 and r["gen"] == 2 / 3
     # 5 problems in batches of 2: batches 0 and 2 on rank 0, batch 1 on rank 1.
@@ -504,25 +485,18 @@ def test_cli_source_is_required_and_checked(env, capsys):
     assert "--source" in capsys.readouterr().err
 
 
-def test_cli_end_to_end_on_a_saved_checkpoint(env, tok):
+def test_cli_end_to_end_on_a_saved_checkpoint(env, tok, tiny_gpt):
     """The real chain: checkpoint files -> load_model -> GPT + tokenizer -> every task -> report."""
     from dataclasses import asdict
 
     from nanochat.checkpoint_manager import get_checkpoints_dir, save_checkpoint
-    from nanochat.gpt import GPT, GPTConfig
     from scripts import chat_eval
 
     tok.save(str(env / "base" / "tokenizer"))
-    config = GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                       window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model.init_weights()
+    # compute_dtype=None: the dtype a training script would build it in on this machine.
+    model = tiny_gpt(vocab_size=tok.get_vocab_size(), sequence_len=512, compute_dtype=None)
     save_checkpoint(os.path.join(get_checkpoints_dir("sft"), "d2"), 5, model.state_dict(), None,
-                    {"step": 5, "model_config": asdict(config)})
+                    {"step": 5, "model_config": asdict(model.config)})
 
     argv = ["-i", "sft", "-x", "2", "-m", "6", "-b", "4", "--device-type", "cpu"]
     first = chat_eval.main(argv)

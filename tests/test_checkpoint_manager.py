@@ -5,29 +5,26 @@ so that these tests exercise the checkpoint logic alone), and the save barrier a
 import io
 import json
 import os
-import socket
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from nanochat import checkpoint_manager as cm
 from nanochat.checkpoint_manager import (CheckpointCorruptError, CheckpointNotFoundError, build_model,
                                          find_largest_model, find_last_step, load_checkpoint, load_model,
                                          load_optimizer_state, save_checkpoint)
+from nanochat.gpt import GPTConfig
 
 
 @pytest.fixture(autouse=True)
-def base_dir(tmp_path, monkeypatch):
-    base = tmp_path / "base"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+def single_process(base_dir, monkeypatch):
+    """Every test: the kit's fresh NANOCHAT_BASE_DIR and no torchrun environment."""
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    return base
 
 
 def tiny_training_state(seed=0):
@@ -191,21 +188,10 @@ def test_corrupt_files_are_named_with_what_to_do(tmp_path):
 # build_model / load_model against a stand-in nanochat.gpt with the same interface
 
 
-@dataclass
-class FakeConfig:
-    sequence_len: int = 8
-    vocab_size: int = 300
-    n_layer: int = 2
-    n_head: int = 1
-    n_kv_head: int = 1
-    n_embd: int = 4
-    window_pattern: str = "SSSL"
-
-
 class FakeGPT(torch.nn.Module):
     """The parts of GPT that build_model relies on: meta-device construction, init_weights, the keys."""
 
-    def __init__(self, config):
+    def __init__(self, config, compute_dtype=None):
         super().__init__()
         self.config = config
         self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
@@ -235,7 +221,7 @@ class FakeTokenizer:
 @pytest.fixture
 def fake_gpt(monkeypatch):
     module = types.ModuleType("nanochat.gpt")
-    module.GPT, module.GPTConfig = FakeGPT, FakeConfig
+    module.GPT, module.GPTConfig = FakeGPT, GPTConfig  # the real config: a plain dataclass
     monkeypatch.setitem(sys.modules, "nanochat.gpt", module)
     import nanochat.tokenizer
     monkeypatch.setattr(nanochat.tokenizer, "get_tokenizer", lambda: FakeTokenizer(300))
@@ -244,7 +230,8 @@ def fake_gpt(monkeypatch):
 
 def trained_fake(seed=0, **config):
     torch.manual_seed(seed)
-    model = FakeGPT(FakeConfig(**config))
+    small = dict(sequence_len=8, vocab_size=300, n_layer=2, n_head=1, n_kv_head=1, n_embd=4)
+    model = FakeGPT(GPTConfig(**{**small, **config}))
     model.init_weights()
     return model
 
@@ -307,52 +294,33 @@ def test_load_model_maps_every_source_to_its_directory(fake_gpt, base_dir):
 # 2 processes: nobody returns from save_checkpoint before the whole checkpoint is on disk
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _save_worker(rank, world_size, ckpt):
+    if rank == 0:  # a slow disk on rank 0
+        real_write = cm.atomic_write
 
+        def slow_write(path, data):
+            time.sleep(1.0)
+            real_write(path, data)
 
-def _save_worker(rank, world_size, port, ckpt, seen):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        if rank == 0:  # a slow disk on rank 0
-            real_write = cm.atomic_write
-
-            def slow_write(path, data):
-                time.sleep(1.0)
-                real_write(path, data)
-
-            cm.atomic_write = slow_write
-        save_checkpoint(ckpt, 3, {"w": torch.ones(2)}, {"rank": torch.tensor(rank)}, {"step": 3}, rank=rank)
-        seen[rank] = sorted(os.listdir(ckpt))
-    finally:
-        dist.destroy_process_group()
+        cm.atomic_write = slow_write
+    save_checkpoint(ckpt, 3, {"w": torch.ones(2)}, {"rank": torch.tensor(rank)}, {"step": 3}, rank=rank)
+    return sorted(os.listdir(ckpt))
 
 
 @pytest.mark.slow  # spawns two interpreters: ~10 s on 2 busy cores
-def test_every_rank_returns_only_after_the_checkpoint_is_complete(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    seen = mp.Manager().dict()
-    mp.spawn(_save_worker, args=(2, _free_port(), ckpt, seen), nprocs=2, join=True)
+def test_every_rank_returns_only_after_the_checkpoint_is_complete(tmp_path, run_on_ranks):
+    seen = run_on_ranks(_save_worker, str(tmp_path / "ckpt"))
     want = ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt", "optim_000003_rank1.pt"]
     assert seen[0] == want and seen[1] == want
 
 
-def test_build_model_with_the_real_gpt(base_dir, monkeypatch):
-    from nanochat.gpt import GPT, GPTConfig
+def test_build_model_with_the_real_gpt(base_dir, tiny_gpt, monkeypatch):
     import nanochat.tokenizer
 
     monkeypatch.setattr(nanochat.tokenizer, "get_tokenizer", lambda: FakeTokenizer(300))
-    config = GPTConfig(sequence_len=16, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        src = GPT(config)
-    src.to_empty(device="cpu")
-    src.init_weights()
+    # compute_dtype=None: the dtype a training script would build it in on this machine.
+    src = tiny_gpt(vocab_size=300, sequence_len=16, window_pattern="SL", compute_dtype=None)
+    config = src.config
     # As written by a bf16 GPU run through torch.compile.
     state = {"_orig_mod." + k: (v.bfloat16() if v.is_floating_point() else v) for k, v in src.state_dict().items()}
     ckpt = str(base_dir / "base_checkpoints" / "d2")

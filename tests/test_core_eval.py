@@ -2,16 +2,16 @@
 token spans, left-truncation, batched scoring, rank splitting, and exact scores for a model whose
 logits the test controls.
 
-The fixture bundle is written in the real format (core.yaml `icl_tasks`, eval_meta_data.csv,
-eval_data/<category>/<task>.jsonl rows as upstream's) with a byte-level tokenizer, so every token is
-one character and the fake model's preferences decide each example by construction.
+The fixture bundle (tests/core_bundle.py) is written in the real format (core.yaml `icl_tasks`,
+eval_meta_data.csv, eval_data/<category>/<task>.jsonl rows as upstream's) and read with a byte-level
+tokenizer, so every token is one character and the fake model's preferences decide each example by
+construction.
 """
 
 import http.server
 import io
 import os
 import random
-import socket
 import threading
 import zipfile
 
@@ -25,45 +25,9 @@ from nanochat.core_eval import (EvalBundleError, TaskSpec, compare_with_referenc
                                 evaluate_core, evaluate_task, fewshot_indices, format_results_csv,
                                 load_task_data, load_task_specs, plan_batches, prepare_examples, render_prompts,
                                 score_batch, token_spans)
-from nanochat.tokenizer import RustBPETokenizer
 
-VOCAB = 256 + 9  # byte tokens + nanochat's special tokens; BOS = 256
-
-
-def byte_tokenizer():
-    return RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
-
-
-class FakeLM(nn.Module):
-    """logits[b, t] = bias + W[idx[b, t]]: a unigram preference plus a bigram table the test sets.
-
-    It likes uppercase letters (bias), and after a digit d predicts d+1, after '9' a space, after a
-    space '0', after ':' a space. So an all-uppercase option wins a multiple-choice example, an option
-    ending in '9' wins a schema example (' 012' follows it), and a continuation ' 0123' after '9' or
-    ':' is greedily reproduced. Causal and position-free, so cropping old context changes nothing.
-    """
-
-    def __init__(self, context=None):
-        super().__init__()
-        bias = torch.zeros(VOCAB)
-        bias[ord("A"): ord("Z") + 1] = 4.0
-        W = torch.zeros(VOCAB, VOCAB)
-        for d in range(9):
-            W[ord(str(d)), ord(str(d + 1))] = 12.0
-        W[ord("9"), ord(" ")] = 12.0
-        W[ord(" "), ord("0")] = 12.0
-        W[ord(":"), ord(" ")] = 12.0
-        self.register_buffer("bias", bias)
-        self.register_buffer("W", W)
-        self.config = type("Cfg", (), {"sequence_len": context})()
-        self.shapes, self.inputs = [], []
-
-    def forward(self, idx):
-        if self.config.sequence_len is not None:
-            assert idx.size(1) <= self.config.sequence_len, f"fed {idx.size(1)} tokens to a {self.config.sequence_len}-token model"
-        self.shapes.append(tuple(idx.shape))
-        self.inputs.append(idx.clone())
-        return self.bias + self.W[idx]  # (B, T, V)
+from core_bundle import EXPECTED_ACC, EXPECTED_CENTERED, VOCAB, FakeLM, fixture_tasks, mc_rows, write_bundle, zip_bundle
+from dist_harness import free_port
 
 
 class TinyCausalLM(nn.Module):
@@ -84,100 +48,6 @@ class TinyCausalLM(nn.Module):
         q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, T, D)
         x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1))
         return self.head(x + self.mlp(x))
-
-
-# -----------------------------------------------------------------------------
-# A tiny bundle in the real format. Each task: (label, category, type, shots, delimiter, baseline, rows, rule)
-# where rule(row) says whether FakeLM gets the row right.
-
-LOWER = ["sun", "tree", "river", "stone", "cloud", "grass"]
-UPPER = ["RAIN", "SNOW", "WIND", "FIRE", "MOON", "STAR"]
-
-
-def _mc_rows(n, n_choices, n_correct, query):
-    rows = []
-    for i in range(n):
-        choices = [LOWER[(i + j) % len(LOWER)] for j in range(n_choices)]
-        upper_at = i % n_choices
-        choices[upper_at] = UPPER[i % len(UPPER)]
-        gold = upper_at if i < n_correct else (upper_at + 1) % n_choices
-        rows.append({"query": query.format(i=i), "choices": choices, "gold": gold})
-    return rows
-
-
-def _schema_rows(n, n_correct):
-    rows = []
-    for i in range(n):
-        options = [f"Tom saw {i} and 9", f"Ann saw {i} and 5"] if i % 2 == 0 else [f"Ann saw {i} and 5", f"Tom saw {i} and 9"]
-        nine_at = 0 if i % 2 == 0 else 1
-        rows.append({"context_options": options, "continuation": "012", "gold": nine_at if i < n_correct else 1 - nine_at})
-    return rows
-
-
-def _jeopardy_rows(n, n_correct):
-    return [{"context": f"  Clue {i}: count up from zero ", "continuation": "0123" if i < n_correct else "0125"} for i in range(n)]
-
-
-def _lambada_rows(n, n_correct):
-    return [{"context": f"The count {i} reaches {'9' if i < n_correct else '5'}", "continuation": "012"} for i in range(n)]
-
-
-def fixture_tasks():
-    return [
-        ("copa", "commonsense_reasoning", "multiple_choice", 0, " ", 50.0, _mc_rows(8, 2, 6, "Premise {i} so"),
-         lambda r: r["choices"][r["gold"]].isupper()),
-        ("arc_easy", "world_knowledge", "multiple_choice", 10, "\nAnswer: ", 25.0, _mc_rows(12, 4, 9, "Question {i}: which one?"),
-         lambda r: r["choices"][r["gold"]].isupper()),
-        ("winograd", "language_understanding", "schema", 0, " ", 50.0, _schema_rows(6, 4),
-         lambda r: r["context_options"][r["gold"]].endswith("9")),
-        ("jeopardy", "world_knowledge", "language_modeling", 10, "\nAnswer: ", 0.0, _jeopardy_rows(12, 8),
-         lambda r: r["continuation"] == "0123"),
-        ("lambada_openai", "language_understanding", "language_modeling", 0, " ", 0.0, _lambada_rows(5, 2),
-         lambda r: r["context"].endswith("9")),
-    ]
-
-
-# Accuracy per task by construction (n_correct / n), and the centered scores.
-EXPECTED_ACC = {"copa": 6 / 8, "arc_easy": 9 / 12, "winograd": 4 / 6, "jeopardy": 8 / 12, "lambada_openai": 2 / 5}
-EXPECTED_CENTERED = {"copa": 0.5, "arc_easy": (0.75 - 0.25) / 0.75, "winograd": (4 / 6 - 0.5) / 0.5,
-                     "jeopardy": 8 / 12, "lambada_openai": 0.4}
-
-
-def _yaml_str(s):
-    return '"' + s.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') + '"'
-
-
-def write_bundle(root, tasks=None):
-    """Write <root>/eval_bundle in the real layout; returns its path."""
-    import json
-
-    tasks = fixture_tasks() if tasks is None else tasks
-    bundle = os.path.join(root, "eval_bundle")
-    yaml_lines, csv_lines = ["icl_tasks:"], ["Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?,Description"]
-    for label, category, typ, shots, delim, baseline, rows, _ in tasks:
-        uri = f"{category}/{label}.jsonl"
-        yaml_lines += ["-", f"  label: {label}", f"  dataset_uri: {uri}", f"  num_fewshot: [{shots}]", f"  icl_task_type: {typ}"]
-        if delim != " " or shots == 0:  # the real file omits the default delimiter on some tasks
-            yaml_lines.append(f"  continuation_delimiter: {_yaml_str(delim)}")
-        csv_lines.append(f"{label},{category},{typ},{shots},{len(rows)},{baseline:g},Yes,\"fixture, {label}\"")
-        os.makedirs(os.path.join(bundle, "eval_data", category), exist_ok=True)
-        with open(os.path.join(bundle, "eval_data", uri), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(bundle, "core.yaml"), "w", encoding="utf-8") as f:
-        f.write("\n".join(yaml_lines) + "\n")
-    with open(os.path.join(bundle, "eval_meta_data.csv"), "w", encoding="utf-8") as f:
-        f.write("\n".join(csv_lines) + "\n")
-    return bundle
-
-
-def zip_bundle(bundle):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for dirpath, _, files in os.walk(bundle):
-            for name in files:
-                full = os.path.join(dirpath, name)
-                zf.write(full, os.path.join("eval_bundle", os.path.relpath(full, bundle)))
-    return buf.getvalue()
 
 
 @pytest.fixture
@@ -220,7 +90,7 @@ def test_reference_table_is_the_22_task_suite(bundle):
 
 def test_data_is_shuffled_with_seed_1337(bundle):
     spec = load_task_specs(bundle)[1]
-    original = _mc_rows(12, 4, 9, "Question {i}: which one?")
+    original = mc_rows(12, 4, 9, "Question {i}: which one?")
     random.Random(1337).shuffle(original)
     assert load_task_data(bundle, spec) == original
 
@@ -260,11 +130,11 @@ def _unpad(row, pad=256):
     return tuple(row)
 
 
-def test_max_per_task_does_not_change_prompts(tmp_path):
+def test_max_per_task_does_not_change_prompts(tmp_path, byte_tokenizer):
     """Upstream drew few-shot examples from the truncated list (spec 02 §9.8); ours come from the whole task."""
-    rows = _mc_rows(12, 2, 8, "Question {i}: which one?")
+    rows = mc_rows(12, 2, 8, "Question {i}: which one?")
     bundle = write_bundle(str(tmp_path), [("piqa", "commonsense_reasoning", "multiple_choice", 2, "\nAnswer: ", 50.0, rows, None)])
-    tok, spec = byte_tokenizer(), load_task_specs(bundle)[0]
+    tok, spec = byte_tokenizer, load_task_specs(bundle)[0]
     data = load_task_data(bundle, spec)
     first4 = prepare_examples(tok, data, [0, 1, 2, 3], spec)
     assert [ex.seqs for ex in first4] == [ex.seqs for ex in prepare_examples(tok, data, list(range(12)), spec)[:4]]
@@ -310,7 +180,7 @@ def test_crop_keeps_the_last_tokens_and_shifts_spans():
     assert crop_to_context([[1, 2, 3]], [1], [3], None) == ([[1, 2, 3]], [1], [3])
 
 
-def test_long_prompts_are_left_truncated_to_the_model_context(tmp_path):
+def test_long_prompts_are_left_truncated_to_the_model_context(tmp_path, byte_tokenizer):
     long_lm = [{"context": "x" * 200 + f" item {i} 9", "continuation": "0123"} for i in range(3)]
     long_mc = [{"query": "y" * 150 + f" {i}", "choices": ["RED", "blue"], "gold": 0} for i in range(3)]
     bundle = write_bundle(str(tmp_path), [
@@ -318,12 +188,12 @@ def test_long_prompts_are_left_truncated_to_the_model_context(tmp_path):
         ("copa", "commonsense_reasoning", "multiple_choice", 0, " ", 50.0, long_mc, None),
     ])
     model = FakeLM(context=32)  # asserts it never sees more than 32 tokens
-    out = evaluate_core(model, byte_tokenizer(), "cpu", bundle_dir=bundle)
+    out = evaluate_core(model, byte_tokenizer, "cpu", bundle_dir=bundle)
     assert out["results"] == {"lambada_openai": 1.0, "copa": 1.0}
     assert max(shape[1] for shape in model.shapes) == 32
     # an explicit max_seq_len overrides the model's
     model.shapes.clear()
-    evaluate_core(model, byte_tokenizer(), "cpu", bundle_dir=bundle, max_seq_len=16)
+    evaluate_core(model, byte_tokenizer, "cpu", bundle_dir=bundle, max_seq_len=16)
     assert max(shape[1] for shape in model.shapes) == 16
 
 
@@ -331,8 +201,8 @@ def test_long_prompts_are_left_truncated_to_the_model_context(tmp_path):
 # Scores
 
 
-def test_exact_scores_centered_accuracy_and_core(bundle):
-    tok, model = byte_tokenizer(), FakeLM()
+def test_exact_scores_centered_accuracy_and_core(bundle, byte_tokenizer):
+    tok, model = byte_tokenizer, FakeLM()
     out = evaluate_core(model, tok, "cpu", bundle_dir=bundle)
     assert out["results"] == pytest.approx(EXPECTED_ACC, abs=1e-6)
     assert out["centered_results"] == pytest.approx(EXPECTED_CENTERED, abs=1e-6)
@@ -346,15 +216,15 @@ def test_exact_scores_centered_accuracy_and_core(bundle):
         assert correct.tolist() == [float(rules[spec.label](r)) for r in data]
 
 
-def test_multiple_choice_ties_go_to_the_first_option(tmp_path):
+def test_multiple_choice_ties_go_to_the_first_option(byte_tokenizer):
     rows = [{"query": "Q", "choices": ["AB", "CD"], "gold": 1}, {"query": "Q", "choices": ["AB", "CD"], "gold": 0}]
     spec = TaskSpec("copa", "multiple_choice", 0, " ", "x", 50.0)
-    correct = evaluate_task(FakeLM(), byte_tokenizer(), rows, "cpu", spec)
+    correct = evaluate_task(FakeLM(), byte_tokenizer, rows, "cpu", spec)
     assert correct.tolist() == [0.0, 1.0]  # both options equally likely: argmin picks option 0
 
 
-def test_batched_scoring_equals_one_example_per_forward(bundle):
-    tok, model = byte_tokenizer(), TinyCausalLM().eval()
+def test_batched_scoring_equals_one_example_per_forward(bundle, byte_tokenizer):
+    tok, model = byte_tokenizer, TinyCausalLM().eval()
     for spec in load_task_specs(bundle):
         data = load_task_data(bundle, spec)
         examples = prepare_examples(tok, data, list(range(len(data))), spec)
@@ -368,8 +238,8 @@ def test_batched_scoring_equals_one_example_per_forward(bundle):
                 assert losses == pytest.approx(single[ex.index][1], abs=1e-5)
 
 
-def test_batch_planning_groups_examples_and_counts_forwards(bundle):
-    tok = byte_tokenizer()
+def test_batch_planning_groups_examples_and_counts_forwards(bundle, byte_tokenizer):
+    tok = byte_tokenizer
     spec = load_task_specs(bundle)[1]
     data = load_task_data(bundle, spec)
     one, many = FakeLM(), FakeLM()
@@ -381,8 +251,8 @@ def test_batch_planning_groups_examples_and_counts_forwards(bundle):
     assert core_eval.default_batch_tokens("cpu") == 2048 and core_eval.default_batch_tokens(torch.device("cuda", 0)) == 8192
 
 
-def test_rank_split_merges_to_the_single_process_result(bundle):
-    tok, model = byte_tokenizer(), FakeLM()
+def test_rank_split_merges_to_the_single_process_result(bundle, byte_tokenizer):
+    tok, model = byte_tokenizer, FakeLM()
     for spec in load_task_specs(bundle):
         data = load_task_data(bundle, spec)
         full = evaluate_task(model, tok, data, "cpu", spec)
@@ -391,31 +261,14 @@ def test_rank_split_merges_to_the_single_process_result(bundle):
         assert torch.equal(parts[0] + parts[1], full)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _dist_worker(rank, world_size, tok, bundle):
+    return evaluate_core(FakeLM(), tok, "cpu", bundle_dir=bundle)
 
 
-def _dist_worker(rank, world_size, port, bundle, out_dir):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        out = evaluate_core(FakeLM(), byte_tokenizer(), "cpu", bundle_dir=bundle)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_gloo_ranks_all_reduce_to_the_same_scores(bundle, tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_dist_worker, args=(2, _free_port(), bundle, str(tmp_path)), nprocs=2, join=True)
-    single = evaluate_core(FakeLM(), byte_tokenizer(), "cpu", bundle_dir=bundle)
-    for rank in (0, 1):
-        got = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+def test_two_gloo_ranks_all_reduce_to_the_same_scores(bundle, byte_tokenizer, run_on_ranks):
+    per_rank = run_on_ranks(_dist_worker, byte_tokenizer, bundle)
+    single = evaluate_core(FakeLM(), byte_tokenizer, "cpu", bundle_dir=bundle)
+    for got in per_rank:
         assert got["results"] == single["results"]
         assert got["core_metric"] == single["core_metric"]
 
@@ -471,9 +324,8 @@ class _Server:
         self.thread.join()
 
 
-def test_download_unpacks_once_and_is_cached(bundle, tmp_path, monkeypatch):
-    base = tmp_path / "base"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+def test_download_unpacks_once_and_is_cached(bundle, base_dir, byte_tokenizer, monkeypatch):
+    base = base_dir
     with _Server(zip_bundle(bundle)) as server:
         monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", server.url)
         path = ensure_eval_bundle()
@@ -482,33 +334,31 @@ def test_download_unpacks_once_and_is_cached(bundle, tmp_path, monkeypatch):
         assert (base / "eval_bundle.zip").exists()  # the zip stays, like upstream
         assert ensure_eval_bundle() == path
         assert server.requests == 1
-        out = evaluate_core(FakeLM(), byte_tokenizer(), "cpu")  # finds the bundle in the base dir
+        out = evaluate_core(FakeLM(), byte_tokenizer, "cpu")  # finds the bundle in the base dir
         assert out["results"] == pytest.approx(EXPECTED_ACC, abs=1e-6)
         assert server.requests == 1
     assert not [n for n in os.listdir(base) if n.startswith(".eval_bundle.")]  # no temp dirs left
 
 
-def test_pre_placed_zip_needs_no_network(bundle, tmp_path, monkeypatch):
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "eval_bundle.zip").write_bytes(zip_bundle(bundle))
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"http://127.0.0.1:{_free_port()}/eval_bundle.zip")
+def test_pre_placed_zip_needs_no_network(bundle, base_dir, monkeypatch):
+    base_dir.mkdir()
+    (base_dir / "eval_bundle.zip").write_bytes(zip_bundle(bundle))
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"http://127.0.0.1:{free_port()}/eval_bundle.zip")
     assert os.path.isfile(os.path.join(ensure_eval_bundle(), "core.yaml"))
 
 
-def test_unreachable_url_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    url = f"http://127.0.0.1:{_free_port()}/eval_bundle.zip"
+def test_unreachable_url_is_a_one_line_error(base_dir, monkeypatch):
+    base_dir.mkdir()
+    url = f"http://127.0.0.1:{free_port()}/eval_bundle.zip"
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url)
     with pytest.raises(EvalBundleError) as err:
         ensure_eval_bundle()
     assert url in str(err.value) and "\n" not in str(err.value)
-    assert not (tmp_path / "eval_bundle").exists() and not (tmp_path / "eval_bundle.zip").exists()
+    assert not (base_dir / "eval_bundle").exists() and not (base_dir / "eval_bundle.zip").exists()
 
 
-def test_a_download_that_is_not_a_bundle_says_so(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+def test_a_download_that_is_not_a_bundle_says_so(base_dir, monkeypatch):
+    base_dir.mkdir()
     with _Server(b"<html>not a zip</html>") as server:
         monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", server.url)
         with pytest.raises(EvalBundleError, match="not a valid zip"):
@@ -516,6 +366,68 @@ def test_a_download_that_is_not_a_bundle_says_so(tmp_path, monkeypatch):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("something/else.txt", "hi")
-    (tmp_path / "eval_bundle.zip").write_bytes(buf.getvalue())
+    (base_dir / "eval_bundle.zip").write_bytes(buf.getvalue())
     with pytest.raises(EvalBundleError, match="no core.yaml"):
         ensure_eval_bundle()
+
+
+# -----------------------------------------------------------------------------
+# The head at the scored positions only (a real GPT) against the full-logits reference
+
+
+def _greedy_lm_examples(model, prompt_ids, n_new):
+    """Two language-modeling examples for `model`: its own greedy continuation (correct by construction)
+    and the same with the last token changed (wrong), both in PreparedExample form."""
+    greedy = list(model.generate(prompt_ids, n_new, temperature=0))
+    right = prompt_ids + greedy
+    wrong = right[:-1] + [(right[-1] + 1) % model.config.vocab_size]
+    start = len(prompt_ids)
+    return [core_eval.PreparedExample(0, [right], [start], [len(right)], -1),
+            core_eval.PreparedExample(1, [wrong], [start], [len(wrong)], -1)]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_scored_positions_head_matches_the_full_logits_reference(bundle, byte_tokenizer, tiny_gpt):
+    model = tiny_gpt(scrambled=True, sequence_len=128).eval()  # scrambled: decisive logits, no near ties
+    ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids), model.logits(model.hidden_states(ids)))  # forward is its two halves
+    pad = byte_tokenizer.get_bos_token_id()
+    for spec in load_task_specs(bundle):  # multiple_choice, schema and language_modeling
+        data = load_task_data(bundle, spec)
+        examples = prepare_examples(byte_tokenizer, data, list(range(len(data))), spec, max_seq_len=128)
+        for batch in plan_batches(examples, batch_tokens=1024):
+            fast = score_batch(model, batch, "cpu", pad)
+            ref = score_batch(model, batch, "cpu", pad, full_logits=True)
+            assert [ok for ok, _ in fast] == [ok for ok, _ in ref], spec.label
+            for (_, fast_losses), (_, ref_losses) in zip(fast, ref):
+                assert fast_losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), spec.label
+    # greedy exact match is decided the same way on both paths, for a hit and for a miss
+    prompt = [pad] + list(b"The count 7 reaches")
+    lm = _greedy_lm_examples(model, prompt, 4)
+    for full_logits in (False, True):
+        assert [ok for ok, _ in score_batch(model, lm, "cpu", pad, full_logits=full_logits)] == [True, False]
+    fast = evaluate_core(model, byte_tokenizer, "cpu", bundle_dir=bundle)
+    ref = evaluate_core(model, byte_tokenizer, "cpu", bundle_dir=bundle, full_logits=True)
+    assert fast["results"] == ref["results"] and fast["core_metric"] == ref["core_metric"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_scored_positions_head_runs_lm_head_on_the_scored_rows_only(bundle, byte_tokenizer, tiny_gpt):
+    model = tiny_gpt(sequence_len=512).eval()
+    assert core_eval.scores_positions_only(model) and not core_eval.scores_positions_only(FakeLM())
+    spec = load_task_specs(bundle)[1]  # arc_easy: 10-shot prompts, 4 options with a long shared prefix
+    data = load_task_data(bundle, spec)
+    examples = prepare_examples(byte_tokenizer, data, list(range(len(data))), spec)
+    head_rows = []  # positions fed to lm_head, per call
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    try:
+        pad = byte_tokenizer.get_bos_token_id()
+        score_batch(model, examples, "cpu", pad, full_logits=True)
+        full_rows, head_rows[:] = list(head_rows), []
+        score_batch(model, examples, "cpu", pad)
+    finally:
+        hook.remove()
+    seqs = [s for ex in examples for s in ex.seqs]
+    scored = sum(b - a for ex in examples for a, b in zip(ex.starts, ex.ends))
+    assert full_rows == [len(seqs) * max(map(len, seqs))]  # every (row, position) of the padded batch
+    assert head_rows == [scored] and 10 * scored < full_rows[0]

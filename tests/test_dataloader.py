@@ -69,12 +69,10 @@ def write_shards(data_dir, num_files=4, row_groups=3, rows=10, seed=0):
 
 
 @pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    base = tmp_path / "base"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+def data_dir(base_dir, monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    d = str(base / "base_data_climbmix")
+    d = str(base_dir / "base_data_climbmix")
     write_shards(d)
     return d
 

@@ -23,14 +23,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
-def base_dir(tmp_path, monkeypatch):
-    base = tmp_path / "base"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+def hermetic(base_dir, monkeypatch):
+    """Every test: the kit's fresh NANOCHAT_BASE_DIR, the default data URL, and loopback without proxies."""
     monkeypatch.delenv("NANOCHAT_DATA_URL", raising=False)
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    return base
 
 
 def shard_bytes(texts, row_group_size=1024, column="text"):
@@ -180,8 +178,8 @@ def test_failed_shards_give_nonzero_exit(server, base_dir):
     assert os.listdir(base_dir / dataset.DATA_DIR_NAME) == ["shard_06542.parquet"]
 
 
-def test_unreachable_host_is_one_clear_line_without_traceback(tmp_path):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "base"), "PYTHONPATH": REPO_ROOT}
+def test_unreachable_host_is_one_clear_line_without_traceback(base_dir):
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}  # NANOCHAT_BASE_DIR is the kit's base_dir
     proc = subprocess.run([sys.executable, "-m", "nanochat.dataset", "-n", "1", "--base-url", closed_port_url()],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0
@@ -190,7 +188,7 @@ def test_unreachable_host_is_one_clear_line_without_traceback(tmp_path):
     assert len(errors) == 1, proc.stderr
     assert "cannot reach the dataset host 127.0.0.1" in errors[0]
     assert "offline" in errors[0] and "ingest" in errors[0]
-    assert list_parquet_files(str(tmp_path / "base" / dataset.DATA_DIR_NAME)) == []
+    assert list_parquet_files(str(base_dir / dataset.DATA_DIR_NAME)) == []
 
 
 def test_unreachable_host_falls_back_to_offline_corpus(base_dir, monkeypatch, caplog):

@@ -5,6 +5,7 @@ ids 0-255 are bytes, 256 python_start, 257 python_end, 258 output_start, 259 out
 260 assistant_end, 261 bos. The parity tests run a tiny real GPT against cache-free recomputation.
 """
 
+import functools
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
-from nanochat.engine import Engine, KVCache, compare_with_reference, reference_generate, sample_next_token, use_calculator
+from nanochat.engine import Engine, KVCache, compare_with_reference, sample_next_token, use_calculator
 
 VOCAB = 262
 PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END, ASSISTANT_END, BOS = range(256, 262)
@@ -433,67 +434,51 @@ def test_calculator_never_calls_eval(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# The reference generator on the mock model
+# The self-check on the mock model
 
 
-def test_reference_generate_matches_engine_on_mock():
+def test_compare_with_reference_reports_a_mismatch_on_mock():
+    """The self-check can fail: the engine follows the script, a reference that differs is no match."""
     completion = list(b"hello world")
     model = MockModel(logits_fn=scripted(len(PROMPT), completion))
-    assert reference_generate(model, PROMPT, 8) == completion[:8]
-    rows, _ = Engine(model).generate_batch(PROMPT, max_tokens=8, temperature=0.0)
-    assert rows[0][len(PROMPT):] == completion[:8]
+    model.generate = lambda tokens, max_tokens, temperature: iter(list(b"jello world")[:max_tokens])
+    result = compare_with_reference(model, PROMPT, max_tokens=8)
+    assert result["engine"] == completion[:8] and result["reference"] == list(b"jello wo")
+    assert not result["match"]
 
 
 # -----------------------------------------------------------------------------
 # A tiny real GPT: the cached engine against cache-free recomputation
 
 
-def tiny_gpt(vocab_size=VOCAB, sequence_len=64, window_pattern="L", seed=0, device="cpu", dtype=torch.float32):
-    """A small GPT in fp32 with weights scrambled well away from the init (zero projections, tiny
-    lm_head), so that logits are far from ties and every feature (smear, value embeddings, backout,
-    GQA) really shapes them."""
-    from nanochat.gpt import GPT, GPTConfig
-
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern=window_pattern)
-    with torch.device("meta"):
-        model = GPT(config, compute_dtype=dtype)
-    model.to_empty(device=device)
-    with torch.random.fork_rng(devices=[]):  # init_weights draws from the global generator
-        torch.manual_seed(seed)
-        model.init_weights()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                noise = torch.randn(p.shape, generator=gen) * (0.3 if "lm_head" in name else 0.1)
-                p.add_(noise.to(device=p.device, dtype=p.dtype))
-        model.smear_lambda.fill_(0.8)
-    return model.eval()
+@pytest.fixture
+def scrambled_gpt(tiny_gpt):
+    """The parity tests' model: 3 layers, GQA (4 query heads, 2 kv heads), weights scrambled so that
+    logits are far from ties and every feature (smear, value embeddings, backout, GQA) shapes them."""
+    return functools.partial(tiny_gpt, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2, scrambled=True)
 
 
-def test_engine_greedy_matches_naive_recompute():
-    model = tiny_gpt()
+def test_engine_greedy_matches_naive_recompute(scrambled_gpt):
+    model = scrambled_gpt()
     prompt = [BOS] + list(b"The sky is")
-    reference = reference_generate(model, prompt, 30)
-    assert list(model.generate(prompt, 30, temperature=0.0)) == reference
+    reference = list(model.generate(prompt, 30, temperature=0.0))
     rows, masks = Engine(model).generate_batch(prompt, num_samples=3, max_tokens=30, temperature=0.0)
     for row in rows:
         assert row[len(prompt):] == reference
     assert len(set(reference)) > 3, "the scrambled model should not be stuck on one token"
 
 
-def test_engine_greedy_matches_naive_with_sliding_windows():
+def test_engine_greedy_matches_naive_with_sliding_windows(scrambled_gpt):
     # sequence_len 512 -> short window 128: decoding from position ~110 to ~170 crosses it.
-    model = tiny_gpt(sequence_len=512, window_pattern="SL", seed=1)
+    model = scrambled_gpt(sequence_len=512, window_pattern="SL", seed=1)
     prompt = [BOS] + list(b"abcdefghij" * 11)
-    reference = reference_generate(model, prompt, 60)
+    reference = list(model.generate(prompt, 60, temperature=0.0))
     rows, _ = Engine(model).generate_batch(prompt, max_tokens=60, temperature=0.0)
     assert rows[0][len(prompt):] == reference
 
 
-def test_compare_with_reference_reports_a_match():
-    model = tiny_gpt(seed=2)
+def test_compare_with_reference_reports_a_match(scrambled_gpt):
+    model = scrambled_gpt(seed=2)
     result = compare_with_reference(model, [BOS] + list(b"hello"), max_tokens=12)
     assert result["match"] and len(result["engine"]) == 12
     assert result["reference_seconds"] > 0 and result["engine_seconds"] > 0
@@ -529,10 +514,10 @@ class RecordingModel:
         return out
 
 
-def test_sampled_rows_see_the_same_logits_as_recompute_while_rows_drop_out():
+def test_sampled_rows_see_the_same_logits_as_recompute_while_rows_drop_out(scrambled_gpt):
     """Every logit row the engine sampled from equals a cache-free forward over that sample's own
     prefix, including after finished rows were removed from the cache (keep_rows)."""
-    model = tiny_gpt(vocab_size=16, seed=3)
+    model = scrambled_gpt(vocab_size=16, seed=3)
     recorder = RecordingModel(model)
     engine = Engine(recorder, SmallVocabTokenizer())
     prompt = [6, 1, 2, 3, 4, 7, 8]
@@ -553,22 +538,19 @@ def test_sampled_rows_see_the_same_logits_as_recompute_while_rows_drop_out():
             assert torch.allclose(recorder.logits[step][row], naive, atol=1e-4), (step, s)
 
 
-def test_self_check_cli_on_a_saved_checkpoint(tmp_path, monkeypatch):
+def test_self_check_cli_on_a_saved_checkpoint(base_dir, byte_tokenizer, scrambled_gpt, monkeypatch):
     """`python -m nanochat.engine`: load a checkpoint, generate both ways, exit 0 when they match."""
     from dataclasses import asdict
 
     from nanochat import engine as cli
     from nanochat.checkpoint_manager import get_checkpoints_dir, save_checkpoint
     from nanochat.common import get_compute_dtype
-    from nanochat.tokenizer import RustBPETokenizer
 
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_DTYPE", "float32")  # exact parity needs fp32 (bf16 rounding differs by path)
     get_compute_dtype.cache_clear()
     try:
-        tok = RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
-        tok.save(str(tmp_path / "tokenizer"))
-        model = tiny_gpt(vocab_size=tok.get_vocab_size(), seed=4)
+        byte_tokenizer.save(str(base_dir / "tokenizer"))
+        model = scrambled_gpt(vocab_size=byte_tokenizer.get_vocab_size(), seed=4)
         save_checkpoint(os.path.join(get_checkpoints_dir("base"), "d3"), 1, model.state_dict(), None,
                         {"step": 1, "model_config": asdict(model.config)})
         assert cli.main(["-i", "base", "-n", "10", "-p", "Water is", "--device-type", "cpu"]) == 0
@@ -579,17 +561,17 @@ def test_self_check_cli_on_a_saved_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_engine_on_cuda_fp32_and_bf16():
+def test_engine_on_cuda_fp32_and_bf16(scrambled_gpt):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     prompt = [BOS] + list(b"The sky is")
-    model = tiny_gpt(device="cuda")
-    reference = reference_generate(model, prompt, 30)
+    model = scrambled_gpt(device="cuda")
+    reference = list(model.generate(prompt, 30, temperature=0.0))
     rows, _ = Engine(model).generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
     assert all(row[len(prompt):] == reference for row in rows)
     # bf16 (Flash-Attention-3 when installed): cache in bf16, and the logits each step was sampled
     # from stay within bf16 rounding of a cache-free recompute of the same prefix.
-    model16 = tiny_gpt(device="cuda", dtype=torch.bfloat16)
+    model16 = scrambled_gpt(device="cuda", compute_dtype=torch.bfloat16)
     recorder = RecordingModel(model16)
     engine = Engine(recorder)
     assert engine.kv_dtype == torch.bfloat16

@@ -2,12 +2,9 @@
 probabilities (fp32 losses, so 1e-6): special and ignored targets excluded, nan at masked positions ignored, 2-rank gloo sum."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from nanochat.loss_eval import evaluate_bpb
@@ -66,27 +63,13 @@ def test_no_bytes_gives_inf_and_short_iterators_are_an_error():
         evaluate_bpb(FixedDistributionModel(), iter(BATCHES), 3, TOKEN_BYTES)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bpb_worker(rank, world_size, port, results):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        results[rank] = evaluate_bpb(FixedDistributionModel(), iter(BATCHES[rank:rank + 1]), 1, TOKEN_BYTES)
-    finally:
-        dist.destroy_process_group()
+def _bpb_worker(rank, world_size):
+    return evaluate_bpb(FixedDistributionModel(), iter(BATCHES[rank:rank + 1]), 1, TOKEN_BYTES)
 
 
 @pytest.mark.slow  # spawns two interpreters: ~10 s on 2 busy cores
-def test_two_ranks_sum_nats_and_bytes_before_dividing():
-    results = mp.Manager().dict()
-    mp.spawn(_bpb_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+def test_two_ranks_sum_nats_and_bytes_before_dividing(run_on_ranks):
+    results = run_on_ranks(_bpb_worker)
     want = expected_bpb([t for _, y in BATCHES for t in y.flatten().tolist()])
     assert results[0] == pytest.approx(want, rel=1e-6) and results[1] == pytest.approx(want, rel=1e-6)
     # Averaging the per-rank bpb instead would be wrong (the ranks have different byte counts).

@@ -78,11 +78,10 @@ class Clock:
 
 
 @pytest.fixture(autouse=True)
-def base_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+def hermetic(base_dir, tmp_path, monkeypatch):
+    """Every test: the kit's fresh NANOCHAT_BASE_DIR, rank 0, and tmp_path as the current directory."""
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.chdir(tmp_path)  # generate() copies report.md into the current directory
-    return tmp_path / "base"
 
 
 def at(hms):

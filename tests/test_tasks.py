@@ -30,11 +30,10 @@ MC_TAIL = "\nRespond only with the letter of the correct answer."
 
 
 @pytest.fixture(autouse=True)
-def hermetic(monkeypatch, tmp_path):
+def hermetic(base_dir, monkeypatch, tmp_path):
     import datasets.config
     import huggingface_hub.constants
 
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.setenv("NANOCHAT_TASKS_DIR", FIXTURES)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -172,9 +171,9 @@ def test_local_parquet_shards_in_the_tasks_dir(tmp_path, monkeypatch):
     assert [ds[i]["question"] for i in range(len(ds))] == [r["question"] for r in fixture_rows("openai--gsm8k/main/test.jsonl")]
 
 
-def test_default_tasks_dir_is_under_the_base_dir(monkeypatch, tmp_path):
+def test_default_tasks_dir_is_under_the_base_dir(monkeypatch, base_dir):
     monkeypatch.delenv("NANOCHAT_TASKS_DIR")
-    assert common.local_tasks_dir() == os.path.join(str(tmp_path / "base"), "task_data")
+    assert common.local_tasks_dir() == os.path.join(str(base_dir), "task_data")
 
 
 def test_missing_dataset_names_it_and_the_fix(tmp_path, monkeypatch):
@@ -408,12 +407,11 @@ def test_smoltalk_bad_rows_are_rejected(tmp_path):
 
 
 @pytest.fixture
-def words(tmp_path):
+def words(base_dir):
     """A small word list placed where the downloader would put it, so nothing is fetched."""
     word_list = ["strawberry", "banana", "committee", "a", "mississippi", "rhythm"]
-    base = tmp_path / "base"
-    base.mkdir(exist_ok=True)
-    (base / "words_alpha.txt").write_text("\r\n".join(word_list) + "\r\n")
+    base_dir.mkdir(exist_ok=True)
+    (base_dir / "words_alpha.txt").write_text("\r\n".join(word_list) + "\r\n")
     return word_list
 
 

@@ -28,19 +28,18 @@ def _documents(seed, n):
 
 
 @pytest.fixture
-def base_dir(tmp_path, monkeypatch):
-    """<base> with two train shards and one val shard (column `text`, several row groups each)."""
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+def sharded_base(base_dir, tmp_path, monkeypatch):
+    """The kit's base dir with two train shards and one val shard (column `text`, several row groups each)."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))  # empty: no reference vocabularies
-    data_dir = tmp_path / "base_data_climbmix"
-    data_dir.mkdir()
+    data_dir = base_dir / "base_data_climbmix"
+    data_dir.mkdir(parents=True)
     for index in range(3):
         table = pa.table({"text": _documents(index, 60)})
         pq.write_table(table, data_dir / f"shard_{index:05d}.parquet", row_group_size=20)
-    return tmp_path
+    return base_dir
 
 
-def test_tok_train_writes_tokenizer_token_bytes_and_report(base_dir):
+def test_tok_train_writes_tokenizer_token_bytes_and_report(sharded_base):
     tok_train.main(["--vocab-size", str(VOCAB_SIZE), "--max-chars", "100000", "--doc-cap", "400"])
     tokenizer = get_tokenizer()
     assert tokenizer.get_vocab_size() == VOCAB_SIZE
@@ -48,7 +47,7 @@ def test_tok_train_writes_tokenizer_token_bytes_and_report(base_dir):
     token_bytes = get_token_bytes()
     assert token_bytes.dtype == torch.int32 and token_bytes.shape == (VOCAB_SIZE,)
     assert token_bytes[-9:].tolist() == [0] * 9 and int(token_bytes[:-9].min()) == 1
-    section = (base_dir / "report" / "tokenizer-training.md").read_text()
+    section = (sharded_base / "report" / "tokenizer-training.md").read_text()
     assert section.startswith("## Tokenizer training\n")
     for line in ("- max_chars: 100,000", "- doc_cap: 400", f"- vocab_size: {VOCAB_SIZE}", "- num_special_tokens: 9",
                  "- token_bytes_min: 1", "- train_time: "):
@@ -56,7 +55,7 @@ def test_tok_train_writes_tokenizer_token_bytes_and_report(base_dir):
     assert "- token_bytes_mean: " in section and "- token_bytes_std: " in section
 
 
-def test_tok_train_trains_only_on_the_train_split_within_max_chars(base_dir, monkeypatch):
+def test_tok_train_trains_only_on_the_train_split_within_max_chars(sharded_base, monkeypatch):
     seen = []
     real_train = RustBPETokenizer.train_from_iterator.__func__
 
@@ -73,13 +72,12 @@ def test_tok_train_trains_only_on_the_train_split_within_max_chars(base_dir, mon
     assert not set(seen) & {d[:50] for d in _documents(2, 60)}  # the val shard is never trained on
 
 
-def test_tok_train_without_shards_says_how_to_get_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+def test_tok_train_without_shards_says_how_to_get_them(base_dir):
     with pytest.raises(SystemExit, match="python -m nanochat.dataset -n 8"):
         tok_train.main(["--vocab-size", str(VOCAB_SIZE)])
 
 
-def test_tok_train_rejects_too_small_vocab(base_dir, capsys):
+def test_tok_train_rejects_too_small_vocab(sharded_base, capsys):
     with pytest.raises(SystemExit) as e:
         tok_train.main(["--vocab-size", "100"])
     assert e.value.code == 2 and "at least 265" in capsys.readouterr().err
@@ -101,7 +99,7 @@ def test_tok_train_defaults_match_the_spec():
     assert (args.max_chars, args.doc_cap, args.vocab_size) == (2_000_000_000, 10_000, 32_768)
 
 
-def test_tok_eval_offline_reports_ours_and_says_baselines_are_unavailable(base_dir, capsys):
+def test_tok_eval_offline_reports_ours_and_says_baselines_are_unavailable(sharded_base, capsys):
     tok_train.main(["--vocab-size", str(VOCAB_SIZE), "--max-chars", "100000"])
     capsys.readouterr()
     ours = tok_eval.main(["--offline"])
@@ -111,34 +109,32 @@ def test_tok_eval_offline_reports_ours_and_says_baselines_are_unavailable(base_d
     train_text = "\n".join(_documents(0, 60)[:20])  # first row group of the first train shard
     assert ours["climbmix-train"][0] == len(train_text.encode("utf-8"))
     assert ours["climbmix-val"][0] == len("\n".join(_documents(2, 60)[:20]).encode("utf-8"))
-    section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
+    section = (sharded_base / "report" / "tokenizer-evaluation.md").read_text()
     assert section.startswith("## Tokenizer evaluation\n")
     assert "GPT-2 encoding unavailable offline" in section and "### Ours alone" in section
     n_bytes, n_tokens, ratio = ours["news"]
     assert f"| news | {n_bytes} | {n_tokens} | {ratio:.2f} |" in section
 
 
-def test_tok_eval_compares_against_an_available_baseline(base_dir, capsys, monkeypatch):
+def test_tok_eval_compares_against_an_available_baseline(sharded_base, byte_tokenizer, capsys, monkeypatch):
     tok_train.main(["--vocab-size", str(VOCAB_SIZE), "--max-chars", "100000"])
-    byte_level = RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
 
     def fake_pretrained(cls, name, offline=False, timeout=10.0):
         if name == "gpt2":
-            return byte_level  # one token per byte, so every ratio is exactly 1.00
+            return byte_tokenizer  # one token per byte, so every ratio is exactly 1.00
         raise EncodingUnavailableError("test: no GPT-4 here")
 
     monkeypatch.setattr(RustBPETokenizer, "from_pretrained", classmethod(fake_pretrained))
     ours = tok_eval.main([])
     out = capsys.readouterr().out
     assert "Comparison with GPT-2:" in out and "GPT-4 encoding unavailable offline (test: no GPT-4 here)" in out
-    section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
+    section = (sharded_base / "report" / "tokenizer-evaluation.md").read_text()
     assert "### Comparison with GPT-2\n\n| Text Type | Bytes | GPT-2 Tokens | GPT-2 Ratio | Ours Tokens | Ours Ratio | Relative Diff % |" in section
     n_bytes, n_tokens, ratio = ours["code"]
     diff = (n_bytes - n_tokens) / n_bytes * 100
     assert f"| code | {n_bytes} | {n_bytes} | 1.00 | {n_tokens} | {ratio:.2f} | {diff:+.1f}% |" in section
 
 
-def test_tok_eval_without_tokenizer_says_how_to_train_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+def test_tok_eval_without_tokenizer_says_how_to_train_one(base_dir):
     with pytest.raises(SystemExit, match="python -m scripts.tok_train"):
         tok_eval.main(["--offline"])

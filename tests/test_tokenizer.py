@@ -32,12 +32,6 @@ def tok():
     return RustBPETokenizer.train_from_iterator(iter(CORPUS), VOCAB_SIZE)
 
 
-@pytest.fixture(scope="module")
-def byte_tok():
-    """No merges at all: every id below 256 is its byte, so expected ids can be written down literally."""
-    return RustBPETokenizer.from_mergeable_ranks({bytes([i]): i for i in range(256)})
-
-
 def sid(tok, name):
     return tok.encode_special(name)
 
@@ -125,18 +119,16 @@ def test_save_and_load_roundtrip(tok, tmp_path):
     assert loaded.get_vocab_size() == tok.get_vocab_size()
 
 
-def test_get_tokenizer_and_token_bytes_missing_say_how_to_make_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+def test_get_tokenizer_and_token_bytes_missing_say_how_to_make_them(base_dir):
     with pytest.raises(TokenizerNotFoundError, match="python -m scripts.tok_train"):
         get_tokenizer()
     with pytest.raises(TokenizerNotFoundError, match="python -m scripts.tok_train"):
         get_token_bytes()
 
 
-def test_get_tokenizer_and_token_bytes_load_from_base_dir(tok, tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    tok.save(str(tmp_path / "tokenizer"))
-    torch.save(compute_token_bytes(tok), tmp_path / "tokenizer" / "token_bytes.pt")
+def test_get_tokenizer_and_token_bytes_load_from_base_dir(tok, base_dir):
+    tok.save(str(base_dir / "tokenizer"))
+    torch.save(compute_token_bytes(tok), base_dir / "tokenizer" / "token_bytes.pt")
     assert get_tokenizer().encode("hello world") == tok.encode("hello world")
     token_bytes = get_token_bytes("cpu")
     assert token_bytes.dtype == torch.int32 and token_bytes.shape == (VOCAB_SIZE,)
@@ -201,9 +193,9 @@ TOOL_CONVERSATION = {"messages": [
 ]}
 
 
-def test_render_golden_ids_and_mask_with_system_and_tool_parts(byte_tok):
+def test_render_golden_ids_and_mask_with_system_and_tool_parts(byte_tokenizer):
     # Byte-level tokenizer: text ids are the UTF-8 bytes; specials are 256 (bos) ... 264 (output_end).
-    ids, mask = byte_tok.render_conversation(TOOL_CONVERSATION)
+    ids, mask = byte_tokenizer.render_conversation(TOOL_CONVERSATION)
     expected = ([256, 257] + list(b"SYS\n\nhi") + [258, 259] + list(b"ok ") + [261] + list(b"1+1") + [262]
                 + [263] + list(b"2") + [264] + list(b" done") + [260])
     expected_mask = ([0, 0] + [0] * 7 + [0, 0] + [1] * 3 + [1] + [1] * 3 + [1]
@@ -278,9 +270,9 @@ U, A = "user", "assistant"
     ({"messages": [{"role": U, "content": "a"}, {"role": A, "content": [{"type": "text"}]}]}, "part 0 must be a dict with a str 'text'"),
     ({"messages": [{"role": U, "content": "a"}, {"role": A, "content": ["plain"]}]}, "part 0 must be a dict"),
 ])
-def test_malformed_conversations_raise_value_error_naming_the_problem(byte_tok, conversation, message):
+def test_malformed_conversations_raise_value_error_naming_the_problem(byte_tokenizer, conversation, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        byte_tok.render_conversation(conversation)
+        byte_tokenizer.render_conversation(conversation)
 
 
 def test_render_for_completion(tok):
@@ -298,17 +290,17 @@ def test_render_for_completion(tok):
         tok.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
 
 
-def test_visualize_tokenization_colors_by_mask(byte_tok):
-    ids, mask = byte_tok.render_conversation({"messages": [{"role": "user", "content": "a"},
+def test_visualize_tokenization_colors_by_mask(byte_tokenizer):
+    ids, mask = byte_tokenizer.render_conversation({"messages": [{"role": "user", "content": "a"},
                                                            {"role": "assistant", "content": "b"}]})
-    out = byte_tok.visualize_tokenization(ids, mask)
+    out = byte_tokenizer.visualize_tokenization(ids, mask)
     assert out.startswith("\033[91m<|bos|>\033[0m|\033[91m<|user_start|>\033[0m|")
     assert "\033[92mb\033[0m" in out and "\033[91ma\033[0m" in out
     assert "\033[92m<|assistant_end|>\033[0m" in out
-    with_ids = byte_tok.visualize_tokenization(ids, mask, with_token_id=True)
+    with_ids = byte_tokenizer.visualize_tokenization(ids, mask, with_token_id=True)
     assert "\033[92mb\033[0m\033[90m(98)\033[0m" in with_ids
     with pytest.raises(ValueError, match="differ in length"):
-        byte_tok.visualize_tokenization(ids, mask[:-1])
+        byte_tokenizer.visualize_tokenization(ids, mask[:-1])
 
 
 # -----------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nanochat import training
-from nanochat.training import (StepMeter, TrainStep, grad_accum_steps_for, lr_multiplier, muon_momentum,
-                               muon_weight_decay, scaling_plan)
+from nanochat.training import (NonFiniteLossError, OutOfMemory, StepMeter, TrainStep, grad_accum_steps_for,
+                               lr_multiplier, muon_momentum, muon_weight_decay, scaling_plan)
 
 D12_SCALING_PARAMS = 110_100_912  # 01 Appendix A
 
@@ -47,10 +47,12 @@ def test_horizon_precedence_and_errors():
         scaling_plan(10, 10, 10.0, total_batch_size=1024)
 
 
-def test_grad_accum_steps():
+def test_grad_accum_steps_and_the_nearest_valid_values():
     assert grad_accum_steps_for(65_536, 8, 2048, 1) == 4
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="not divisible") as err:
         grad_accum_steps_for(65_536, 3, 2048, 1)
+    assert "--total-batch-size=61440 or --total-batch-size=67584" in str(err.value)
+    assert "--device-batch-size=2" in str(err.value)
 
 
 # The speedrun schedule table (d24, N = 5568) of 01 §3.5.
@@ -86,61 +88,232 @@ def test_apply_schedule_touches_muon_only_for_momentum_and_wd():
     assert (m["lr"], m["momentum"], m["weight_decay"]) == (0.1, 0.97, 0.1)
 
 
+def test_progress_schedules():
+    # SFT defaults: flat for the first half, then linear to 0; midtraining: flat to 80%, then linear to 0.
+    assert training.progress_lr_multiplier(0.3) == 1.0
+    assert training.progress_lr_multiplier(0.75) == pytest.approx(0.5)
+    assert training.progress_lr_multiplier(1.0) == pytest.approx(0.0)
+    assert training.progress_lr_multiplier(0.9, warmdown_ratio=0.2) == pytest.approx(0.5)
+    assert training.progress_lr_multiplier(0.05, warmup_ratio=0.1) == pytest.approx(0.5)
+    assert training.momentum_warmup(0) == 0.85 and training.momentum_warmup(150) == pytest.approx(0.9)
+    assert training.momentum_warmup(1000) == 0.95
+    assert training.linear_decay(0, 10) == 1.0 and training.linear_decay(9, 10) == pytest.approx(0.1)
+
+
+# -----------------------------------------------------------------------------
+# The step
+
+
 class _TinyLM(torch.nn.Module):
-    def __init__(self, fail_rows=None, nan=False):
+    """Embedding + linear head; optionally NaN on chosen calls, or OOM above a row count."""
+
+    def __init__(self, nan_calls=(), oom_rows=None):
         super().__init__()
         self.emb = torch.nn.Embedding(16, 8)
         self.head = torch.nn.Linear(8, 16)
-        self.fail_rows = fail_rows
-        self.nan = nan
+        self.nan_calls, self.oom_rows, self.calls = set(nan_calls), oom_rows, 0
 
     def forward(self, x, y):
-        if self.fail_rows is not None and x.size(0) > self.fail_rows:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        logits = self.head(self.emb(x))
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, 16), y.view(-1))
-        return loss * float("nan") if self.nan else loss
+        self.calls += 1
+        if self.oom_rows is not None and x.size(0) > self.oom_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        loss = torch.nn.functional.cross_entropy(self.head(self.emb(x)).view(-1, 16), y.reshape(-1))
+        return loss * float("nan") if self.calls in self.nan_calls else loss
 
 
-def _batches(n, rows=4, seed=0):
+def _stream(n, rows=4, seed=0, log=None):
+    """(x, y, state) micro-batches; `log` records each fetch, to see when the step asks for data."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 16, (rows, 5), generator=g), torch.randint(0, 16, (rows, 5), generator=g)) for _ in range(n)]
+    for i in range(n):
+        if log is not None:
+            log.append(("fetch", i))
+        yield torch.randint(0, 16, (rows, 5), generator=g), torch.randint(0, 16, (rows, 5), generator=g), {"batch": i}
 
 
-def test_oom_retry_halves_rows_and_gives_the_same_update():
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_nan_in_the_first_micro_batch_stops_before_the_optimizer_step():
+    model = _TinyLM(nan_calls={1})  # the first of two micro-batches
+    before = _params(model)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_accum_steps=2)
+    with pytest.raises(NonFiniteLossError, match="NaN/inf in 1 of 2 micro-batches"):
+        step(_stream(3))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_logged_loss_is_the_mean_over_micro_batches():
     torch.manual_seed(0)
-    ref = _TinyLM()
-    oom = _TinyLM(fail_rows=1)
-    oom.load_state_dict(ref.state_dict())
-    batches = _batches(2)
-    messages = []
-    step_ref = TrainStep(ref, torch.optim.SGD(ref.parameters(), lr=0.1))
-    step_oom = TrainStep(oom, torch.optim.SGD(oom.parameters(), lr=0.1), log=messages.append)
-    step_ref(batches)
-    step_oom(batches)
-    assert step_oom.splits == 4 and step_oom.oom_retries == 2
-    assert "halving the device batch to 2 rows" in messages[0]
-    for a, b in zip(ref.parameters(), oom.parameters()):
+    model = _TinyLM()
+    batches = list(_stream(3))
+    with torch.no_grad():
+        expected = sum(model(x, y).item() for x, y, _ in batches[:3]) / 3
+    model.calls = 0
+    result = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), grad_accum_steps=3, prefetch=False)(iter(batches))
+    assert result.loss == pytest.approx(expected, rel=1e-6)
+    assert result.tokens == 3 * 4 * 5 and not result.skipped
+
+
+@pytest.mark.parametrize("rows,accum", [(6, 1), (3, 2), (2, 3), (1, 6)])
+def test_gradient_accumulation_equals_one_big_batch(rows, accum):
+    """Every device batch x accumulation split of the same 6 rows gives the big batch's update."""
+    torch.manual_seed(0)
+    ref, model = _TinyLM(), _TinyLM()
+    model.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 16, (6, 5), generator=g), torch.randint(0, 16, (6, 5), generator=g)
+    TrainStep(ref, torch.optim.SGD(ref.parameters(), lr=0.5), 1)(iter([(x, y, None), (x, y, None)]))
+    micro = [(x[i:i + rows], y[i:i + rows], None) for i in range(0, 6, rows)] + [(x[:rows], y[:rows], None)]
+    TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.5), accum)(iter(micro))
+    for a, b in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_nan_loss_stops_before_the_optimizer_step():
-    model = _TinyLM(nan=True)
-    before = [p.detach().clone() for p in model.parameters()]
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(training.NonFiniteLossError, match="training loss is nan"):
-        step(_batches(1))
-    for a, b in zip(before, model.parameters()):
-        assert torch.equal(a, b)
+def test_the_next_batch_is_fetched_during_accumulation_and_the_resume_state_lags_it():
+    events = []
+    model = _TinyLM()
+    original = model.forward
+    model.forward = lambda x, y: (events.append(("forward",)), original(x, y))[1]
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_accum_steps=2)
+    batches = _stream(10, log=events)
+    step.fetch(batches)
+    step(batches)
+    # fetch 0 before the step, then each forward is followed by the fetch of the next micro-batch
+    assert events == [("fetch", 0), ("forward",), ("fetch", 1), ("forward",), ("fetch", 2)]
+    assert step.state == {"batch": 2}  # the pending batch: what the horizon looks at
+    assert step.resume_state == {"batch": 1}  # the last one trained on: what a checkpoint records
+
+
+def test_out_of_memory_in_a_step_is_a_one_line_error_naming_the_flag():
+    model = _TinyLM(oom_rows=2)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, oom_hint="lower --device-batch-size (now 4)")
+    with pytest.raises(OutOfMemory, match=r"4 rows x 5 tokens per micro-batch; lower --device-batch-size \(now 4\)"):
+        step(_stream(2))
+
+
+def test_fp16_overflow_skips_the_update():
+    model = _TinyLM()
+    before = _params(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, scaler=scaler,
+                     loss_fn=lambda m, x, y: m(x, y) * 1e36)  # scaled by 2^16 the gradients overflow to inf
+    result = step(_stream(2))
+    assert result.skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() < 2.0**16
+
+
+# -----------------------------------------------------------------------------
+# The device-batch probe
+
+
+def test_probe_picks_the_largest_batch_that_fits():
+    model = _TinyLM(oom_rows=8)
+    messages = []
+
+    def try_batch(b):
+        x = torch.randint(0, 16, (b, 5))
+        model(x, x).backward()
+
+    candidates = training.batch_size_candidates(total_batch_size=64 * 5, seq_len=5, world_size=1)
+    assert candidates == [64, 32, 16, 8, 4, 2, 1]
+    assert training.probe_device_batch_size(try_batch, candidates, torch.device("cpu"), log=messages.append) == 8
+    assert [m.split(" -> ")[1].split(" (")[0] for m in messages] == ["does not fit"] * 3 + ["fits"]
+    model.oom_rows = 0
+    with pytest.raises(OutOfMemory, match="even 1 row"):
+        training.probe_device_batch_size(try_batch, candidates, torch.device("cpu"), log=messages.append)
+
+
+def test_the_probe_step_leaves_weights_and_optimizer_state_untouched(tiny_gpt):
+    model = tiny_gpt(scrambled=True)
+    optimizer = model.setup_optimizer(weight_decay=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try_batch = training.probe_training_step(model, optimizer, seq_len=16, vocab_size=265, device=torch.device("cpu"))
+    assert optimizer.state  # allocated, so the probe counts its memory
+    try_batch(4)
+    try_batch.reset()
+    assert not optimizer.state
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_auto_device_batch_size_off_cuda_uses_the_fallback():
+    messages = []
+    rows = training.resolve_device_batch_size("auto", 32, None, None, 65536, 2048, 1, 100, torch.device("cpu"), log=messages.append)
+    assert rows == 32 and "no memory probe on cpu" in messages[0]
+    assert training.resolve_device_batch_size(8, 32, None, None, 65536, 2048, 1, 100, torch.device("cpu")) == 8
+
+
+# -----------------------------------------------------------------------------
+# Two ranks: every decision is made together
+
+
+def _decisions_on_two_ranks(rank, world_size, model):
+    """Rank 1 alone goes wrong, twice: a NaN loss, then (fp16) overflowing gradients."""
+    import copy
+
+    from nanochat.training import NonFiniteLossError, TrainStep
+
+    x = torch.randint(0, 265, (2, 16), generator=torch.Generator().manual_seed(rank))
+    batches = lambda: iter([(x, x, None)] * 2)  # noqa: E731
+    out = {}
+
+    nan_model = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in nan_model.state_dict().items()}
+    step = TrainStep(nan_model, nan_model.setup_optimizer(), 1,
+                     loss_fn=lambda m, a, b: m(a, b) * (float("nan") if rank == 1 else 1.0))
+    try:
+        step(batches())
+        out["nan"] = None
+    except NonFiniteLossError as err:
+        out["nan"] = str(err)
+    out["nan_unchanged"] = all(torch.equal(v, before[k]) for k, v in nan_model.state_dict().items())
+
+    fp16_model = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in fp16_model.state_dict().items()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    calls = []
+
+    def overflow_once(m, a, b):  # rank 1's first step has inf gradients (a finite loss): a simulated fp16 overflow
+        calls.append(1)
+        loss = m(a, b)
+        if rank == 1 and len(calls) == 1:
+            loss.register_hook(lambda grad: grad * float("inf"))
+        return loss
+
+    step = TrainStep(fp16_model, fp16_model.setup_optimizer(), 1, scaler=scaler, loss_fn=overflow_once)
+    first = step(batches())
+    out["unchanged_after_first"] = all(torch.equal(v, before[k]) for k, v in fp16_model.state_dict().items())
+    second = step(batches())
+    out.update(skipped=[first.skipped, second.skipped], scale=scaler.get_scale(), loss=second.loss,
+               changed_after_second=not all(torch.equal(v, before[k]) for k, v in fp16_model.state_dict().items()))
+    return out
+
+
+def test_nan_and_fp16_skip_decisions_are_shared_across_ranks(tiny_gpt, run_on_ranks):
+    r0, r1 = run_on_ranks(_decisions_on_two_ranks, tiny_gpt(scrambled=True), timeout=300)
+    # A NaN on rank 1 only: both ranks stop before the optimizer step, with the same message.
+    assert r0["nan"] is not None and r0["nan"] == r1["nan"] and "NaN/inf in 1 of 2 micro-batches" in r0["nan"]
+    assert r0["nan_unchanged"] and r1["nan_unchanged"]
+    # An fp16 overflow on rank 1 only: both skip the first update (and halve the scale), both take the second.
+    assert r0["skipped"] == r1["skipped"] == [True, False]
+    assert r0["unchanged_after_first"] and r1["unchanged_after_first"]
+    assert r0["scale"] == r1["scale"] == 0.5
+    assert r0["changed_after_second"] and r1["changed_after_second"]
+    assert r0["loss"] == pytest.approx(r1["loss"])  # the logged loss is the mean over both ranks
 
 
 def test_step_meter_excludes_warmup_from_timing():
-    meter = StepMeter(num_iterations=20, tokens_per_step=100, flops_per_token=2.0, peak_flops=None, warmup=2)
+    meter = StepMeter(tokens_per_step=100, flops_per_token=2.0, peak_flops=None, warmup=2)
     for step in range(5):
         meter.start()
-        m = meter.stop(step, loss=1.0)
-    assert meter.timed_steps == 2
-    assert m["mfu"] is None
+        m = meter.stop(step, loss=1.0, progress=(step + 1) / 20)
+    assert meter.timed_steps == 2 and meter.timed_tokens == 200
+    assert m["mfu"] is None and m["eta"] is not None
     assert m["loss"] == pytest.approx(1.0)
-    line = training.format_step_line(4, 20, m, 1.0, extra="epoch: 1")
+    line = meter.format_line(4, 20, 0.2, m, 1.0, extra="epoch: 1")
     assert line.startswith("step 00004/00020 (20.00%) | loss: 1.000000 | lrm: 1.00 |") and "bf16_mfu: n/a | epoch: 1" in line
+    assert meter.format_line(4, None, 0.5, m, 1.0).startswith("step 00004 (50.00%)")
