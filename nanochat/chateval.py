@@ -245,6 +245,33 @@ def evaluate_chatcore(model, tokenizer, engine, batch_size=8, max_categorical=No
     return {"accuracies": accuracies, "chatcore": chatcore(accuracies), "chatcore_cat": chatcore_cat(accuracies)}
 
 
+def build_available_tasks(names=None):
+    """{name: Task} for each task of `names` (default: every ChatCORE task) whose data can be had.
+
+    Offline, a task whose dataset can't be fetched is left out, and GSM8K is replaced by the synthetic
+    arithmetic problems (tasks/arithmetic.py); each is logged once and listed by tasks.common.fallbacks_used().
+    ChatCORE is then None (it is only defined over all of its tasks).
+    """
+    from tasks.common import DatasetUnavailableError, note_fallback
+
+    tasks = {}
+    for name in names or TASKS:
+        try:
+            tasks[name] = build_task(name)
+        except DatasetUnavailableError as err:
+            if name == "GSM8K":
+                note_fallback("eval:GSM8K", "GSM8K unavailable offline: evaluated on SyntheticArithmetic instead", detail=str(err))
+                tasks["SyntheticArithmetic"] = build_task("SyntheticArithmetic")
+            else:
+                note_fallback(f"eval:{name}", f"{name} unavailable offline: not evaluated", detail=str(err))
+    return tasks
+
+
+def evaluate_available_chatcore(model, tokenizer, engine, **kwargs):
+    """evaluate_chatcore over the tasks that build_available_tasks() finds (SFT's periodic check)."""
+    return evaluate_chatcore(model, tokenizer, engine, tasks=build_available_tasks(), **kwargs)
+
+
 # -----------------------------------------------------------------------------
 # ChatCORE
 

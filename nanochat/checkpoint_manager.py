@@ -196,6 +196,15 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda t: t[1])[0]
 
 
+def resolve_checkpoint(source, model_tag=None, step=None):
+    """(checkpoint_dir, model_tag, step) that load_model(source, ...) would load: the largest tag and last step
+    unless given."""
+    checkpoints_dir = get_checkpoints_dir(source)
+    tag = model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir, step = _resolve(checkpoints_dir, tag, step)
+    return checkpoint_dir, tag, step
+
+
 def _resolve(checkpoints_dir, model_tag, step):
     if model_tag is None:
         model_tag = find_largest_model(checkpoints_dir)
@@ -287,11 +296,17 @@ def load_model(source, device, phase, model_tag=None, step=None):
     return load_model_from_dir(get_checkpoints_dir(source), device, phase, model_tag=model_tag, step=step)
 
 
-def load_optimizer_state(source, device, rank, model_tag=None, step=None):
-    """This rank's optimizer shard of a checkpoint, or None (logged) if that checkpoint has none."""
+def load_optimizer_state(source, device, rank, model_tag=None, step=None, required=False):
+    """This rank's optimizer shard of a checkpoint, or None (logged) if that checkpoint has none.
+
+    required: a missing shard is an error (a resume needs every rank's shard, so the same world size).
+    """
     checkpoint_dir, step = _resolve(get_checkpoints_dir(source), model_tag, step)
     path = optim_path(checkpoint_dir, step, rank)
     if not os.path.exists(path):
+        if required:
+            raise CheckpointNotFoundError(f"no optimizer state for rank {rank} at {path}: resuming needs the shard of every "
+                                          "rank, so resume with the number of processes the checkpoint was saved with")
         log.info("No optimizer state at %s; the optimizer starts fresh", path)
         return None
     return _torch_load(path, device)

@@ -138,8 +138,26 @@ def __getattr__(name):
 # SDPA fallback
 
 
+# PyTorch's fused CPU attention in bf16 rounds the softmax probabilities, and in backward the score
+# gradients, to bf16 between its matmuls. That alone made d4 pretraining on CPU worse than fp32 (a loss
+# spike near step 15 and a lagging curve, bench/bench_precision_cpu.py); the same attention computed in
+# fp32 from the bf16 inputs (rounded once at the output) keeps the fp32 curve. On CUDA, FA3 and SDPA keep
+# bf16 as the GPU recipe always has.
+CPU_ATTENTION_IN_FP32 = True
+
+
 def _sdpa_attention(q, k, v, window_size, enable_gqa):
     """Causal attention on (B, H, T, D) tensors with a left window; queries are the LAST Tq key positions.
+
+    On CPU, reduced-precision inputs are attended in fp32 and the result is cast back (see above).
+    """
+    if CPU_ATTENTION_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return _sdpa_math(q.float(), k.float(), v.float(), window_size, enable_gqa).to(q.dtype)
+    return _sdpa_math(q, k, v, window_size, enable_gqa)
+
+
+def _sdpa_math(q, k, v, window_size, enable_gqa):
+    """The three SDPA cases (see _sdpa_attention), in the inputs' dtype.
 
     Three cases, cheapest first: plain causal (window covers everything and Tq == Tk: training with an
     "L" window), single-token decode (crop the keys to the window, no mask needed), and an explicit

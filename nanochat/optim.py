@@ -191,6 +191,10 @@ def muon_lr_factor(shape):
 # Small helpers
 
 
+class ShardMismatchError(common.UserError, ValueError):
+    """An optimizer state shard saved by another rank or under another world size."""
+
+
 class _Done:
     """Stands in for a collective's Work handle when there was nothing to communicate (world size 1)."""
 
@@ -299,7 +303,7 @@ class MuonAdamW(torch.optim.Optimizer):
         rank, world = _dist_info()
         saved = state_dict.get("distributed")
         if saved is not None and (saved["rank"], saved["world_size"]) != (rank, world):
-            raise ValueError(
+            raise ShardMismatchError(
                 f"optimizer state was saved by rank {saved['rank']} of {saved['world_size']} but is being loaded on rank {rank} "
                 f"of {world}; the state is sharded per rank, so resume with the same number of processes and load each rank's own file"
             )

@@ -104,6 +104,9 @@ USER_MSG_TEMPLATES = [
 ]
 
 
+_DOWNLOAD_FAILED = {}  # base dir -> why the word-list download failed in this process
+
+
 @functools.lru_cache(maxsize=4)
 def _read_words(path):
     with open(path, encoding="utf-8") as f:
@@ -157,8 +160,11 @@ def load_words(word_list_path=None):
         from nanochat.common import download_file_with_lock, get_base_dir
 
         try:
+            if get_base_dir() in _DOWNLOAD_FAILED:  # one failed attempt per process is enough
+                raise RuntimeError(_DOWNLOAD_FAILED[get_base_dir()])
             word_list_path = download_file_with_lock(WORD_LIST_URL, WORD_LIST_FILENAME, desc="word list")
         except RuntimeError as e:  # the one error the downloader raises: host unreachable or HTTP error
+            _DOWNLOAD_FAILED[get_base_dir()] = str(e)
             word_list_path = offline_word_list()
             count = len(_read_words(str(word_list_path)))
             note_fallback("spelling-words",

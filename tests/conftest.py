@@ -5,14 +5,18 @@ and a runner that executes a function on N gloo ranks in-process.
         model = tiny_gpt(scrambled=True)
         per_rank = run_on_ranks(_worker, str(base_dir))  # _worker(rank, world_size, base) at module level
 
-Whole scripts under torchrun go through tests/dist_harness.py instead.
+Whole scripts under torchrun go through tests/dist_harness.py instead. The chat front ends (CLI, web server, UI)
+share `chat_model_dir`, a base dir holding a micro chat model, and `chat_server`, that model served on loopback.
 """
 
 import datetime
 import os
 import pickle
 import tempfile
+import threading
 import time
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,8 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_harness import free_port
+from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer
+from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +87,51 @@ def base_dir(tmp_path, monkeypatch):
     base = tmp_path / "base"
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     return base
+
+
+# -----------------------------------------------------------------------------
+# A micro chat model, on disk and served
+
+CHAT_CONTEXT = 128  # tokens: a few short turns overflow it, so the context trimming is exercised too
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, byte_tokenizer):
+    """A base dir (not set as NANOCHAT_BASE_DIR: set it yourself) holding what `-i sft` loads: the byte tokenizer
+    with its token_bytes, and a scrambled 2-layer GPT of context CHAT_CONTEXT as the SFT checkpoint d2, step 1."""
+    base = tmp_path_factory.mktemp("chat_base")
+    byte_tokenizer.save(str(base / "tokenizer"))
+    torch.save(compute_token_bytes(byte_tokenizer), base / "tokenizer" / "token_bytes.pt")
+    model = _make_tiny_gpt(sequence_len=CHAT_CONTEXT, scrambled=True)
+    save_checkpoint(str(base / "chatsft_checkpoints" / "d2"), 1, model.state_dict(), None,
+                    {"step": 1, "model_config": asdict(model.config)})
+    return base
+
+
+@pytest.fixture(scope="session")
+def chat_server(chat_model_dir, tmp_path_factory):
+    """`scripts.chat_web` serving the micro chat model on 127.0.0.1 (a port the OS picks), in a thread of this
+    process, with a conversation log; shut down after the session. Yields .url, .log_path and .app."""
+    from scripts import chat_web
+
+    log_path = tmp_path_factory.mktemp("chat_log") / "conversations.jsonl"
+    argv = ["--device-type", "cpu", "--host", "127.0.0.1", "--port", "0", "--log-conversations", str(log_path)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NANOCHAT_BASE_DIR", str(chat_model_dir))
+        server = chat_web.build_server(chat_web.build_parser().parse_args(argv))
+    thread = threading.Thread(target=server.run, name="chat-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the chat server did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", log_path=log_path, app=server.config.app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ ids 0-255 are bytes, 256 python_start, 257 python_end, 258 output_start, 259 out
 """
 
 import functools
+import json
 import os
 import threading
 import time
@@ -15,7 +16,9 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
-from nanochat.engine import Engine, KVCache, compare_with_reference, sample_next_token, use_calculator
+from nanochat.engine import (Engine, KVCache, argmax_rows, compare_with_reference, last_logits, sample_next_token,
+                             use_calculator)
+from scripts import infer_bench
 
 VOCAB = 262
 PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END, ASSISTANT_END, BOS = range(256, 262)
@@ -179,8 +182,9 @@ def test_kv_cache_keep_rows():
     cache.prev_embedding = torch.arange(4.0).view(4, 1, 1)
     cache.advance(3)
     cache.keep_rows([1, 3])
-    assert cache.batch_size == 2 and cache.k_cache.shape[1] == 2 and cache.cache_seqlens.tolist() == [3, 3]
-    assert cache.k_cache[:, 0].unique().tolist() == [1.0] and cache.v_cache[:, 1].unique().tolist() == [13.0]
+    assert cache.batch_size == 2 and cache.k_cache.shape == (2, 2, 8, 1, 2) and cache.cache_seqlens.tolist() == [3, 3]
+    # Only the 3 filled positions are carried over (the rest is never read before being written).
+    assert cache.k_cache[:, 0, :3].unique().tolist() == [1.0] and cache.v_cache[:, 1, :3].unique().tolist() == [13.0]
     assert cache.prev_embedding.flatten().tolist() == [1.0, 3.0]
     assert cache.get_pos() == 3
 
@@ -582,3 +586,107 @@ def test_engine_on_cuda_fp32_and_bf16(scrambled_gpt):
             with torch.no_grad():
                 naive = model16.forward(torch.tensor([prefix], device="cuda"))[0, -1]
             assert torch.allclose(recorder.logits[step][0 if step == 0 else row], naive, atol=0.25), (step, row)
+
+
+# -----------------------------------------------------------------------------
+# The Engine's fast paths against their references
+
+
+def test_argmax_rows_is_torch_argmax_with_ties_and_nan():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1024, generator=gen)
+    logits[1, 300] = logits[1, 700] = 10.0  # a tie across chunks: the first index wins
+    logits[2, 5] = logits[2, 6] = 10.0  # a tie inside one chunk
+    logits[3] = 0.0  # a whole row tied
+    logits[4, 900] = logits[4, 950] = float("nan")  # NaN counts as the maximum
+    logits[5] = float("-inf")
+    expected = torch.argmax(logits, dim=-1, keepdim=True)
+    assert expected[:4, 0].tolist() == [expected[0, 0].item(), 300, 5, 0]
+    assert torch.equal(argmax_rows(logits), expected)
+    # The first sample of every row reads one expanded logits row; widths that are no multiple of the
+    # chunk take torch.argmax itself.
+    assert torch.equal(argmax_rows(logits[:1].expand(4, -1)), expected[:1].expand(4, -1))
+    odd = torch.randn(3, 265, generator=gen)
+    assert torch.equal(argmax_rows(odd), torch.argmax(odd, dim=-1, keepdim=True))
+    assert torch.equal(sample_next_token(logits, None, temperature=0.0), expected)
+
+
+def test_prefill_runs_the_head_on_the_last_position_only(scrambled_gpt):
+    model = scrambled_gpt(seed=5)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape))
+    ids = torch.tensor([[BOS] + list(b"a longer prompt")])
+    cache = KVCache(1, 2, ids.size(1) + 1, 16, 3, device="cpu", dtype=torch.float32)
+    with torch.inference_mode():
+        got = last_logits(model, ids, cache)
+        hook.remove()
+        expected = model.forward(ids)[:, -1]
+    assert rows == [torch.Size([1, 64])] and cache.get_pos() == ids.size(1)
+    assert got.shape == (1, VOCAB) and torch.allclose(got, expected, atol=1e-5)
+
+
+def test_engine_greedy_matches_naive_recompute_with_a_wide_vocab(scrambled_gpt):
+    """512 tokens: greedy sampling goes through the chunked argmax, and still equals GPT.generate."""
+    model = scrambled_gpt(vocab_size=512, seed=6)
+    prompt = [BOS] + list(b"Once upon a time")
+    reference = list(model.generate(prompt, 24, temperature=0.0))
+    rows, _ = Engine(model).generate_batch(prompt, num_samples=2, max_tokens=24, temperature=0.0)
+    assert all(row[len(prompt):] == reference for row in rows)
+    assert len(set(reference)) > 3
+
+
+# -----------------------------------------------------------------------------
+# scripts/infer_bench.py
+
+
+def test_infer_bench_random_init_end_to_end(capsys):
+    result = infer_bench.main(["--random-init", "--depth", "1", "--max-seq-len", "64", "--prompt-tokens", "16",
+                               "--decode-tokens", "6", "--batch-sizes", "8,1", "--repeats", "2", "--warmup-tokens", "2",
+                               "--device-type", "cpu", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    printed = json.loads(out[-1])
+    assert printed["sweep"] == result["sweep"] and printed["source"] == "random-init"
+    report = "\n".join(out[:-1])
+    assert "TTFT ms" in report and "eng/fwd" in report and "targets:" in report
+    assert result["model_config"]["n_layer"] == 1 and result["prompt_tokens"] == 16
+    assert [row["batch_size"] for row in result["sweep"]] == [1, 8]
+    for row in result["sweep"]:
+        assert row["decode_steps"] == 5 and not row["early_stop"]  # 6 tokens: the first comes with the prefill
+        assert 0 < row["forward_sec"] < 1 and 0 < row["tpot_sec"] < 1 and 0 < row["ttft_sec"] < 5
+        assert row["tok_per_sec"] == pytest.approx(row["batch_size"] / row["tpot_sec"], rel=1e-3)
+        assert row["mbu_percent"] is None and row["peak_vram_bytes"] is None  # CPU: no peak bandwidth, no VRAM
+        assert 0 < row["mfu_percent"] < 100
+        assert row["bytes_per_step"] == result["streamed_weight_bytes"] + row["batch_size"] * result["kv_read_bytes_per_step"]
+    assert result["prefill"]["tok_per_sec"] > 0 and result["peak_flops_per_sec"] > 0
+    assert result["kv_read_bytes_per_step"] == 1 * 2 * 1 * 128 * 4 * (16 + 6 // 2)  # layers * k,v * heads * dim * fp32 * ctx
+    targets = result["targets"]
+    assert set(targets) == {"engine_over_forward_bs1", "tok_per_sec_bs8_over_bs1"}
+    assert all(isinstance(t["passed"], bool) and t["value"] > 0 for t in targets.values())
+    assert report.count("[PASS]") + report.count("[FAIL]") == 2
+
+
+def test_infer_bench_on_a_saved_checkpoint(base_dir, byte_tokenizer, scrambled_gpt, capsys):
+    from dataclasses import asdict
+
+    from nanochat.checkpoint_manager import get_checkpoints_dir, save_checkpoint
+
+    byte_tokenizer.save(str(base_dir / "tokenizer"))
+    model = scrambled_gpt(vocab_size=byte_tokenizer.get_vocab_size(), seed=7)
+    save_checkpoint(os.path.join(get_checkpoints_dir("base"), "d3"), 1, model.state_dict(), None,
+                    {"step": 1, "model_config": asdict(model.config)})
+    result = infer_bench.main(["-i", "base", "--prompt-tokens", "100", "--decode-tokens", "4", "--batch-sizes", "2",
+                               "--repeats", "1", "--device-type", "cpu"])
+    assert result["source"] == "base" and result["step"] == 1 and result["model_config"]["n_layer"] == 3
+    assert result["prompt_tokens"] == 60  # clamped: 64-token context minus 4 generated
+    assert result["targets"] == {} and "targets:" not in capsys.readouterr().out
+    assert all(row["batch_size"] == 2 and row["decode_steps"] <= 3 for row in result["sweep"])
+
+
+def test_infer_bench_flag_errors_are_one_line():
+    with pytest.raises(SystemExit, match="infer_bench: error: --decode-tokens must be >= 2"):
+        infer_bench.main(["--random-init", "--decode-tokens", "1", "--device-type", "cpu"])
+    with pytest.raises(SystemExit, match="vocab-size 100 is smaller"):
+        infer_bench.main(["--random-init", "--depth", "1", "--vocab-size", "100", "--device-type", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        infer_bench.build_parser().parse_args(["--batch-sizes", "1,0"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,288 @@
+"""
+Midtraining and SFT: one runner, two stage descriptions. scripts/mid_train.py and scripts/chat_sft.py hold
+only their flags and a `Stage`; RL (scripts/chat_rl.py) reuses `load_start` and `make_optimizer`.
+
+    python -m scripts.mid_train        # base checkpoint -> mid_checkpoints/<tag>
+    python -m scripts.chat_sft         # mid checkpoint  -> chatsft_checkpoints/<tag>
+
+Both continue training a checkpoint on a mixture of conversations (tasks/mixtures.py) packed into rows by
+the BOS-aligned best-fit loader (nanochat/chat_dataloader.py), on the shared loop (nanochat/loop.py):
+- midtraining trains on every token of a conversation (special tokens, user turns, tool outputs), so the
+  model learns the chat format; SFT only on what the assistant writes (completion-only loss mask);
+- the horizon is one epoch of the mixture unless --num-iterations is given, and the LR schedule follows the
+  progress through it (flat, then linear to 0 over the last warmdown fraction); Muon momentum warms up
+  0.85 -> 0.95 over 300 steps;
+- val bits per byte on the mixture's validation split (SFT: only assistant tokens count), and SFT adds a
+  quick ChatCORE check;
+- the output tag is the source checkpoint's tag (d<depth>) unless --model-tag says otherwise.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from nanochat import training
+from nanochat.chat_dataloader import packed_conversation_loader, training_progress
+from nanochat.chateval import evaluate_available_chatcore
+from nanochat.checkpoint_manager import get_checkpoints_dir, load_model, load_optimizer_state, resolve_checkpoint
+from nanochat.common import add_debug_flag, compute_cleanup
+from nanochat.engine import Engine
+from nanochat.loop import Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop, log_attention_path, start_run
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import ShardMismatchError
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from tasks.common import fallbacks_used
+
+log = logging.getLogger(__name__)
+
+# What a flag left at None inherits from the source checkpoint (SFT), and the value when the source has none.
+INHERITED = {"max_seq_len": 2048, "device_batch_size": "auto", "total_batch_size": 524288,
+             "embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}
+CPU_DEVICE_BATCH_SIZE = 32  # what --device-batch-size auto means where no memory probe runs
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What makes midtraining midtraining and SFT SFT."""
+
+    name: str  # checkpoint source this stage writes: "mid" | "sft"
+    title: str  # report section
+    wandb_project: str
+    mask_mode: str  # "all" (every token is a target) | "assistant" (completion-only)
+    mixture: Callable  # (split, args) -> Task
+    sources: tuple  # checkpoint sources it may start from; the first is the default
+
+
+def add_flags(p, stage, defaults):
+    """The flags both stages share; `defaults` holds the stage's values (None = inherit from the source)."""
+    g = p.add_argument_group("logging and runtime")
+    g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    g.add_argument("--seed", type=int, default=42, help="seed of torch's generators (the data order is fixed by the mixture)")
+    g.add_argument("--dry-run", action="store_true", help="train and evaluate but write no checkpoint and no report section")
+    add_debug_flag(g)
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("-i", "--source", choices=stage.sources, default=stage.sources[0], help="checkpoint to start from")
+    g.add_argument("-g", "--model-tag", type=str, default=None, help="tag to load and to save under (default: the source's largest d<N>)")
+    g.add_argument("-s", "--model-step", type=int, default=None, help="source checkpoint step (default: the last one)")
+    g.add_argument("--resume-from-step", type=int, default=-1, help=f"resume from this step of this stage's own checkpoints (-1 = start from --source)")
+    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    inherit = " (default: the source checkpoint's)" if defaults["max_seq_len"] is None else ""
+    g = p.add_argument_group("optimization" + inherit)
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
+    g.add_argument("--max-seq-len", type=int, default=defaults["max_seq_len"], help="row length in tokens")
+    g.add_argument("--device-batch-size", type=training.device_batch_size_arg, default=defaults["device_batch_size"],
+                   help=f"rows per micro-batch per rank; auto = the largest that fits (probed on CUDA), {CPU_DEVICE_BATCH_SIZE} elsewhere")
+    g.add_argument("--total-batch-size", type=int, default=defaults["total_batch_size"], help="tokens per optimizer step, all ranks")
+    g.add_argument("--embedding-lr", type=float, default=defaults["embedding_lr"], help="AdamW LR of the embeddings")
+    g.add_argument("--unembedding-lr", type=float, default=defaults["unembedding_lr"], help="AdamW LR of lm_head")
+    g.add_argument("--matrix-lr", type=float, default=defaults["matrix_lr"], help="Muon LR of the transformer matrices")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
+    g.add_argument("--init-lr-frac", type=float, default=defaults["init_lr_frac"], help="every LR is this fraction of the above")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of progress in linear LR warmup")
+    g.add_argument("--warmdown-ratio", type=float, default=defaults["warmdown_ratio"], help="fraction of progress in the final linear warmdown")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="val bpb every N steps (-1 = only at the end)")
+    g.add_argument("--eval-tokens", type=int, default=defaults["eval_tokens"], help="tokens per val bpb evaluation")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# Setup pieces RL shares
+
+
+@dataclass
+class Start:
+    """Where a finetuning stage starts: the loaded model, its checkpoint, and the tag to save under."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    meta: dict  # meta of the checkpoint loaded
+    source: str  # the checkpoint source it came from
+    source_tag: str
+    source_step: int
+    tag: str  # this stage saves under <its dir>/<tag>
+    resume: dict | None  # the meta to resume the loop from, or None for a fresh start
+
+
+def load_start(stage_name, source, model_tag, model_step, resume_from_step, device):
+    """The source checkpoint to start from (phase "train"), or this stage's own one when resuming."""
+    if resume_from_step >= 0:
+        _, tag, step = resolve_checkpoint(stage_name, model_tag, resume_from_step)
+        model, tokenizer, meta = load_model(stage_name, device, phase="train", model_tag=tag, step=step)
+        log.info("Resuming %s from step %d of %s", stage_name, step, os.path.join(get_checkpoints_dir(stage_name), tag))
+        return Start(model, tokenizer, meta, stage_name, tag, step, tag, meta)
+    _, source_tag, step = resolve_checkpoint(source, model_tag, model_step)
+    model, tokenizer, meta = load_model(source, device, phase="train", model_tag=source_tag, step=step)
+    log.info("Starting from the %s checkpoint %s, step %d", source, source_tag, step)
+    return Start(model, tokenizer, meta, source, source_tag, step, model_tag or source_tag, None)
+
+
+def make_optimizer(model, lrs, weight_decay, init_lr_frac, warm_start=None):
+    """MuonAdamW with the model's groups at `lrs` x init_lr_frac (which becomes each group's initial_lr).
+
+    warm_start: an optimizer state shard to take the moments (and saved hyperparameters) from, keeping the
+    fresh learning rates; one from another world size is skipped with a warning (fresh moments).
+    """
+    optimizer = model.setup_optimizer(unembedding_lr=lrs["unembedding_lr"], embedding_lr=lrs["embedding_lr"],
+                                      matrix_lr=lrs["matrix_lr"], weight_decay=weight_decay)
+    if warm_start is not None:
+        fresh = [g["lr"] for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(warm_start)
+        except ShardMismatchError as err:
+            log.warning("Not warm-starting the optimizer (%s); starting with fresh moments", err)
+        for group, lr in zip(optimizer.param_groups, fresh):
+            group["lr"] = lr
+    for group in optimizer.param_groups:
+        group["lr"] *= init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+def resolve_hyperparameters(args, source_meta, resume):
+    """Each flag left at None takes the value the source checkpoint trained with (SFT's inheritance); a
+    resumed run takes exactly what the run it resumes used."""
+    if resume is not None:
+        return dict(resume["hyperparameters"])
+    out = {}
+    for name, fallback in INHERITED.items():
+        given = getattr(args, name)
+        pretrained = source_meta.get(name, source_meta.get("user_config", {}).get(name))
+        if given is None:
+            out[name] = pretrained if pretrained is not None else fallback
+        else:
+            out[name] = given
+            if pretrained is not None and given != pretrained:
+                log.info("NOTE: --%s=%s overrides the source checkpoint's %s", name.replace("_", "-"), given, pretrained)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The runner
+
+
+def run_stage(stage, args, extra_periodic=None, report_rows=None):
+    """Train one finetuning stage end to end; returns the loop's LoopResult.
+
+    extra_periodic(ctx) -> list of Periodic jobs beyond val bpb (SFT's ChatCORE); ctx is a dict with the
+    model, tokenizer, device and batch size. report_rows(ctx) -> extra rows for the report section.
+    """
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    user_config = vars(args).copy()
+    run = start_run(args.device_type, args.seed, stage.wandb_project, args.run, user_config)
+    device = run.device
+    start = load_start(stage.name, args.source, args.model_tag, args.model_step, args.resume_from_step, device)
+    model, tokenizer, source_meta, tag, resume = start.model, start.tokenizer, start.meta, start.tag, start.resume
+    log_attention_path(device, run.compute_dtype, model.config.window_pattern)
+    hp = resolve_hyperparameters(args, source_meta, resume)
+    if isinstance(source_meta.get("device_batch_size"), int) and isinstance(hp["device_batch_size"], int) \
+            and hp["device_batch_size"] > source_meta["device_batch_size"]:
+        log.warning("--device-batch-size %d is larger than the %d the source trained with: it may not fit in memory",
+                    hp["device_batch_size"], source_meta["device_batch_size"])
+    orig_model = model
+    if device.type == "cuda":
+        model = torch.compile(model, dynamic=False)
+
+    warm = None
+    if resume is None and getattr(args, "load_optimizer", 0):
+        warm = load_optimizer_state(start.source, device, run.rank, model_tag=start.source_tag, step=start.source_step)
+        if warm is None:
+            log.warning("The source checkpoint has no optimizer state for rank %d: starting with fresh moments (slightly worse)", run.rank)
+    optimizer = make_optimizer(orig_model, hp, args.weight_decay, args.init_lr_frac, warm_start=warm)
+    T = hp["max_seq_len"]
+    B = training.resolve_device_batch_size(hp["device_batch_size"], CPU_DEVICE_BATCH_SIZE, model, optimizer, hp["total_batch_size"],
+                                           T, run.world_size, tokenizer.get_vocab_size(), device, log=log.info)
+    hp["device_batch_size"] = B
+    grad_accum_steps = training.grad_accum_steps_for(hp["total_batch_size"], B, T, run.world_size)
+    log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, T,
+             f"{hp['total_batch_size']:,}", grad_accum_steps)
+    if resume is not None:
+        optimizer.load_state_dict(load_optimizer_state(stage.name, device, run.rank, model_tag=tag, step=start.source_step, required=True))
+
+    train_data = stage.mixture("train", args)
+    val_data = stage.mixture("val", args)
+    log.info("Training mixture: %s conversations; validation: %s", f"{len(train_data):,}", f"{len(val_data):,}")
+    batches = packed_conversation_loader(train_data, tokenizer, B, T, mask_mode=stage.mask_mode, device=device, split="train",
+                                         resume_state_dict=(resume or {}).get("dataloader_state_dict"))
+    if args.num_iterations > 0:
+        horizon = FixedHorizon(args.num_iterations)
+    else:
+        horizon = DataHorizon(lambda state: training_progress(state, -1, batches_per_step=grad_accum_steps))
+    token_bytes = get_token_bytes(device=device)
+
+    def val_bpb(step):
+        model.eval()
+        # A fresh loader each time: every evaluation reads the same conversations.
+        loader = packed_conversation_loader(val_data, tokenizer, B, T, mask_mode=stage.mask_mode, device=device, split="val")
+        bpb = evaluate_bpb(model, loader, training.eval_steps_for(args.eval_tokens, B, T, run.world_size), token_bytes)
+        model.train()
+        log.info("Step %05d | Validation bpb: %.6f", step, bpb)
+        return {"val_bpb": bpb}
+
+    ctx = dict(model=orig_model, tokenizer=tokenizer, device=device, batch_size=B, run=run)
+    periodic = [Periodic("val bpb", args.eval_every if args.eval_every > 0 else 1 << 62, val_bpb, at_start=args.eval_every > 0)]
+    periodic += extra_periodic(ctx) if extra_periodic else []
+    model_config = {k: getattr(orig_model.config, k) for k in orig_model.config.__dataclass_fields__}
+    checkpointer = Checkpointer(os.path.join(get_checkpoints_dir(stage.name), tag), args.save_every if not args.dry_run else -1,
+                                orig_model, optimizer, meta=dict(model_config=model_config, user_config=user_config, hyperparameters=hp,
+                                                                 device_batch_size=B, max_seq_len=T, total_batch_size=hp["total_batch_size"],
+                                                                 world_size=run.world_size, source=args.source))
+    if args.dry_run:
+        checkpointer.due = lambda *a: False
+    schedule = lambda step, progress: dict(  # noqa: E731
+        lrm=training.progress_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
+        momentum=training.momentum_warmup(step))
+    scaler = torch.amp.GradScaler() if run.compute_dtype == torch.float16 else None
+    step = training.TrainStep(model, optimizer, grad_accum_steps, scaler=scaler,
+                              oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)")
+    result = TrainLoop(step=step, batches=batches, horizon=horizon, schedule=schedule, periodic=periodic, checkpointer=checkpointer,
+                       meter=training.StepMeter(hp["total_batch_size"], orig_model.estimate_flops(), run.peak_flops),
+                       wandb_run=run.wandb_run, sync=run.sync, wandb_every=10,
+                       describe=lambda state: f"epoch: {state['epoch']}").run(resume=resume)
+    if batches.truncated:
+        log.info("%d conversations longer than a row (%d tokens) were truncated to it", batches.truncated, T + 1)
+
+    if not args.dry_run:
+        get_report().log(section=stage.title, data=[
+            user_config,
+            {"Source checkpoint": f"{args.source} {tag}", "Training rows": len(train_data), "Number of iterations": result.step,
+             "DDP world size": run.world_size, "Device batch size": B, "Gradient accumulation steps": grad_accum_steps,
+             "Conversations truncated to the row": batches.truncated,
+             "Offline stand-ins": "; ".join(fallbacks_used()) or "none"},
+            {**(report_rows(result) if report_rows else {}), **result.report_rows()},
+        ])
+    run.wandb_run.finish()
+    compute_cleanup()
+    return result
+
+
+def chatcore_job(every, max_categorical, max_generative):
+    """SFT's periodic ChatCORE check, on the uncompiled model (prompt shapes vary) through an Engine."""
+
+    def make(ctx):
+        def job(step):
+            model = ctx["model"]
+            model.eval()
+            scores = evaluate_available_chatcore(model, ctx["tokenizer"], Engine(model, ctx["tokenizer"]), batch_size=ctx["batch_size"],
+                                                 max_categorical=None if max_categorical < 0 else max_categorical,
+                                                 max_generative=None if max_generative < 0 else max_generative)
+            model.train()
+            accs = " | ".join(f"{name}: {100 * acc:.2f}%" for name, acc in scores["accuracies"].items())
+            log.info("Step %05d | %s", step, accs)
+            log.info("Step %05d | ChatCORE: %s | ChatCORE_cat: %s", step, _fmt(scores["chatcore"]), _fmt(scores["chatcore_cat"]))
+            return {"chatcore_metric": scores["chatcore"], "chatcore_cat": scores["chatcore_cat"],
+                    **{f"chatcore/{name}": acc for name, acc in scores["accuracies"].items()}}
+
+        return [Periodic("ChatCORE", every, job)]
+
+    return make
+
+
+def _fmt(value):
+    return "n/a (some tasks unavailable)" if value is None else f"{value:.4f}"

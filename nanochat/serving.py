@@ -1,0 +1,513 @@
+"""
+What the chat CLI and the web server share: request checks, prompts from messages, fitting a conversation
+into the model's context, and turning generated tokens into text as they arrive.
+
+    from nanochat.serving import Replica, Reply, SamplingParams, build_prompt
+    replica = Replica(model, tokenizer)
+    prompt = build_prompt(tokenizer, [{"role": "user", "content": "hi"}], replica.context_len, reply_room=256)
+    reply = Reply(tokenizer)
+    for column in replica.generate(prompt.tokens, SamplingParams(max_tokens=prompt.max_new_tokens(256), seed=1)):
+        print(reply.push(column[0]), end="", flush=True)
+        if reply.done:
+            break
+    print(reply.finish())
+
+Nothing here knows about HTTP; nanochat/server.py puts these pieces behind FastAPI.
+"""
+
+import codecs
+import json
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import add_debug_flag
+from nanochat.engine import Engine, model_device
+
+# -----------------------------------------------------------------------------
+# Request limits. They bound what one request can cost a public server (characters to tokenize, tokens to
+# generate); the model's context is checked separately, by build_prompt.
+
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8000
+MAX_TOTAL_CHARS = 32000
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
+MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 = no top-k filtering
+MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
+MAX_CHOICES = 8  # OpenAI's `n`: samples share one prefill, but each decodes its own tokens
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_BODY_BYTES = 1 << 20  # 32,000 characters JSON-escaped as \uXXXX are ~200 KB; a bigger body is not a chat
+
+ROLES = ("system", "user", "assistant")
+# The calculator's four tokens may appear, as their literal names, in assistant text a client sends back
+# (the web UI keeps them so that a reply round-trips exactly); they become special tokens again in the prompt.
+TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+
+
+class RequestError(ValueError):
+    """A request that breaks a limit or is malformed; the message says which field and what is allowed."""
+
+    def __init__(self, message, param=None, status=400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request. top_k 0 = off; top_p 1.0 = off; n samples of one prompt."""
+
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int = 42
+    n: int = 1
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat request: messages are {"role", "content": str} dicts, the rest is ready to use."""
+
+    messages: list
+    temperature: float
+    top_k: int
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = None  # None: a fresh random seed, so two identical requests get different samples
+    n: int = 1
+    stop: tuple = ()
+    stream: bool = True
+    include_usage: bool = False
+    model: str | None = None
+
+    def sampling(self, max_tokens):
+        """SamplingParams for this request with the generation budget `max_tokens` (after the context cap)."""
+        seed = self.seed if self.seed is not None else secrets.randbelow(2**31)
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, max_tokens=max_tokens,
+                              seed=seed, n=self.n)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def decode_json_body(body):
+    """The JSON object in a request body (bytes, at most MAX_BODY_BYTES); RequestError for anything else."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"Request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("Request body is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError(f"Request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _content_text(i, content, text_parts):
+    """The text of message i's content: a str, or (OpenAI API) a list of {"type": "text", "text": str} parts."""
+    if isinstance(content, str):
+        return content
+    if text_parts and isinstance(content, list):
+        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        raise RequestError(f"Message {i} has content parts that are not text; only text content is supported",
+                           param=f"messages[{i}].content")
+    kinds = "a string or a list of text parts" if text_parts else "a string"
+    raise RequestError(f"Message {i} has invalid content type {type(content).__name__}. Must be {kinds}",
+                       param=f"messages[{i}].content")
+
+
+def _check_messages(messages, text_parts):
+    if messages is None or (isinstance(messages, list) and not messages):
+        raise RequestError("At least one message is required", param="messages")
+    if not isinstance(messages, list):
+        raise RequestError(f"messages must be a list, got {type(messages).__name__}", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"Too many messages. Maximum {MAX_MESSAGES} messages allowed per request", param="messages")
+    checked, total = [], 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"Message {i} must be an object with 'role' and 'content'", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RequestError(f"Message {i} has invalid role. Must be 'user', 'assistant', or 'system'",
+                               param=f"messages[{i}].role")
+        if role == "system" and i != 0:
+            raise RequestError(f"Message {i} is a system message; only the first message may be one",
+                               param=f"messages[{i}].role")
+        text = _content_text(i, message.get("content"), text_parts)
+        if not text:
+            raise RequestError(f"Message {i} has empty content", param=f"messages[{i}].content")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise RequestError(f"Message {i} is too long. Maximum {MAX_MESSAGE_CHARS} characters allowed per message",
+                               param=f"messages[{i}].content")
+        total += len(text)
+        checked.append({"role": role, "content": text})
+    if total > MAX_TOTAL_CHARS:
+        raise RequestError(f"Total conversation is too long. Maximum {MAX_TOTAL_CHARS} characters allowed",
+                           param="messages")
+    if checked[0]["role"] == "system" and (len(checked) < 2 or checked[1]["role"] != "user"):
+        # As in training (render_conversation), the system text goes in front of the first user message.
+        raise RequestError("A system message must be followed by a user message", param="messages")
+    return checked
+
+
+def _number(data, name, default, low, high, integer=False, message=None):
+    value = data.get(name)
+    if value is None:
+        return default
+    ok = _is_int(value) if integer else _is_number(value)
+    if not ok or not low <= value <= high:
+        raise RequestError(message or f"{name} must be {'an integer' if integer else 'a number'} between {low} and {high}",
+                           param=name)
+    return int(value) if integer else float(value)
+
+
+def parse_chat_request(data, defaults, openai=False):
+    """Check a decoded JSON request against the limits above; returns a ChatRequest or raises RequestError.
+
+    defaults: SamplingParams whose temperature, top_k and max_tokens fill the fields a request leaves out.
+    openai: the OpenAI API's extra fields (top_p, seed, stop, n, stream, max_completion_tokens, text parts).
+    Out-of-range values are rejected, never clamped: a client should learn its request was not what it asked.
+    """
+    messages = _check_messages(data.get("messages"), text_parts=openai)
+    temperature = _number(data, "temperature", defaults.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE,
+                          message=f"Temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}")
+    top_k = _number(data, "top_k", defaults.top_k, MIN_TOP_K, MAX_TOP_K, integer=True,
+                    message=f"top_k must be between {MIN_TOP_K} and {MAX_TOP_K}")
+    max_name = "max_completion_tokens" if openai and data.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(data, max_name, defaults.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, integer=True,
+                         message=f"{max_name} must be between {MIN_MAX_TOKENS} and {MAX_MAX_TOKENS}")
+    request = ChatRequest(messages=messages, temperature=temperature, top_k=top_k, max_tokens=max_tokens)
+    if not openai:
+        return request
+
+    top_p = data.get("top_p")
+    if top_p is not None:
+        if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+            raise RequestError("top_p must be a number greater than 0 and at most 1", param="top_p")
+        request.top_p = float(top_p)
+    request.seed = _number(data, "seed", None, 0, 2**63 - 1, integer=True)
+    request.n = _number(data, "n", 1, 1, MAX_CHOICES, integer=True)
+    stop = data.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+                               param="stop")
+        request.stop = tuple(stops)
+    stream = data.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError("stream must be true or false", param="stream")
+    request.stream = bool(stream)
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("stream_options must be an object", param="stream_options")
+    request.include_usage = options.get("include_usage") is True
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("model must be a string", param="model")
+    request.model = model
+    return request
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+class ContextOverflowError(RequestError):
+    """The newest message alone does not leave room for a reply in the model's context."""
+
+
+def encode_message(tokenizer, role, content):
+    """Token ids of one turn in the chat format: <|user_start|> text <|user_end|>, or for the assistant
+    <|assistant_start|> text <|assistant_end|> with the calculator's literal token names turned back into
+    special tokens (as the model wrote them)."""
+    special = tokenizer.encode_special
+    if role == "user":
+        return [special("<|user_start|>"), *tokenizer.encode(content), special("<|user_end|>")]
+    ids = [special("<|assistant_start|>")]
+    for piece in _split_tool_tokens(content):
+        ids.extend([special(piece)] if piece in TOOL_TOKENS else tokenizer.encode(piece))
+    ids.append(special("<|assistant_end|>"))
+    return ids
+
+
+def _split_tool_tokens(text):
+    """Text pieces and tool-token names, in order: "a<|python_start|>1+1" -> ["a", "<|python_start|>", "1+1"]."""
+    pieces, start = [], 0
+    while True:
+        hits = [(text.find(name, start), name) for name in TOOL_TOKENS]
+        hits = [(at, name) for at, name in hits if at >= 0]
+        if not hits:
+            break
+        at, name = min(hits)
+        pieces.extend([text[start:at], name])
+        start = at + len(name)
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
+@dataclass
+class Prompt:
+    """Prompt ids for the next assistant turn, how many leading messages had to go, and the context size."""
+
+    tokens: list
+    dropped: int
+    context_len: int
+
+    def max_new_tokens(self, max_tokens):
+        """The generation budget: what was asked, capped so that prompt + reply never exceed the context."""
+        return max(0, min(max_tokens, self.context_len - len(self.tokens)))
+
+
+def reply_room(max_tokens, context_len):
+    """Tokens a prompt must leave free for the reply: what was asked, but at most half the context, so a long
+    max_tokens never pushes a whole conversation out."""
+    return min(max_tokens, context_len // 2)
+
+
+def build_prompt(tokenizer, messages, context_len, reply_room):
+    """The prompt [BOS, turn, turn, ..., <|assistant_start|>] for `messages` ({"role", "content"} dicts), with the
+    oldest turns dropped until it leaves `reply_room` tokens of `context_len` free.
+
+    A turn is dropped whole: messages go from the front up to the next user message, so the kept conversation
+    still starts with the user. A leading system message is never dropped; like render_conversation in training,
+    its text and a blank line are put in front of the first (kept) user message. Raises ContextOverflowError
+    when even the last user message and what follows it do not fit.
+    """
+    system = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else list(messages)
+    budget = context_len - reply_room
+    bos, assistant_start = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_start|>")
+    encoded = [encode_message(tokenizer, m["role"], m["content"]) for m in turns]
+    # suffix[k]: tokens of turns k..end, so every cut point is tried in O(1) after one pass.
+    suffix = [0] * (len(turns) + 1)
+    for k in range(len(turns) - 1, -1, -1):
+        suffix[k] = suffix[k + 1] + len(encoded[k])
+    starts = [0] + [k for k, m in enumerate(turns) if m["role"] == "user" and k > 0]
+    for k in starts:
+        first = encoded[k]
+        if system is not None and turns[k]["role"] == "user":
+            first = encode_message(tokenizer, "user", system + turns[k]["content"])
+        if 1 + len(first) + suffix[k + 1] + 1 <= budget:
+            return Prompt([bos, *first, *[t for ids in encoded[k + 1:] for t in ids], assistant_start], k, context_len)
+    last = starts[-1] + (1 if system is not None else 0)
+    raise ContextOverflowError(f"Message {last} is too long for this model's context of {context_len} tokens "
+                               f"(with {reply_room} kept free for the reply); shorten it",
+                               param=f"messages[{last}].content")
+
+
+# -----------------------------------------------------------------------------
+# Generated tokens -> text
+
+
+def reply_end_tokens(tokenizer):
+    """Tokens that end a reply: <|assistant_end|> and <|bos|> (where the engine stops a row), and the tokens
+    of another turn's frame, since a model that writes <|user_start|> has started to make up the user's turn."""
+    names = ("<|assistant_end|>", "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")
+    return frozenset(tokenizer.encode_special(name) for name in names)
+
+
+class Reply:
+    """One sample's reply as it is generated: push each token, get back the text to show now.
+
+    Bytes are decoded incrementally, so a character split across tokens appears once it is complete, never as
+    replacement characters in between. tools="readable" shows a calculator call as "[calculator: 12/60 = 0.2]";
+    tools="raw" keeps the literal token names, which encode_message turns back into the same tokens. Text never
+    reaches past a stop string: what could be the start of one is held back until it is decided.
+
+    done / finish_reason ("stop" or "length"), tokens (every generated token, the final one included) and text
+    (everything returned so far) describe the reply.
+    """
+
+    def __init__(self, tokenizer, tools="readable", stop=()):
+        if tools not in ("readable", "raw"):
+            raise ValueError(f"tools must be 'readable' or 'raw', got {tools!r}")
+        self.tokenizer, self.tools, self.stop = tokenizer, tools, tuple(s for s in stop if s)
+        self.ends = reply_end_tokens(tokenizer)
+        self.names = {tokenizer.encode_special(name): name for name in tokenizer.get_special_tokens()}
+        self.tokens, self.text = [], ""
+        self.done, self.finish_reason = False, None
+        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""  # text that might begin a stop string
+        self._tool = None  # readable mode: None, "python", "after_python" or "output"
+
+    def push(self, token):
+        """Add one generated token; returns the text to show now ("" while waiting for more)."""
+        if self.done:
+            return ""
+        self.tokens.append(token)
+        if token in self.ends:
+            return self._close("stop")
+        return self._emit(self._decode(token))
+
+    def finish(self, reason="length"):
+        """End the reply (the budget ran out, or generation stopped); returns the text still held back."""
+        return "" if self.done else self._close(reason)
+
+    def _close(self, reason):
+        text = self._emit(self._bytes.decode(b"", final=True) + self._close_tool(), final=True)
+        if not self.done:  # else the tail held a stop string, and _emit has ended the reply with "stop"
+            self.done, self.finish_reason = True, reason
+        return text
+
+    def _decode(self, token):
+        name = self.names.get(token)
+        if name is None:
+            text = self._bytes.decode(self.tokenizer.decode_single_token_bytes(token))
+            if self._tool == "after_python":  # the call got no output (the calculator refused it)
+                self._tool = None
+                text = "]" + text
+            return text
+        text = self._bytes.decode(b"", final=True)  # a special token ends any unfinished character
+        if self.tools == "raw":
+            return text + name
+        return text + self._readable(name)
+
+    def _readable(self, name):
+        state, text = self._tool, ""
+        if state == "after_python" and name != "<|output_start|>":
+            state, text = None, "]"
+        if name == "<|python_start|>":
+            text += self._close_tool_state(state) + "[calculator: "
+            self._tool = "python"
+        elif name == "<|python_end|>" and state == "python":
+            self._tool = "after_python"
+        elif name == "<|output_start|>":
+            text += " = " if state == "after_python" else self._close_tool_state(state) + "[calculator output: "
+            self._tool = "output"
+        elif name == "<|output_end|>" and state == "output":
+            text += "]"
+            self._tool = None
+        else:
+            self._tool = state
+        return text
+
+    def _close_tool_state(self, state):
+        return "]" if state in ("python", "output") else ""
+
+    def _close_tool(self):
+        state, self._tool = self._tool, None
+        return "]" if state is not None and self.tools == "readable" else ""
+
+    def _emit(self, text, final=False):
+        if not self.stop:
+            self.text += text
+            return text
+        buffer = self._held + text
+        hits = [i for i in (buffer.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self._held = buffer[:min(hits)], ""
+            self.done, self.finish_reason = True, "stop"
+        elif final:
+            out, self._held = buffer, ""
+        else:
+            keep = max((k for s in self.stop for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0)
+            out, self._held = buffer[:len(buffer) - keep], buffer[len(buffer) - keep:]
+        self.text += out
+        return out
+
+
+def advance(replies, column):
+    """Push one generated column (a token per sample) into the replies still going; their new text, in order."""
+    return [reply.push(token) for reply, token in zip(replies, column, strict=True)]
+
+
+# -----------------------------------------------------------------------------
+# Generation for one request
+
+
+def top_p_filter(logits, top_p, temperature):
+    """Logits (B, V) with every token outside the nucleus set to -inf: the smallest set of most likely tokens
+    whose probability, at this temperature, reaches top_p (the most likely token always stays)."""
+    if top_p >= 1.0 or temperature <= 0:
+        return logits
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
+    # A token stays if the tokens more likely than it do not yet reach top_p.
+    outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    mask = torch.zeros_like(outside).scatter(-1, order, outside)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+class _NucleusModel:
+    """The model as the Engine sees it, with top-p applied to its next-token logits; the Engine's own sampler
+    (temperature, top-k) then draws from what is left."""
+
+    def __init__(self, model, top_p, temperature):
+        self.model, self.top_p, self.temperature = model, top_p, temperature
+        self.config = model.config
+        self.compute_dtype = getattr(model, "compute_dtype", None)
+
+    def get_device(self):
+        return model_device(self.model)
+
+    def forward(self, ids, kv_cache=None):
+        logits = self.model.forward(ids, kv_cache=kv_cache)[:, -1:, :]  # (B, 1, V): the Engine reads only the last
+        return top_p_filter(logits[:, 0], self.top_p, self.temperature).unsqueeze(1)
+
+
+class Replica:
+    """One model and its Engine on one device, generating for one request at a time.
+
+    This is the unit a server's worker pool hands out; a scheduler that batches many requests into one forward
+    would take its place, consuming the same (prompt tokens, SamplingParams) and producing the same columns.
+    """
+
+    def __init__(self, model, tokenizer, index=0):
+        self.model, self.tokenizer, self.index = model, tokenizer, index
+        self.engine = Engine(model, tokenizer)
+        self.device = str(model_device(model))
+
+    @property
+    def context_len(self):
+        return self.model.config.sequence_len
+
+    def generate(self, prompt_tokens, params):
+        """Token columns (one token per sample, params.n samples) until every sample has ended or
+        params.max_tokens steps. The caller stops early by closing the generator."""
+        engine = self.engine
+        if params.top_p < 1.0 and params.temperature > 0:
+            engine = Engine(_NucleusModel(self.model, params.top_p, params.temperature), self.tokenizer)
+        for column, _ in engine.generate(prompt_tokens, num_samples=params.n, max_tokens=params.max_tokens,
+                                         temperature=params.temperature, top_k=params.top_k or None, seed=params.seed):
+            yield column
+
+
+# -----------------------------------------------------------------------------
+# What the chat CLI and the web server's command lines share
+
+
+def add_model_flags(parser):
+    """-i/--source, -g/--model-tag, -s/--step, --device-type and --debug: which checkpoint to chat with, and where."""
+    group = parser.add_argument_group("model")
+    group.add_argument("-i", "--source", default="sft", choices=("base", "mid", "sft", "rl"), help="checkpoint family")
+    group.add_argument("-g", "--model-tag", default=None, help="checkpoint directory tag; none = the largest d<N>")
+    group.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; none = the last one")
+    group.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
+    add_debug_flag(parser)
+    return parser
+
+
+def sampling_flag_problems(args):
+    """What is wrong with -t/--temperature, -k/--top-k and -m/--max-tokens: the request limits hold for them too."""
+    checks = (("--temperature", args.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
+              ("--top-k", args.top_k, MIN_TOP_K, MAX_TOP_K), ("--max-tokens", args.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS))
+    return [f"{flag} must be between {low} and {high}, got {value}" for flag, value, low, high in checks
+            if not low <= value <= high]
+
+
+def load_replica(args, device, index=0):
+    """(Replica, checkpoint meta) of the checkpoint that add_model_flags' flags name, on `device`."""
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    return Replica(model, tokenizer, index=index), meta

@@ -1,0 +1,127 @@
+"""
+RL on math word problems: REINFORCE with a per-question mean baseline, rollouts sampled by the Engine with
+the calculator tool (nanochat/rl.py), on the shared training loop.
+
+One GPU / CPU:   python -m scripts.chat_rl
+Many GPUs:       torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl
+Tiny CPU run:    python -m scripts.chat_rl --num-iterations=20 --examples-per-step=4 --num-samples=8 --max-new-tokens=64
+
+Reads chatsft_checkpoints/<tag>, writes chatrl_checkpoints/<tag> and the report section "Chat RL". GSM8K
+when it can be had, else the synthetic arithmetic problems of tasks/arithmetic.py (said in the log and
+the report). pass@k on held-out problems every --eval-every steps.
+"""
+
+import argparse
+import logging
+import os
+
+from nanochat import training
+from nanochat.checkpoint_manager import get_checkpoints_dir, load_optimizer_state
+from nanochat.common import add_debug_flag, compute_cleanup, script_main, setup_default_logging
+from nanochat.engine import Engine
+from nanochat.finetune import load_start, make_optimizer
+from nanochat.loop import Checkpointer, FixedHorizon, Periodic, TrainLoop, start_run
+from nanochat.report import get_report
+from nanochat.rl import RolloutStream, evaluate_pass_at_k, mean_over_ranks, policy_gradient_loss
+from tasks.common import fallbacks_used, gsm8k_or_synthetic
+
+log = logging.getLogger("nanochat.chat_rl")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="RL on math word problems (REINFORCE, group-mean baseline) from the SFT model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("logging and runtime")
+    g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    g.add_argument("--seed", type=int, default=42, help="seed of torch's generators (sampling seeds derive from step and problem)")
+    add_debug_flag(g)
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("-i", "--source", choices=["sft", "mid"], default="sft", help="checkpoint to start from")
+    g.add_argument("-g", "--model-tag", type=str, default=None, help="tag to load and save under (default: the largest d<N>)")
+    g.add_argument("-s", "--model-step", type=int, default=None, help="source checkpoint step (default: the last one)")
+    g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step of chatrl_checkpoints (-1 = start from --source)")
+    g.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps and at the end (-1 = only at the end)")
+    g = p.add_argument_group("rollouts and optimization")
+    g.add_argument("--num-epochs", type=int, default=1, help="epochs over the training problems")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --num-epochs)")
+    g.add_argument("--device-batch-size", type=int, default=8, help="answers per forward pass (sampling and training)")
+    g.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, over all ranks")
+    g.add_argument("--num-samples", type=int, default=16, help="answers sampled per question")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per answer")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=50, help="top-k sampling (0 = off)")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embeddings")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
+    g.add_argument("--init-lr-frac", type=float, default=0.05, help="every LR is this fraction of the above")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps, from step 0 (-1 = never)")
+    g.add_argument("--eval-examples", type=int, default=400, help="held-out problems per pass@k evaluation")
+    return p
+
+
+@script_main("chat_rl")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_default_logging()
+    user_config = vars(args).copy()
+    run = start_run(args.device_type, args.seed, "nanochat-rl", args.run, user_config)
+    start = load_start("rl", args.source, args.model_tag, args.model_step, args.resume_from_step, run.device)
+    model, tokenizer = start.model, start.tokenizer
+    optimizer = make_optimizer(model, vars(args), args.weight_decay, args.init_lr_frac)
+    if start.resume is not None:
+        optimizer.load_state_dict(load_optimizer_state("rl", run.device, run.rank, model_tag=start.tag, step=start.source_step, required=True))
+
+    train_task, test_task = gsm8k_or_synthetic("train"), gsm8k_or_synthetic("test")
+    engine = Engine(model, tokenizer)  # samples from the weights being trained: strictly on-policy
+    stream = RolloutStream(train_task, tokenizer, engine, args.examples_per_step, args.num_samples, args.device_batch_size,
+                           args.max_new_tokens, args.temperature, args.top_k,
+                           resume_state_dict=(start.resume or {}).get("dataloader_state_dict"))
+    num_steps = args.num_iterations if args.num_iterations > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
+    log.info("RL on %s: %d steps of %d questions x %d answers (%d micro-batches per rank per step)", type(train_task).__name__,
+             num_steps, args.examples_per_step, args.num_samples, stream.micro_batches_per_step)
+    # Rollouts come from the current weights, so nothing may be fetched before the previous update: no prefetch.
+    step = training.TrainStep(model, optimizer, stream.micro_batches_per_step, loss_fn=policy_gradient_loss, prefetch=False,
+                              oom_hint="lower --device-batch-size or --max-new-tokens")
+
+    def pass_at_k(step_):
+        model.eval()
+        scores = evaluate_pass_at_k(test_task, tokenizer, engine, args.eval_examples, args.device_batch_size,
+                                    args.max_new_tokens, args.temperature, args.top_k)
+        model.train()
+        log.info("Step %05d | %s", step_, " | ".join(f"pass@{k}: {v:.4f}" for k, v in scores.items()))
+        return {f"pass@{k}": v for k, v in scores.items()}
+
+    def rewards(state):
+        # Every rank calls this each step: the means are averaged over ranks.
+        reward, length = mean_over_ranks([state["reward"], state["sequence_length"]], run.device)
+        return f"reward: {reward:.4f} | sequence length: {length:.1f}"
+
+    model_config = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
+    checkpointer = Checkpointer(os.path.join(get_checkpoints_dir("rl"), start.tag), args.save_every, model, optimizer,
+                                meta=dict(model_config=model_config, user_config=user_config, world_size=run.world_size, source=args.source))
+    model.train()
+    result = TrainLoop(step=step, batches=stream, horizon=FixedHorizon(num_steps), periodic=[
+                           Periodic("pass@k", args.eval_every, pass_at_k, at_start=True, at_last=False)],
+                       schedule=lambda it, progress: {"lrm": training.linear_decay(it, num_steps)},
+                       checkpointer=checkpointer, meter=training.StepMeter(0, model.estimate_flops(), run.peak_flops),
+                       wandb_run=run.wandb_run, sync=run.sync, wandb_every=1, describe=rewards).run(resume=start.resume)
+
+    curve = [round(r, 4) for r, _ in stream.history]
+    get_report().log(section="Chat RL", data=[
+        user_config,
+        {"Source checkpoint": f"{start.source} {start.source_tag}", "Training problems": f"{type(train_task).__name__} ({len(train_task):,})",
+         "Number of iterations": result.step, "DDP world size": run.world_size,
+         "Offline stand-ins": "; ".join(fallbacks_used()) or "none"},
+        {"Mean reward, first steps": curve[:5], "Mean reward, last steps": curve[-5:],
+         **{k: v for k, v in result.metrics.items() if k.startswith("pass@")}, **result.report_rows()},
+    ])
+    run.wandb_run.finish()
+    compute_cleanup()
+    return result, stream.history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""
+Serve a chat model: a web UI, nanochat's streaming endpoint and an OpenAI-compatible API, run by uvicorn.
+
+    python -m scripts.chat_web -i sft --host 127.0.0.1 --port 8000   # then open http://127.0.0.1:8000
+    python -m scripts.chat_web -i sft -n 8                           # one replica per GPU on an 8-GPU node
+    python -m scripts.chat_web --log-conversations chats.jsonl       # one JSON line per request
+
+From Python, with the `openai` package:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi!"}])
+
+The endpoints are listed in nanochat/server.py, the request limits in nanochat/serving.py. Requests that leave out
+temperature / top_k / max_tokens get the values of -t / -k / -m.
+"""
+
+import argparse
+import logging
+
+import torch
+
+from nanochat.common import ConfigError, autodetect_device_type, compute_init, script_main, setup_default_logging
+from nanochat.serving import SamplingParams, add_model_flags, load_replica, sampling_flag_problems
+
+log = logging.getLogger("nanochat.chat_web")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Serve a nanochat model over HTTP: web UI and OpenAI-compatible API.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (1 on CPU/MPS)")
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="temperature when a request gives none")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="top-k when a request gives none (0 = off)")
+    p.add_argument("-m", "--max-tokens", type=int, default=512, help="reply length limit when a request gives none")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("-p", "--port", type=int, default=8000, help="TCP port (0 = any free one)")
+    p.add_argument("--log-conversations", default=None, metavar="PATH",
+                   help="append every request and its reply to this JSONL file; none = no log")
+    return add_model_flags(p)
+
+
+def check_args(args, device_type):
+    problems = sampling_flag_problems(args)
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port must be between 0 and 65535, got {args.port}")
+    if args.num_gpus < 1:
+        problems.append(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    elif args.num_gpus > 1 and device_type != "cuda":
+        problems.append(f"--num-gpus {args.num_gpus} needs CUDA; on {device_type} there is one replica (use -n 1)")
+    elif args.num_gpus > torch.cuda.device_count() > 0:
+        problems.append(f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def build_server(args):
+    """Load one replica per GPU (or one on CPU/MPS) and return a uvicorn.Server for the app, not yet running."""
+    import uvicorn
+
+    from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir
+    from nanochat.server import ConversationLog, ReplicaPool, create_app
+
+    device_type = args.device_type or autodetect_device_type()
+    check_args(args, device_type)
+    _, _, _, _, device = compute_init(device_type)
+    replicas = []
+    for i in range(args.num_gpus):
+        replica_device = torch.device("cuda", i) if device_type == "cuda" else device
+        log.info("Loading model replica %d on %s", i, replica_device)
+        replica, meta = load_replica(args, replica_device, index=i)
+        replicas.append(replica)
+    tag = args.model_tag or find_largest_model(get_checkpoints_dir(args.source))
+    model_id = f"nanochat-{args.source}-{tag}"
+    defaults = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
+    conversation_log = ConversationLog(args.log_conversations) if args.log_conversations else None
+    app = create_app(ReplicaPool(replicas), replicas[0].tokenizer, defaults, model_id=model_id,
+                     conversation_log=conversation_log)
+    log.info("Serving %s (step %s, context %d tokens) with %d replica(s); defaults: temperature %g, top-k %d, max tokens %d",
+             model_id, meta.get("step"), replicas[0].context_len, len(replicas), args.temperature, args.top_k, args.max_tokens)
+    if conversation_log is not None:
+        log.info("Logging conversations to %s", conversation_log.path)
+    # log_config=None: uvicorn's loggers go through the one logging setup of this process.
+    return uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None))
+
+
+@script_main("chat_web")
+def main(argv=None):
+    setup_default_logging()
+    args = build_parser().parse_args(argv)
+    server = build_server(args)
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    log.info("Chat in a browser at http://%s:%d, or point an OpenAI client at http://%s:%d/v1", shown_host, args.port,
+             shown_host, args.port)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""nanochat/serving.py and the replica pool of nanochat/server.py: request parsing, prompts (against the training
+renderer), context trimming, streaming text (UTF-8, tool calls, stop strings), top-p, and freeing a replica."""
+
+import asyncio
+import contextlib
+import threading
+import time
+
+import pytest
+import torch
+
+from nanochat.server import ReplicaPool
+from nanochat.serving import (ContextOverflowError, Prompt, Replica, Reply, RequestError, SamplingParams, build_prompt,
+                              decode_json_body, encode_message, parse_chat_request, reply_room, top_p_filter)
+
+DEFAULTS = SamplingParams(temperature=0.8, top_k=50, max_tokens=512)
+
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def _ids(tok, name):
+    return tok.encode_special(name)
+
+
+# -----------------------------------------------------------------------------
+# Requests
+
+
+def test_defaults_fill_what_a_request_leaves_out():
+    request = parse_chat_request({"messages": [_user("hi")], "temperature": None}, DEFAULTS)
+    assert (request.temperature, request.top_k, request.max_tokens, request.top_p, request.n) == (0.8, 50, 512, 1.0, 1)
+    assert request.seed is None and request.sampling(7).max_tokens == 7
+    assert len({request.sampling(7).seed for _ in range(5)}) > 1  # no seed given: a fresh one each time
+
+
+def test_openai_fields_and_text_parts():
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    data = {"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}],
+            "top_p": 0.5, "seed": 3, "n": 2, "stop": "x", "stream": True, "stream_options": {"include_usage": True},
+            "max_completion_tokens": 9}
+    request = parse_chat_request(data, DEFAULTS, openai=True)
+    assert request.messages[1] == _user("ab") and request.max_tokens == 9
+    got = (request.top_p, request.seed, request.n, request.stop, request.stream, request.include_usage)
+    assert got == (0.5, 3, 2, ("x",), True, True)
+    assert request.sampling(4).seed == 3
+    with pytest.raises(RequestError, match="invalid content type list"):
+        parse_chat_request({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}, DEFAULTS)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "only text content"),
+    ({"messages": [_user("a")], "top_p": 0}, "top_p must be"),
+    ({"messages": [_user("a")], "n": 9}, "n must be an integer between 1 and 8"),
+    ({"messages": [_user("a")], "stop": ["a", ""]}, "stop must be"),
+    ({"messages": [_user("a")], "stop": ["a", "b", "c", "d", "e"]}, "stop must be"),
+    ({"messages": [_user("a")], "seed": 1.5}, "seed must be an integer"),
+    ({"messages": [_user("a")], "stream": "yes"}, "stream must be true or false"),
+    ({"messages": [_user("a")], "model": 3}, "model must be a string"),
+    ({"messages": [{"role": "system", "content": "s"}]}, "system message must be followed by a user message"),
+    ({"messages": [_user("a"), {"role": "system", "content": "s"}]}, "Message 1 is a system message"),
+])
+def test_openai_request_errors(data, message):
+    with pytest.raises(RequestError, match=message):
+        parse_chat_request(data, DEFAULTS, openai=True)
+
+
+def test_json_body_errors():
+    assert decode_json_body(b'{"a": 1}') == {"a": 1}
+    for body, message in ((b"{bad", "not valid JSON"), (b"\xff", "not valid JSON"), (b"[1]", "must be a JSON object"),
+                          (b"[" * 100_000, "nested too deeply")):
+        with pytest.raises(RequestError, match=message):
+            decode_json_body(body)
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def test_prompt_is_the_training_format(byte_tokenizer):
+    """The server's prompt is what render_for_completion gives for the same conversation, system message included."""
+    tok = byte_tokenizer
+    messages = [{"role": "system", "content": "You are terse."}, _user("What is 2+2?"), _assistant("4"), _user("And 3+3?")]
+    expected = tok.render_for_completion({"messages": messages + [_assistant("")]})
+    assert build_prompt(tok, messages, context_len=1000, reply_room=10) == Prompt(expected, 0, 1000)
+
+
+def test_tool_call_text_round_trips_to_the_tokens_training_uses(byte_tokenizer):
+    tok = byte_tokenizer
+    raw = "12/60 = $<|python_start|>12/60<|python_end|><|output_start|>0.2<|output_end|>0.2 a minute"
+    parts = [{"type": "text", "text": "12/60 = $"}, {"type": "python", "text": "12/60"},
+             {"type": "python_output", "text": "0.2"}, {"type": "text", "text": "0.2 a minute"}]
+    trained, _ = tok.render_conversation({"messages": [_user("q"), _assistant(parts)]})
+    assert [tok.get_bos_token_id()] + encode_message(tok, "user", "q") + encode_message(tok, "assistant", raw) == trained
+    # In the user's text the same names stay plain text: nobody can inject tokens the model never saw there.
+    assert _ids(tok, "<|python_start|>") not in encode_message(tok, "user", raw)
+
+
+def test_oldest_turns_go_first_and_the_system_message_stays(byte_tokenizer):
+    tok = byte_tokenizer
+    messages = [{"role": "system", "content": "S"}, _user("a" * 20), _assistant("b" * 20), _user("c" * 20),
+                _assistant("d" * 20), _user("e" * 20)]
+    full = build_prompt(tok, messages, 1000, 0)
+    assert full.dropped == 0 and len(full.tokens) == 1 + (2 + 3 + 20) + 4 * 22 + 1
+    prompt = build_prompt(tok, messages, context_len=81, reply_room=10)
+    # One whole turn (user + assistant) dropped; what is left starts with the user, behind the system text.
+    assert prompt.dropped == 2 and len(prompt.tokens) == 71
+    assert prompt.tokens == build_prompt(tok, [messages[0], *messages[3:]], 1000, 0).tokens
+    assert tok.decode(prompt.tokens).startswith("<|bos|><|user_start|>S\n\n" + "c" * 20)
+    assert prompt.max_new_tokens(512) == 10 and prompt.max_new_tokens(3) == 3
+    with pytest.raises(ContextOverflowError, match="Message 5 is too long for this model's context of 20 tokens"):
+        build_prompt(tok, messages, context_len=20, reply_room=10)
+
+
+def test_reply_room_is_at_most_half_the_context():
+    assert reply_room(256, 2048) == 256 and reply_room(4096, 2048) == 1024
+
+
+# -----------------------------------------------------------------------------
+# Generated tokens -> text
+
+
+def _push_all(reply, tokens):
+    return "".join(reply.push(t) for t in tokens) + reply.finish()
+
+
+def test_a_character_split_across_tokens_appears_once_whole(byte_tokenizer):
+    reply = Reply(byte_tokenizer)
+    pieces = [reply.push(b) for b in "é€".encode("utf-8")]
+    assert pieces == ["", "é", "", "", "€"]
+    assert reply.push(0xFF) == "\ufffd" and reply.push(0xC3) == "" and reply.finish() == "\ufffd"
+    assert reply.finish_reason == "length" and reply.text == "é€\ufffd\ufffd"
+
+
+def test_reply_ends_at_assistant_end_or_another_turns_frame(byte_tokenizer):
+    tok = byte_tokenizer
+    for name in ("<|assistant_end|>", "<|bos|>", "<|user_start|>"):
+        reply = Reply(tok)
+        assert _push_all(reply, [*tok.encode("hi"), _ids(tok, name), *tok.encode("more")]) == "hi"
+        assert reply.done and reply.finish_reason == "stop" and len(reply.tokens) == 3
+
+
+@pytest.mark.parametrize("tools, expected", [
+    ("readable", "x = [calculator: 12/60 = 0.2]0.2, [calculator: 1/0] then [calculator: 3*4]"),
+    ("raw", "x = <|python_start|>12/60<|python_end|><|output_start|>0.2<|output_end|>0.2, "
+            "<|python_start|>1/0<|python_end|> then <|python_start|>3*4"),
+])
+def test_tool_calls_are_shown_readably_or_kept_by_name(byte_tokenizer, tools, expected):
+    tok = byte_tokenizer
+    ps, pe, os_, oe = (_ids(tok, n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"))
+    tokens = [*tok.encode("x = "), ps, *tok.encode("12/60"), pe, os_, *tok.encode("0.2"), oe, *tok.encode("0.2, "),
+              ps, *tok.encode("1/0"), pe, *tok.encode(" then "), ps, *tok.encode("3*4")]  # the last call is cut off
+    assert _push_all(Reply(tok, tools=tools), tokens) == expected
+
+
+def test_stop_strings_hold_back_what_might_start_one(byte_tokenizer):
+    tok = byte_tokenizer
+    reply = Reply(tok, stop=("END", "xyz"))
+    shown = [reply.push(t) for t in tok.encode("abEN")]
+    assert shown == ["a", "b", "", ""] and not reply.done
+    assert reply.push(tok.encode("D")[0]) == "" and reply.done and reply.finish_reason == "stop"
+    assert reply.text == "ab" and reply.push(tok.encode("q")[0]) == ""
+    # A partial match that turns out not to be one is released; at the end, what is held comes out.
+    reply = Reply(tok, stop=("END",))
+    assert _push_all(reply, tok.encode("ENx EN")) == "ENx EN" and reply.finish_reason == "length"
+
+
+# -----------------------------------------------------------------------------
+# Sampling and the replica
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p, t=1.0: torch.isfinite(top_p_filter(logits, p, t))[0].tolist()  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.95) == [True, True, True, False]
+    assert kept(1.0) == [True] * 4
+    assert kept(0.6, t=100.0) == [True, True, True, False]  # a high temperature flattens the distribution first
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_replica_top_p_near_zero_is_greedy(tiny_gpt, byte_tokenizer):
+    replica = Replica(tiny_gpt(scrambled=True), byte_tokenizer)
+    prompt = build_prompt(byte_tokenizer, [_user("hello")], replica.context_len, 8)
+    greedy = list(replica.generate(prompt.tokens, SamplingParams(temperature=0.0, max_tokens=8)))
+    nucleus = list(replica.generate(prompt.tokens, SamplingParams(temperature=1.0, top_k=0, top_p=1e-6, max_tokens=8, seed=5)))
+    assert len(greedy) == 8 and nucleus == greedy
+
+
+class _EndlessReplica:
+    """Yields a token column every `delay` seconds forever; records how many it produced and whether it was closed."""
+
+    context_len, index, device = 100, 0, "cpu"
+
+    def __init__(self, delay=0.01, fail=False):
+        self.delay, self.fail, self.produced, self.closed = delay, fail, 0, threading.Event()
+
+    def generate(self, prompt_tokens, params):
+        try:
+            while True:
+                time.sleep(self.delay)
+                if self.fail:
+                    raise RuntimeError("the model broke")
+                self.produced += 1
+                yield [self.produced]
+        finally:
+            self.closed.set()
+
+
+def test_closing_a_stream_frees_its_replica_for_the_next_request():
+    replica = _EndlessReplica()
+    pool = ReplicaPool([replica])
+
+    async def scenario():
+        first = pool.generate([1], SamplingParams())
+        assert (await anext(first)) == (0, [1]) and pool.available() == 0
+        waiting = asyncio.create_task(anext(pool.generate([1], SamplingParams())))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the only replica is busy: the second request waits its turn
+        await first.aclose()
+        worker, column = await asyncio.wait_for(waiting, timeout=5)
+        return worker
+
+    assert asyncio.run(scenario()) == 0
+    assert replica.closed.wait(5)
+
+
+def test_a_generation_error_reaches_the_request_and_the_replica_comes_back():
+    pool = ReplicaPool([_EndlessReplica(fail=True)])
+
+    async def scenario():
+        with pytest.raises(RuntimeError, match="the model broke"):
+            async with contextlib.aclosing(pool.generate([1], SamplingParams())) as steps:
+                async for _ in steps:
+                    pass
+        for _ in range(100):
+            if pool.available() == 1:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(scenario())
