@@ -29,7 +29,7 @@ REF_VENV = os.path.join(ROOT, "bench", ".venv-ref")
 CONTENDERS = ("ours", "pypi", "hf")
 LABELS = {"ours": "rustbpe (ours)", "pypi": "rustbpe 0.1.0 (PyPI)", "hf": "HF tokenizers BpeTrainer"}
 
-# nanochat's split pattern (02 §2.1), what scripts/tok_train.py trains with; --pattern gpt4 uses \p{N}{1,3}.
+# nanochat's split pattern, what scripts/tok_train.py trains with; --pattern gpt4 uses \p{N}{1,3}.
 PATTERNS = {
     "nanochat": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
     "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
@@ -117,7 +117,7 @@ def _train_rustbpe(docs, vocab_size, pattern):
 
 
 def _train_hf(docs, vocab_size, pattern):
-    # The configuration of nanochat's HF reference tokenizer (02 §1.8).
+    # The configuration of nanochat's HF reference tokenizer.
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token=None, fuse_unk=False))
@@ -225,7 +225,7 @@ def main(argv=None):
                 if name not in results or r["seconds"] < results[name]["seconds"]:
                     results[name] = r
 
-    print(f"\n| contender | train time (s) | peak RSS (MiB) | RSS added by training (MiB) | vocab |")
+    print("\n| contender | train time (s) | peak RSS (MiB) | RSS added by training (MiB) | vocab |")
     print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {LABELS[name]} | {r['seconds']:.2f} | {r['peak_rss_kib'] / 1024:.0f} | "

@@ -13,9 +13,14 @@ BOS-aligned best-fit with cropping, with a resume state that reproduces the unin
 Throughput: `python -m bench.bench_dataloader --help`.
 
 Pipeline (per rank r of W):
-1. Documents: the split's shards in name order (train = all but the last, val = the last); within a
-   file rank r reads row groups r, r+W, r+2W, ...; each row group is cut into text batches of
-   `tokenizer_batch_size` rows. After the last file the stream starts over with epoch + 1.
+1. Documents: the split's shards in name order (train = all but the last, val = the last). Within a
+   file with at least W row groups, rank r reads whole row groups r, r+W, r+2W, ... (upstream's
+   split: each rank decompresses only its own share). A file with fewer row groups than ranks (a
+   small val shard, the last train shard) would leave some ranks with nothing, so there every rank
+   visits every row group and takes the file's documents r, r+W, r+2W, ..., counted across its row
+   groups: the ranks' shares are disjoint, together they are the whole file, and they differ in size
+   by at most one document. Each row group's share is cut into text batches of
+   `tokenizer_batch_size` documents. After the last file the stream starts over with epoch + 1.
 2. Tokens: every document is encoded with BOS prepended. On CUDA this runs in a background thread a
    few text batches ahead of the packer, so tokenizing overlaps the GPU step.
 3. Packing: a buffer of at least `buffer_size` documents; each row of T+1 tokens is filled with the
@@ -41,7 +46,10 @@ from nanochat.common import UserError, get_dist_info, is_ddp_initialized
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "bestfit-exact-1"  # bump when the meaning of the state fields changes
+STATE_FORMAT = "bestfit-exact-2"  # bump when the meaning of the state fields changes
+# Format 1 predates document striding; its states mean the same as ours in every file with at least as many
+# row groups as ranks (so always in one process), and they still resume exactly there.
+OLD_STATE_FORMATS = ("bestfit-exact-1",)
 _REF_FIELDS = 4  # a buffered document is referenced as (pq_idx, rg_idx, row, token count incl. BOS)
 
 
@@ -103,11 +111,30 @@ def _read_texts(parquet_file, rg_idx):
     return parquet_file.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
 
 
+def strides_documents(num_row_groups, world_size):
+    """True when the ranks split a file of `num_row_groups` by documents rather than by row groups."""
+    return num_row_groups < world_size
+
+
+def _first_row_group(num_row_groups, rank, world_size):
+    return 0 if strides_documents(num_row_groups, world_size) else rank
+
+
+def _owned_rows(pf, rg_idx, num_rows, start_row, rank, world_size):
+    """The rows >= start_row of row group rg_idx that this rank reads, as a range."""
+    if not strides_documents(pf.num_row_groups, world_size):
+        return range(start_row, num_rows)
+    offset = sum(pf.metadata.row_group(g).num_rows for g in range(rg_idx))  # the group's first row in the file
+    first = start_row + (rank - offset - start_row) % world_size  # the first row whose file index is = rank mod W
+    return range(first, num_rows, world_size)
+
+
 def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, split):
     """Endless stream of _TextBatch for this rank, starting at `cursor` = (epoch, pq_idx, rg_idx, row).
 
-    The first file visited starts at the cursor's row group and row; every later file starts at row
-    group `rank`. Null texts are skipped (their row numbers are simply absent from `rows`).
+    The first file visited starts at the cursor's row group and row (the rows before `row` are done);
+    every later file starts at this rank's first row group. Null texts are skipped (their row numbers
+    are simply absent from `rows`). `next_row` is one past the last row a batch covered.
     """
     import pyarrow.parquet as pq
 
@@ -118,22 +145,23 @@ def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, spl
         for pq_idx in range(start_pq if first_pass else 0, len(files)):
             pf = pq.ParquetFile(files[pq_idx])
             resume_here = first_pass and pq_idx == start_pq
-            rg_idx = start_rg if resume_here else rank
+            rg_idx = start_rg if resume_here else _first_row_group(pf.num_row_groups, rank, world_size)
+            rg_step = 1 if strides_documents(pf.num_row_groups, world_size) else world_size
             while rg_idx < pf.num_row_groups:
                 texts = _read_texts(pf, rg_idx)
                 row = start_row if (resume_here and rg_idx == start_rg) else 0
-                while row < len(texts):
-                    end = min(row + tokenizer_batch_size, len(texts))
-                    rows = [i for i in range(row, end) if texts[i] is not None]
-                    produced = True
-                    yield _TextBatch([texts[i] for i in rows], rows, epoch, pq_idx, rg_idx, end)
-                    row = end
-                rg_idx += world_size
+                owned = _owned_rows(pf, rg_idx, len(texts), row, rank, world_size)
+                for i in range(0, len(owned), tokenizer_batch_size):
+                    chunk = owned[i:i + tokenizer_batch_size]
+                    rows = [j for j in chunk if texts[j] is not None]
+                    produced = produced or bool(rows)
+                    yield _TextBatch([texts[j] for j in rows], rows, epoch, pq_idx, rg_idx, chunk[-1] + 1)
+                rg_idx += rg_step
         if not first_pass and not produced:
             from nanochat.dataset import DatasetError
             raise DatasetError(f"rank {rank} of {world_size} got no documents from the {split} split ({len(files)} "
-                              f"file(s)): there are fewer row groups than ranks, or the shards are empty; "
-                              f"add data or launch fewer processes")
+                               f"file(s)): it holds fewer documents than there are ranks, or none at all; "
+                               f"add data or launch fewer processes")
         first_pass = False
         epoch += 1
 
@@ -342,7 +370,7 @@ class BestFitLoader:
         upstream's approximate rule (skip to the next round of row groups, empty buffer)."""
         rank, W = self.rank, self.world_size
         if state is None:
-            return (1, 0, rank, 0), []
+            return (1, 0, _first_row_group(self._num_row_groups(0), rank, W), 0), []
         if "ranks" in state:
             states = state["ranks"]
             if len(states) == W:
@@ -352,18 +380,38 @@ class BestFitLoader:
                 state = states[0]
         if state.get("split", self.split) != self.split:
             raise ResumeError(f"the loader state is for the {state['split']!r} split, not {self.split!r}")
-        if state.get("format") == STATE_FORMAT and state["world_size"] == W and state["rank"] == rank:
-            cursor = (state["epoch"], state["pq_idx"], state["rg_idx"], state["row_idx"])
+        fmt = state.get("format")
+        ours = fmt == STATE_FORMAT or fmt in OLD_STATE_FORMATS
+        pq_idx, rg_idx = state["pq_idx"], state["rg_idx"]
+        # Only the cursor's file matters for an old state: its buffered refs name documents, whatever the scheme.
+        same_meaning = (fmt == STATE_FORMAT or pq_idx >= len(self._files)
+                        or not strides_documents(self._num_row_groups(pq_idx), W))
+        if ours and state["world_size"] == W and state["rank"] == rank and same_meaning:
+            cursor = (state["epoch"], pq_idx, rg_idx, state["row_idx"])
             return cursor, _decode_refs(state["buffer"])
-        if state.get("format") == STATE_FORMAT:
+        if ours and (state["world_size"] != W or state["rank"] != rank):
             why = (f"it was saved by rank {state['rank']} of {state['world_size']} (this is rank {rank} of {W}); "
                    f"save every rank's state (gather_loader_states) for an exact multi-process resume")
+        elif ours:
+            why = (f"it has format {fmt!r}, from before ranks split files with fewer row groups than ranks by "
+                   f"documents, and it stands in such a file")
         else:
             why = "it has no buffer contents (an upstream-format state)"
         log.warning("Resuming the data loader approximately: %s. Documents still buffered at save time and the "
                     "rest of the current row-group round are skipped.", why)
-        pq_idx, rg_idx = state["pq_idx"], state["rg_idx"]
-        return (state.get("epoch", 1), pq_idx, (rg_idx // W + 1) * W + rank, 0), []
+        if strides_documents(self._num_row_groups(pq_idx), W):
+            next_rg = rg_idx + 1  # every rank visits every row group of this file
+        else:
+            next_rg = (rg_idx // W + 1) * W + rank
+        return (state.get("epoch", 1), pq_idx, next_rg, 0), []
+
+    def _num_row_groups(self, pq_idx):
+        """Row groups in file #pq_idx of the split (0 past the last file: the stream moves on to the next epoch)."""
+        import pyarrow.parquet as pq
+
+        if pq_idx >= len(self._files):
+            return 0
+        return pq.ParquetFile(self._files[pq_idx]).num_row_groups
 
     def _restore_buffer(self, refs):
         """Re-read and re-tokenize the buffered documents; check every length against the saved one."""
@@ -460,15 +508,22 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, B, T, s
     persistent buffer that the next `next()` overwrites: clone them to keep them.
     tokenizer: `.encode(list_of_str, prepend=bos_id, num_threads=k)` and `.get_bos_token_id()`.
     split: "train" (every shard but the last) or "val" (the last shard). `data_dir` defaults to the
-    dataset dir. Ranks (RANK/WORLD_SIZE from torchrun) take interleaved row groups.
+    dataset dir. Ranks (RANK/WORLD_SIZE from torchrun) take interleaved row groups, or interleaved
+    documents in a file with fewer row groups than ranks (see the module docstring), so any number of
+    ranks can share any split that holds at least one document per rank.
     tokenizer_threads: encoder threads (default: 4 on CUDA, else min(4, cores // 2) so as not to fight the
     training step for cores). prefetch: text batches tokenized ahead in a background thread (default 4 on
     CUDA, 0 = no thread elsewhere). device: a torch.device or string; on CUDA the staging buffer is pinned
     and the copy is asynchronous.
 
-    Exact resume. The state describes the loader after the batch it came with:
+    Exact resume. The state (format "bestfit-exact-2") describes this rank's loader after the batch it
+    came with:
       epoch, pq_idx, rg_idx  the last text batch taken from the document stream (as upstream),
-      row_idx                the row of that row group where the next text batch starts,
+      row_idx                one past the last row of that row group the batch covered: reading goes on
+                             with this rank's rows from row_idx on (all of them in a file split by row
+                             groups, those with file index = rank mod world_size in a file split by
+                             documents; which split a file gets follows from its row-group count and
+                             world_size alone, so the state needs no field for it),
       buffer                 every document still in the packing buffer, in arrival order, as
                              (pq_idx, rg_idx, row, token count), zlib+base64-encoded int64,
       format, split, rank, world_size   for validation.
@@ -481,7 +536,10 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, B, T, s
     Each rank has its own state; pass `gather_loader_states(state)` (all ranks call it) to the
     checkpoint so that every rank can resume exactly. A state from another rank, another world size
     or upstream's format falls back to upstream's approximate rule (with a warning): restart at the
-    next round of row groups with an empty buffer.
+    next round of row groups (the next row group, in a file split by documents) with an empty buffer.
+    A "bestfit-exact-1" state (before document striding) resumes exactly when its cursor stands in a
+    file split by row groups, where both formats mean the same (always so in one process), and
+    approximately otherwise.
     """
     return BestFitLoader(tokenizer, B, T, split, tokenizer_threads=tokenizer_threads,
                          tokenizer_batch_size=tokenizer_batch_size, device=device,

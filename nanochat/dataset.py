@@ -1,8 +1,8 @@
 """
 The pretraining corpus as parquet shards: `shard_00000.parquet`, `shard_00001.parquet`, ... with one
-column `text` (one document per row), row groups of 1024 documents, zstd. Files sort by name; the LAST
-file is the validation split and every other file is training data. Three ways to get shards, all in
-exactly this format, so training uses any of them with no other change:
+column `text` (one document per row), row groups of 1024 documents (ingest/offline: >= 8 in the val shard,
+see ShardSetWriter), zstd. Files sort by name; the LAST file is the validation split and every other file is
+training data. Three ways to get shards, all in this format, so training uses any of them with no other change:
 
     python -m nanochat.dataset -n 8                  # ClimbMix: train shards 0..7 + the val shard 6542
     python -m nanochat.dataset download -n 8 -w 4    # the same, spelled out (-n -1 = all 6542)
@@ -49,7 +49,8 @@ BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resol
 MAX_SHARD = 6542  # shards 0..6542; the last one is the pinned validation shard
 DATA_DIR_NAME = "base_data_climbmix"
 LEGACY_DATA_DIR_NAME = "base_data"  # FineWeb-Edu shards from before the ClimbMix switch
-ROW_GROUP_SIZE = 1024  # documents per row group; DDP ranks split the data by row group
+ROW_GROUP_SIZE = 1024  # documents per row group; DDP ranks split a file by row groups when it has enough of them
+VAL_MIN_ROW_GROUPS = 8  # in a written val shard of >= 8 documents: one 8-GPU node's ranks each read whole groups
 MANIFEST_NAME = "manifest.json"
 DEFAULT_OFFLINE_CHARS = 45_000_000  # >= 20M for the tokenizer benchmark plus a tiny CPU training run
 SUBCOMMANDS = ("download", "ingest", "offline")
@@ -298,8 +299,14 @@ class ShardSetWriter:
     """Stream documents into train shards plus one val shard, in a staging dir, then move them in.
 
     A train shard is closed once it holds >= shard_chars characters at a row-group boundary (so every
-    train shard but the last has only full 1024-document row groups, as upstream's repackaging does).
-    The val shard gets the next index after the train shards, so it sorts last.
+    train shard but the last has only full 1024-document row groups, as upstream's repackaging does:
+    big enough that reading and decompressing a group costs little next to tokenizing it).
+    The val shard gets the next index after the train shards, so it sorts last. Being small (1-2% of the
+    documents: 290 in the default offline corpus) it would be a single 1024-document row group, so up to
+    8 * 1024 of its documents are held in memory: a val shard of n <= 8192 documents is written as
+    min(n, 8) near-equal row groups, a bigger one in 1024-document groups. From 8 documents on it has at
+    least 8 row groups, and up to 8 ranks each read whole row groups of it (the loader splits a file with
+    fewer row groups than ranks by documents instead).
     """
 
     def __init__(self, out_dir, shard_chars, overwrite=False):
@@ -328,17 +335,29 @@ class ShardSetWriter:
     def _staged(self, name):
         return os.path.join(self.staging, name)
 
-    def _flush(self, part, name):
+    def _flush(self, part, name, groups=1):
+        """Write the buffered documents as `groups` row groups of near-equal size (1024 each by default)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not part["buf"]:
+        buf = part["buf"]
+        if not buf:
             return
         if part["writer"] is None:
             part["writer"] = pq.ParquetWriter(self._staged(name), self.schema, compression="zstd", compression_level=3,
                                               use_dictionary=False, write_statistics=False)
-        part["writer"].write_table(pa.table({"text": part["buf"]}, schema=self.schema), row_group_size=ROW_GROUP_SIZE)
+        size, extra = divmod(len(buf), groups)
+        start = 0
+        for g in range(groups):  # one write_table per group: each call ends its own row group
+            stop = start + size + (g < extra)
+            part["writer"].write_table(pa.table({"text": buf[start:stop]}, schema=self.schema),
+                                       row_group_size=ROW_GROUP_SIZE)
+            start = stop
         part["buf"] = []
+
+    def _held(self, part):
+        # Documents kept in memory before a flush: one row group, or the val shard's first eight.
+        return ROW_GROUP_SIZE * (VAL_MIN_ROW_GROUPS if part is self.val and part["writer"] is None else 1)
 
     def add(self, text, to_val=False):
         """Append one document to the val shard or the current train shard."""
@@ -348,8 +367,8 @@ class ShardSetWriter:
             part, name = self.train, shard_filename(self.train_shards)
         # Flush lazily, before adding: the last train document then always sits in memory, which lets
         # finish() move it to val when nothing else went there.
-        if len(part["buf"]) == ROW_GROUP_SIZE:
-            self._flush(part, name)
+        if len(part["buf"]) == self._held(part):
+            self._flush(part, name, groups=len(part["buf"]) // ROW_GROUP_SIZE)
         if not to_val and part["writer"] is not None and not part["buf"] and part["chars"] >= self.shard_chars:
             part["writer"].close()
             part["writer"], part["chars"] = None, 0
@@ -375,7 +394,8 @@ class ShardSetWriter:
         if self.train["writer"] is not None:  # None when moving a document to val emptied a fresh shard
             self.train["writer"].close()
             self.train_shards += 1
-        self._flush(self.val, "val.parquet")
+        all_held = self.val["writer"] is None  # n <= 8192: min(n, 8) near-equal row groups
+        self._flush(self.val, "val.parquet", groups=min(len(self.val["buf"]), VAL_MIN_ROW_GROUPS) if all_held else 1)
         self.val["writer"].close()
         os.replace(self._staged("val.parquet"), self._staged(shard_filename(self.train_shards)))
         self._check_out_dir()  # again: something may have appeared while we were writing

@@ -125,7 +125,7 @@ def _gather_rows(cache, index, filled):
     """cache (L, B, T_max, H, D) -> (L, len(index), T_max, H, D) holding rows `index`; positions past
     `filled` are left uninitialised (nothing reads them before the model writes them)."""
     out = cache.new_empty((cache.size(0), index.numel(), *cache.shape[2:]))
-    out[:, :, :filled] = cache[:, :, :filled].index_select(1, index)
+    out[:, :, :filled] = cache[:, index, :filled]
     return out
 
 

@@ -69,7 +69,7 @@ def add_flags(p, stage, defaults):
     g.add_argument("-i", "--source", choices=stage.sources, default=stage.sources[0], help="checkpoint to start from")
     g.add_argument("-g", "--model-tag", type=str, default=None, help="tag to load and to save under (default: the source's largest d<N>)")
     g.add_argument("-s", "--model-step", type=int, default=None, help="source checkpoint step (default: the last one)")
-    g.add_argument("--resume-from-step", type=int, default=-1, help=f"resume from this step of this stage's own checkpoints (-1 = start from --source)")
+    g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step of this stage's own checkpoints (-1 = start from --source)")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
     inherit = " (default: the source checkpoint's)" if defaults["max_seq_len"] is None else ""
     g = p.add_argument_group("optimization" + inherit)
@@ -244,7 +244,7 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
     result = TrainLoop(step=step, batches=batches, horizon=horizon, schedule=schedule, periodic=periodic, checkpointer=checkpointer,
                        meter=training.StepMeter(hp["total_batch_size"], orig_model.estimate_flops(), run.peak_flops),
                        wandb_run=run.wandb_run, sync=run.sync, wandb_every=10,
-                       describe=lambda state: f"epoch: {state['epoch']}").run(resume=resume)
+                       describe=lambda state: f"epoch: {state['epoch']}", curve=stage.name).run(resume=resume)
     if batches.truncated:
         log.info("%d conversations longer than a row (%d tokens) were truncated to it", batches.truncated, T + 1)
 

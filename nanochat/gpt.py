@@ -236,7 +236,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Fill every parameter (spec §1.8) and the rotary tables on the model's current device.
+        """Fill every parameter and the rotary tables on the model's current device.
 
         Draw order (for bit-reproducibility): wte, lm_head, per block c_q/c_k/c_v/c_fc, smear_gate,
         value embeddings by layer, ve_gates by block. bf16 tables draw in fp32, then round.
@@ -393,7 +393,7 @@ class GPT(nn.Module):
     # -- optimizer ----------------------------------------------------------------
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
-        """MuonAdamW with the param groups of spec §1.12 (order matters for comms and state_dict layout).
+        """MuonAdamW with the model's param groups (their order fixes the comms order and the state_dict layout).
 
         The lm_head/wte/value-embedding LRs scale with (d/768)^-0.5; the Muon groups hold the block
         matrices grouped by shape, in sorted shape order.

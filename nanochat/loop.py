@@ -21,6 +21,7 @@ resumes with fresh meters.
 """
 
 import gc
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -149,21 +150,24 @@ class LoopResult:
 
 
 class TrainLoop:
-    """Runs a stage's training (see the module docstring). `describe(state) -> str` adds the data
-    position to the step line; `wandb_every` sets how often step metrics go to wandb."""
+    """Runs a stage's training (see the module docstring). `describe(state)` runs on every rank after each
+    step (it may use collectives) and returns text for the step line (the data position), or a dict of
+    metrics, which also go to wandb and to the curves; `wandb_every` sets how often the loss goes to wandb."""
 
     def __init__(self, *, step, batches, horizon, schedule, periodic, checkpointer, meter, wandb_run,
-                 describe=None, wandb_every=100, sync=None):
+                 describe=None, wandb_every=100, sync=None, curve=None):
         self.step_fn, self.batches, self.horizon, self.schedule = step, batches, horizon, schedule
         self.periodic, self.checkpointer, self.meter, self.wandb_run = periodic, checkpointer, meter, wandb_run
         self.describe = describe or (lambda state: "")
         self.wandb_every, self.sync = wandb_every, sync
+        self.curve = curve  # stage name: rank 0 writes the loss / val bpb curves to <base>/report/curves/<curve>.json
         self.rank = get_dist_info()[1]
 
     def run(self, resume=None):
         """Train from step 0, or from a checkpoint's meta (`resume`); returns a LoopResult."""
         step, metrics, min_val_bpb = 0, {}, float("inf")
         resume_step = -1
+        history = {"train_loss": [], "val_bpb": []}  # [step, value] pairs for the report's plots
         if resume is not None:
             resume_step = step = resume["step"]
             loop_state = resume.get("loop_state") or {}
@@ -196,6 +200,7 @@ class TrainLoop:
                 metrics.update(out)
                 if "val_bpb" in out and out["val_bpb"] is not None:
                     min_val_bpb = min(min_val_bpb, out["val_bpb"])
+                    history["val_bpb"].append([step, out["val_bpb"]])
                 if out:
                     self.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
                                         "total_training_time": self.meter.total_time, **_scalars(out)})
@@ -218,7 +223,13 @@ class TrainLoop:
             result = self.step_fn(self.batches)
             last = self.meter.stop(step, result.loss, progress, self.sync, tokens=result.tokens)
 
+            history["train_loss"].append([step, last["loss"]])
             extra = self.describe(self.step_fn.state)
+            if isinstance(extra, dict):  # step metrics of the stage's own (RL's reward): logged, plotted, sent to wandb
+                for key, value in extra.items():
+                    history.setdefault(key, []).append([step, value])
+                self.wandb_run.log({"step": step, **{f"train/{k}": v for k, v in extra.items()}})
+                extra = " | ".join(f"{k}: {v:.4f}" for k, v in extra.items())
             if result.skipped:
                 extra = (extra + " | " if extra else "") + "fp16 overflow: update skipped"
             log.info(self.meter.format_line(step, self.horizon.total, progress, last, lrm, extra))
@@ -238,6 +249,8 @@ class TrainLoop:
                 gc.collect()
 
         gc.enable()
+        if self.curve and self.rank == 0:
+            _write_curve(self.curve, history, resumed_from=None if resume is None else resume_step)
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         result = LoopResult(step=step, metrics=metrics, min_val_bpb=None if min_val_bpb == float("inf") else min_val_bpb,
                             total_time=self.meter.total_time, avg_tok_per_sec=self.meter.avg_tok_per_sec(),
@@ -248,6 +261,23 @@ class TrainLoop:
         if result.min_val_bpb is not None:
             log.info("Minimum validation bpb: %.6f", result.min_val_bpb)
         return result
+
+
+def _write_curve(name, history, resumed_from):
+    """<base>/report/curves/<name>.json: this run's train loss (debiased EMA) and val bpb by step.
+
+    A resumed run starts its curve at the resume step; the steps before it are in the curve file of the run
+    it resumed, which this one replaces, so they are carried over from it when it is there.
+    """
+    from nanochat.common import atomic_write, get_base_dir, strict_json
+
+    path = os.path.join(get_base_dir(), "report", "curves", f"{name}.json")
+    if resumed_from is not None and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        for key in history:
+            history[key] = [p for p in old.get(key, []) if p[0] < resumed_from] + history[key]
+    atomic_write(path, strict_json({"stage": name, **history}))
 
 
 def _scalars(metrics):

@@ -1,6 +1,10 @@
 """
 The markdown training report. Each stage logs one section; `generate` stitches the header, the
 sections in pipeline order and a summary table into <base>/report/report.md (and ./report.md).
+It also plots each training stage's curves (<base>/report/curves/<stage>.json, written by the training
+loop) as report-<stage>-curves.png beside both copies of report.md, linked under the stage's section,
+and adds to the header what the run trained on: the pretraining shards of the data dir (ClimbMix,
+ingested text or the offline corpus) and every offline stand-in a stage reported using.
 
     python -m nanochat.report reset       # start of a run: delete old sections, write header.md
     python -m nanochat.report generate    # end of a run (also the default with no argument)
@@ -15,7 +19,10 @@ the known ones) with a warning instead of being dropped.
 
 import argparse
 import datetime
+import io
+import json
 import logging
+import math
 import os
 import platform
 import re
@@ -23,6 +30,7 @@ import subprocess
 import sys
 
 from nanochat.common import atomic_write, get_base_dir, setup_default_logging
+from nanochat.dataset import LEGACY_DATA_DIR_NAME, get_data_dir, list_parquet_files, read_manifest
 
 log = logging.getLogger("nanochat.report")
 
@@ -47,8 +55,10 @@ ALIASES = {"sft": "Chat SFT", "rl": "Chat RL"}  # titles upstream's later script
 STAGES = ("base", "mid", "sft", "rl")
 
 # Summary rows: which `- key: value` lines of which section become which row.
+# SyntheticArithmetic is what an offline chat eval scores instead of GSM8K: a row of its own, never GSM8K's.
 _CHAT_KEYS = {"ARC-Easy": "ARC-Easy", "ARC-Challenge": "ARC-Challenge", "MMLU": "MMLU", "GSM8K": "GSM8K",
-              "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "ChatCORE metric": "ChatCORE"}
+              "HumanEval": "HumanEval", "SpellingBee": "SpellingBee", "SyntheticArithmetic": "SyntheticArithmetic",
+              "ChatCORE metric": "ChatCORE"}
 METRIC_KEYS = {
     "Base model evaluation": {"CORE metric": "CORE"},
     "Chat evaluation mid": _CHAT_KEYS,
@@ -59,6 +69,18 @@ BLOAT_PATTERNS = ("*.py", "*.md", "*.rs", "*.html", "*.toml", "*.sh")
 HOURLY_RATES = (("H100", 3.00), ("A100", 1.79), ("V100", 0.55))  # $/GPU/hour, rough cloud prices
 DEFAULT_HOURLY_RATE = 2.00
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+# Training-curve plots: stage (curve file name) -> (the section the plot is linked under, its panels as
+# (series in the curve file, panel title)). RL's loss is a policy-gradient surrogate, so RL plots the reward.
+_LOSS_PANELS = (("train_loss", "train loss"), ("val_bpb", "val bpb"))
+CURVE_PLOTS = {
+    "base": ("Base model training", _LOSS_PANELS),
+    "mid": ("Midtraining", _LOSS_PANELS),
+    "sft": ("Chat SFT", _LOSS_PANELS),
+    "rl": ("Chat RL", (("reward", "mean reward"), ("sequence_length", "mean sequence length"))),
+}
+CURVES_DIR = "curves"
+STAND_INS_KEY = "Offline stand-ins"  # the row each training stage writes with tasks.common.fallbacks_used()
 
 
 def _now():
@@ -174,11 +196,24 @@ def hourly_rate(gpu):
     return per_gpu * gpu["count"]
 
 
+def cpu_model():
+    """The CPU's marketing name ("AMD EPYC 9654 96-Core Processor"), or "" when the system won't say."""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model"):  # x86 / ARM spellings
+                    return value.strip()
+    if platform.system() == "Darwin":
+        return _run(["sysctl", "-n", "machdep.cpu.brand_string"]) or ""
+    return platform.processor()
+
+
 def system_info():
     import psutil
     import torch
 
-    return {"platform": platform.system(), "physical_cores": psutil.cpu_count(logical=False) or 0,
+    return {"platform": platform.system(), "cpu_model": cpu_model(), "physical_cores": psutil.cpu_count(logical=False) or 0,
             "logical_cores": psutil.cpu_count(logical=True) or 0,
             "memory_gb": psutil.virtual_memory().total / 1024**3,
             "python": platform.python_version(), "torch": torch.__version__}
@@ -223,9 +258,11 @@ def format_header(env, generated_at):
         "## Environment", "",
         "### Git Information", f"- Branch: {g['branch']}", f"- Commit: {g['commit']} ({'dirty' if g['dirty'] else 'clean'})",
         f"- Message: {g['message']}", "",
-        "### Hardware", f"- Platform: {s['platform']}", f"- CPUs: {s['physical_cores']} cores ({s['logical_cores']} logical)",
-        f"- Memory: {s['memory_gb']:.1f} GB",
+        "### Hardware", f"- Platform: {s['platform']}",
     ]
+    if s.get("cpu_model"):  # "" when the system won't say
+        lines.append(f"- CPU: {s['cpu_model']}")
+    lines += [f"- CPUs: {s['physical_cores']} cores ({s['logical_cores']} logical)", f"- Memory: {s['memory_gb']:.1f} GB"]
     if gpu["count"]:
         lines += [f"- GPUs: {gpu['count']}x {', '.join(sorted(set(gpu['names'])))}",
                   f"- GPU Memory: {gpu['memory_gb']:.1f} GB total", f"- CUDA Version: {gpu['cuda_version']}",
@@ -241,17 +278,173 @@ def format_header(env, generated_at):
 
 
 # -----------------------------------------------------------------------------
+# What the run trained on: pretraining shards and offline stand-ins (read when the report is generated,
+# since `reset` runs before the data is downloaded and the stages run)
+
+
+def dataset_info(data_dir=None):
+    """One line naming the pretraining shards in `data_dir` (default: the one training reads) and how many."""
+    if data_dir is None:
+        data_dir = get_data_dir()
+        legacy = os.path.join(get_base_dir(), LEGACY_DATA_DIR_NAME)
+        if not os.path.isdir(data_dir) and os.path.isdir(legacy):  # what the loader falls back to, too
+            data_dir = legacy
+    files = list_parquet_files(data_dir)
+    if not files:
+        return f"none found in {data_dir}"
+    try:
+        manifest = read_manifest(data_dir) or {}
+    except (OSError, ValueError) as e:  # the report still names what it can
+        log.warning("Could not read the manifest of %s (%s); the report names its shards without it", data_dir, e)
+        manifest = {"source": "unknown (unreadable manifest)"}
+    source = manifest.get("source", "climbmix")
+    if os.path.basename(data_dir) == LEGACY_DATA_DIR_NAME:
+        kind = "FineWeb-Edu (legacy downloaded shards)"
+    elif source == "climbmix":
+        kind = "ClimbMix (downloaded shards)"
+    elif source == "offline":
+        kind = f"the offline corpus (text shipped with Python {manifest.get('python', '?')} and its installed packages)"
+    elif source == "ingest":
+        kind = f"ingested text ({', '.join(manifest.get('inputs') or ['?'])})"
+    else:
+        kind = f"{source} shards"
+    # The last shard is the validation split (see nanochat/dataloader.py).
+    shards = f"{len(files) - 1} train shard{'s' * (len(files) != 2)} + 1 val shard"
+    chars = manifest.get("train_chars", 0) + manifest.get("val_chars", 0)
+    return f"{kind}: {shards}{f', {chars:,} characters' if chars else ''}, in {data_dir}"
+
+
+def stand_ins(texts):
+    """Every offline stand-in named in the sections' `- Offline stand-ins:` rows, in order, each once."""
+    seen = {}
+    for text in texts:
+        for value in extract_metrics(text, {STAND_INS_KEY: "x"}).values():
+            for item in value.split("; "):  # the writers join fallbacks_used() with "; "
+                if item.strip() and item.strip() != "none":
+                    seen.setdefault(item.strip(), None)
+    return list(seen)
+
+
+def with_data_block(header, dataset, fallbacks):
+    """The header with a `### Data` block just before its `Run started:` line (appended when there is none)."""
+    block = (f"### Data\n- Pretraining data: {dataset}\n"
+             f"- {STAND_INS_KEY}: {'; '.join(fallbacks) if fallbacks else 'none'}\n\n")
+    at = header.find("Run started:")
+    return header + block if at < 0 else header[:at] + block + header[at:]
+
+
+# -----------------------------------------------------------------------------
+# Training-curve plots
+
+
+def read_curve(path):
+    """{series: ([steps], [values])} of a curve file's non-empty series; {} when the file is missing or empty.
+
+    Points whose value is null (NaN/inf were written as null) are left out. Raises ValueError on a file
+    that is not a curve.
+    """
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    series = {}
+    for key, points in data.items():
+        if key == "stage":
+            continue
+        if not isinstance(points, list):
+            raise ValueError(f"series {key!r} is not a list of [step, value] points")
+        kept = [(float(step), float(value)) for step, value in points
+                if value is not None and math.isfinite(float(value))]
+        if kept:
+            series[key] = ([p[0] for p in kept], [p[1] for p in kept])
+    return series
+
+
+def render_curves(series, panels, title):
+    """PNG bytes of one figure: a panel per (series, panel title) that has points, side by side."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy and optional: only when plotting
+    from matplotlib.figure import Figure
+
+    panels = [(key, name) for key, name in panels if key in series]
+    fig = Figure(figsize=(5.5 * len(panels), 3.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)  # the headless Agg canvas, without pyplot's global state
+    fig.suptitle(title, fontsize=12)
+    for i, (key, name) in enumerate(panels):
+        steps, values = series[key]
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        # A handful of evaluations reads better as dots on a line; thousands of steps as a plain line.
+        ax.plot(steps, values, marker="o" if len(steps) <= 50 else None, markersize=3, linewidth=1.2)
+        note = ""
+        tail = values[len(values) // 10:]  # the run after its first tenth
+        lo, hi = min(tail), max(tail)
+        span = (hi - lo) or abs(hi) * 0.1 or 1.0
+        if len(values) >= 20 and max(values) > hi + span:
+            # The first steps' loss (~ln(vocab size)) is several times the final one; scaled to it, the
+            # rest of the run is a flat line. Zoom on the rest and say how high the cut-off part goes.
+            ax.set_ylim(lo - 0.1 * span, hi + 0.5 * span)
+            note = f", early steps up to {max(values):.4g} off the chart"
+        if key == "val_bpb":
+            best = min(range(len(values)), key=values.__getitem__)
+            ax.set_title(f"{name} (min {values[best]:.4f} at step {steps[best]:.0f}{note})", fontsize=10)
+        else:
+            ax.set_title(f"{name} (last {values[-1]:.4g}{note})", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_file_name(stage):
+    return f"report-{stage}-curves.png"
+
+
+def write_plots(report_dir):
+    """Plot each stage's curve file into report_dir; returns {section title: PNG file name} of those written.
+
+    A stage without a curve file, or with one holding no points, gets no plot. A plot that fails (no
+    matplotlib, a malformed file) is a warning with the reason: the report is written without it.
+    """
+    plots = {}
+    for stage, (title, panels) in CURVE_PLOTS.items():
+        path = os.path.join(report_dir, CURVES_DIR, f"{stage}.json")
+        try:
+            series = read_curve(path)
+            if not any(key in series for key, _ in panels):
+                continue
+            png = render_curves(series, panels, f"{title}: {', '.join(n for k, n in panels if k in series)} by step")
+        except ImportError as e:
+            log.warning("Cannot plot the training curves: %s (matplotlib is a nanochat dependency: `uv sync`); "
+                        "report.md is written without plots", e)
+            return plots
+        except Exception as e:  # a plot is a nicety: whatever went wrong costs this plot, never the report
+            log.warning("Could not plot %s (%s: %s); report.md is written without that plot", path, type(e).__name__, e)
+            continue
+        atomic_write(os.path.join(report_dir, plot_file_name(stage)), png)
+        plots[title] = plot_file_name(stage)
+    return plots
+
+
+# -----------------------------------------------------------------------------
 # Summary
 
 
 def format_summary(bloat, metrics, start, end):
-    """The `## Summary` block: bloat lines, the metric table (BASE/MID/SFT/RL), total wall-clock time."""
+    """The `## Summary` block: bloat lines, the metric table (BASE/MID/SFT/RL), total wall-clock time.
+
+    Columns are at least as wide as the example report's (15 and 8) and widen to fit a longer row name
+    (SyntheticArithmetic) or value, so the table stays aligned.
+    """
     rows = set().union(*(metrics[s] for s in STAGES))
     rows = sorted(rows, key=lambda r: (r != "CORE", r == "ChatCORE", r))  # CORE first, ChatCORE last
-    table = ["| " + "Metric".ljust(15) + " |" + "".join(f" {s.upper():<8} |" for s in STAGES),
-             "|" + "-" * 17 + "|" + "".join("-" * 10 + "|" for _ in STAGES)]
+    name_w = max([15, *map(len, rows)])
+    col_w = max([8, *(len(v) for s in STAGES for v in metrics[s].values())])
+    table = ["| " + "Metric".ljust(name_w) + " |" + "".join(f" {s.upper():<{col_w}} |" for s in STAGES),
+             "|" + "-" * (name_w + 2) + "|" + "".join("-" * (col_w + 2) + "|" for _ in STAGES)]
     for row in rows:
-        table.append(f"| {row:<15} |" + "".join(f" {metrics[s].get(row, '-'):<8} |" for s in STAGES))
+        table.append(f"| {row:<{name_w}} |" + "".join(f" {metrics[s].get(row, '-'):<{col_w}} |" for s in STAGES))
     if start is not None and end is not None:
         minutes = int((end - start).total_seconds() // 60)
         wall = f"Total wall clock time: {minutes // 60}h{minutes % 60}m"
@@ -283,11 +476,18 @@ class Report:
         return path
 
     def reset(self, cwd=None):
-        """Delete every section and report.md, then write header.md with the environment and the start time."""
+        """Delete every section, curve, plot and report.md, then write header.md with the environment and the start time."""
         if os.path.isdir(self.report_dir):
             for name in os.listdir(self.report_dir):
-                if name.endswith(".md"):  # this dir is ours; stale extras would leak into the next report
+                if name.endswith((".md", ".png")):  # this dir is ours; stale extras would leak into the next report
                     os.remove(self._path(name))
+        curves = self._path(CURVES_DIR)
+        if os.path.isdir(curves):  # a previous run's curves would be plotted as this run's
+            for name in os.listdir(curves):
+                if name.endswith(".json"):
+                    os.remove(os.path.join(curves, name))
+            if not os.listdir(curves):
+                os.rmdir(curves)
         header = format_header(collect_environment(cwd), _now())
         atomic_write(self._path("header.md"), header + f"Run started: {_now().strftime(TIME_FORMAT)}\n\n---\n\n")
         log.info("Reset report and wrote header to %s", self._path("header.md"))
@@ -295,11 +495,14 @@ class Report:
     def generate(self, copy_to="."):
         """Write report.md into the report dir and a copy into `copy_to` (None = no copy); returns the path.
 
-        Layout: header.md, the known sections in SECTIONS order (missing ones skipped with a warning),
-        sections under unknown titles (oldest first, with a warning), then the summary. The wall clock
-        runs from the header's `Run started` to the timestamp of the last known non-RL section.
+        Layout: header.md (with a `### Data` block: the pretraining shards and every offline stand-in),
+        the known sections in SECTIONS order (missing ones skipped with a warning; a training stage's
+        curve plot linked under it), sections under unknown titles (oldest first, with a warning), then
+        the summary. The wall clock runs from the header's `Run started` to the timestamp of the last
+        known non-RL section. The plots are written beside report.md and copied beside its copy.
         """
         parts, metrics, end = [], {s: {} for s in STAGES}, None
+        plots = write_plots(self.report_dir)
         header_path = self._path("header.md")
         if os.path.exists(header_path):
             with open(header_path, encoding="utf-8") as f:
@@ -321,6 +524,8 @@ class Report:
                 continue
             with open(self._path(name), encoding="utf-8") as f:
                 content = f.read()
+            if title in plots:  # a relative link: it resolves beside either copy of report.md
+                content += f"![{title} curves]({plots[title]})\n\n"
             parts.append(content + "\n")
             if stage != "rl":  # RL is experimental and excluded from the wall-clock total
                 end = _first_time(content, "timestamp:") or end
@@ -336,13 +541,19 @@ class Report:
             log.warning("Report section %s is not a pipeline stage; appending it after the known sections", name)
             parts.append(content + "\n")
         parts.append(format_summary(bloat, metrics, start, end))
+        parts[0] = with_data_block(parts[0], dataset_info(), stand_ins(parts[1:]))
         out = self._path("report.md")
         text = "".join(parts)
         atomic_write(out, text)
-        log.info("Wrote the report to %s", out)
+        log.info("Wrote the report to %s%s", out, f" with {len(plots)} plot(s)" if plots else "")
         if copy_to is not None:
-            atomic_write(os.path.join(copy_to, "report.md"), text)
-            log.info("Copied it to %s", os.path.abspath(os.path.join(copy_to, "report.md")))
+            copy = os.path.join(copy_to, "report.md")
+            if not (os.path.exists(copy) and os.path.samefile(copy, out)):  # generated from inside the report dir
+                for png in plots.values():
+                    with open(self._path(png), "rb") as f:
+                        atomic_write(os.path.join(copy_to, png), f.read())
+                atomic_write(copy, text)
+                log.info("Copied it%s to %s", " and its plots" if plots else "", os.path.abspath(copy))
         return out
 
 

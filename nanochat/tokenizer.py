@@ -219,7 +219,7 @@ class RustBPETokenizer:
 
         mask[i] = 1 where the assistant is trained to produce ids[i]: its text, its python tool calls
         and <|assistant_end|>. Everything else (BOS, user turns, the tool's output) is 0.
-        A leading system message is folded into the first user message. See 03 §9.2 of the spec.
+        A leading system message is folded into the first user message (its content + a blank line).
         """
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")

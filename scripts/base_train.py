@@ -207,7 +207,7 @@ def main(argv=None):
                   Periodic("samples", args.sample_every, samples, master_only=True)],
         checkpointer=checkpointer, meter=training.StepMeter(total_batch_size, num_flops_per_token, run.peak_flops),
         wandb_run=run.wandb_run, sync=run.sync,
-        describe=lambda st: f"epoch: {st['epoch']} pq: {st['pq_idx']} rg: {st['rg_idx']}")
+        describe=lambda st: f"epoch: {st['epoch']} pq: {st['pq_idx']} rg: {st['rg_idx']}", curve="base")
     result = train.run(resume=meta)
 
     get_report().log(section="Base model training", data=[

@@ -97,7 +97,7 @@ def main(argv=None):
     def rewards(state):
         # Every rank calls this each step: the means are averaged over ranks.
         reward, length = mean_over_ranks([state["reward"], state["sequence_length"]], run.device)
-        return f"reward: {reward:.4f} | sequence length: {length:.1f}"
+        return {"reward": reward, "sequence_length": length}
 
     model_config = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
     checkpointer = Checkpointer(os.path.join(get_checkpoints_dir("rl"), start.tag), args.save_every, model, optimizer,
@@ -107,7 +107,7 @@ def main(argv=None):
                            Periodic("pass@k", args.eval_every, pass_at_k, at_start=True, at_last=False)],
                        schedule=lambda it, progress: {"lrm": training.linear_decay(it, num_steps)},
                        checkpointer=checkpointer, meter=training.StepMeter(0, model.estimate_flops(), run.peak_flops),
-                       wandb_run=run.wandb_run, sync=run.sync, wandb_every=1, describe=rewards).run(resume=start.resume)
+                       wandb_run=run.wandb_run, sync=run.sync, wandb_every=1, describe=rewards, curve="rl").run(resume=start.resume)
 
     curve = [round(r, 4) for r, _ in stream.history]
     get_report().log(section="Chat RL", data=[

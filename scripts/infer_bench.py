@@ -340,8 +340,9 @@ PROFILE_GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "attention
 
 @torch.inference_mode()
 def profile_forward(model, prompt, batch, tokens, device):
-    """Where a bare decode step's CPU time goes: {group: ms per step} under torch.profiler, which adds a
-    few microseconds to every op (so "other", made of many small ops, reads high)."""
+    """Where a bare decode step's time goes: {group: ms per step} of torch.profiler's self CPU time (wall
+    time inside each op, so load inflates it; read the proportions). The profiler adds a few microseconds
+    to every op, so "other", made of many small ops, reads high."""
     kv = prefilled_cache(model, prompt, batch, tokens, device)
     ids = torch.full((batch, 1), prompt[-1], dtype=torch.long, device=device)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -100,7 +100,7 @@ def _gain(rng, s):
 
 
 def _give_away(rng, s):
-    (name, he, _), (_, many) = _person(rng), rng.choice(ITEMS)
+    (name, _, _), (_, many) = _person(rng), rng.choice(ITEMS)
     friend = _person(rng, other_than=name)[0]
     a = rng.randint(8, 60)
     b = rng.randint(2, a - 1)
@@ -111,7 +111,7 @@ def _give_away(rng, s):
 
 
 def _groups(rng, s):
-    (name, he, _), (_, many) = _person(rng), rng.choice(ITEMS)
+    (name, _, _), (_, many) = _person(rng), rng.choice(ITEMS)
     (box, boxes) = rng.choice(CONTAINERS)
     a, b = rng.randint(2, 9), rng.randint(2, 12)
     q = f"{name} buys {a} {boxes} of {many}. Each {box} holds {b} {many}. How many {many} did {name} buy?"
@@ -120,7 +120,7 @@ def _groups(rng, s):
 
 
 def _share(rng, s):
-    (name, he, _), (_, many) = _person(rng), rng.choice(ITEMS)
+    (name, _, _), (_, many) = _person(rng), rng.choice(ITEMS)
     k, each = rng.randint(2, 9), rng.randint(2, 12)
     total = k * each
     q = (f"{name} has {total} {many} and shares them equally among {k} friends. "
@@ -173,7 +173,7 @@ def _reading(rng, s):
 
 
 def _times_as_many(rng, s):
-    (name, he, _), (_, many) = _person(rng), rng.choice(ITEMS)
+    (name, _, _), (_, many) = _person(rng), rng.choice(ITEMS)
     friend = _person(rng, other_than=name)[0]
     a, k = rng.randint(2, 15), rng.randint(2, 5)
     q = f"{name} has {a} {many}. {friend} has {k} times as many. How many {many} do they have together?"

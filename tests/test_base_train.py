@@ -210,3 +210,56 @@ def test_base_loss_without_a_checkpoint_says_what_to_do(base_dir):
 
     with pytest.raises(SystemExit, match="base_loss: .*base_train"):
         base_loss.main(["--device-type=cpu"])
+
+
+# -----------------------------------------------------------------------------
+# base_train on 2 processes, val shard of a single row group
+
+@pytest.fixture(scope="module")
+def one_group_val_base(tmp_path_factory):
+    """A base dir with 3 train shards (4 row groups, 4 row groups, 1 row group), a val shard of ONE row group,
+    and a trained 512-token tokenizer."""
+    base = tmp_path_factory.mktemp("base")
+    data_dir = base / "base_data_climbmix"
+    data_dir.mkdir()
+    for index, group in enumerate([100, 100, 400, 400]):
+        pq.write_table(pa.table({"text": _documents(index, 400)}), data_dir / f"shard_{index:05d}.parquet", row_group_size=group)
+    assert pq.ParquetFile(data_dir / "shard_00003.parquet").num_row_groups == 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NANOCHAT_BASE_DIR", str(base))
+        tok_train.main(["--vocab-size=512", "--max-chars=200000"])
+    return base
+
+
+def _rank0_losses(output):
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"\[rank0\]:.*step (\d+)/\d+ .*\| loss: ([0-9.]+)", output)}
+
+
+@pytest.mark.slow
+def test_two_ranks_train_evaluate_save_and_resume_on_a_one_row_group_val_shard(one_group_val_base, tmp_path):
+    """torchrun, 2 gloo ranks: 4 steps with val bpb and checkpoints at steps 2 and 4; then a copy of step 2 resumes
+    for steps 2-3 with the same losses and the same final parameters (every rank's loader resumed exactly)."""
+    from dist_harness import run_torchrun
+
+    base = tmp_path / "base"
+    shutil.copytree(one_group_val_base, base)
+    env = {"NANOCHAT_BASE_DIR": str(base)}
+    args = ["-m", "scripts.base_train", "--"] + TINY + ["--num-iterations=4", "--eval-every=2", "--save-every=2"]
+    straight = run_torchrun(args + ["--model-tag=straight"], nproc=2, env=env, timeout=300, cwd=tmp_path)
+    out = straight.stdout + straight.stderr
+    assert len(re.findall(r"\[rank0\]:.*Validation bpb: [0-9.]+", out)) == 3, out[-3000:]
+    ckpt = base / "base_checkpoints"
+    os.makedirs(ckpt / "resumed")
+    for path in glob.glob(str(ckpt / "straight" / "*_000002*")):
+        shutil.copy(path, ckpt / "resumed")
+    assert sorted(os.listdir(ckpt / "resumed")) == ["meta_000002.json", "model_000002.pt", "optim_000002_rank0.pt",
+                                                    "optim_000002_rank1.pt"]
+    resumed = run_torchrun(args + ["--model-tag=resumed", "--resume-from-step=2"], nproc=2, env=env, timeout=300, cwd=tmp_path)
+    resumed_out = resumed.stdout + resumed.stderr
+    assert "approximately" not in resumed_out
+    want, got = _rank0_losses(out), _rank0_losses(resumed_out)
+    assert sorted(got) == [2, 3] and all(got[s] == want[s] for s in (2, 3)), (want, got)
+    a = torch.load(ckpt / "straight" / "model_000004.pt")
+    b = torch.load(ckpt / "resumed" / "model_000004.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

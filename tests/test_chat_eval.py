@@ -237,7 +237,7 @@ def test_categorical_letters_must_be_single_tokens(env, tok):
 
 
 def test_gsm8k_generative_with_calculator_and_exact_match(env, tok):
-    """Decision on 02 §9 item 11: answers compare as exact strings, so "#### 18.00" fails against "18".
+    """Decision: answers compare as exact strings, so "#### 18.00" fails against "18".
 
     We keep upstream's rule so our GSM8K/ChatCORE numbers stay comparable with upstream's; the
     calculator prints Python's str() (3*6 -> "18", 36/2 -> "18.0"), and the model learns the

@@ -334,3 +334,23 @@ def test_build_model_with_the_real_gpt(base_dir, tiny_gpt, monkeypatch):
     idx = torch.randint(0, 300, (1, 8))
     with torch.no_grad():
         assert model(idx).shape == (1, 8, 300)
+
+
+def test_eval_models_take_the_inference_dtype_and_train_models_the_compute_dtype(base_dir, tiny_gpt, monkeypatch):
+    """On a CPU where training would run in bf16, a model loaded to generate or evaluate is fp32 (faster there),
+    and the Engine's KV cache follows the model's dtype."""
+    import nanochat.tokenizer
+    from nanochat import common
+    from nanochat.engine import Engine
+
+    monkeypatch.setattr(nanochat.tokenizer, "get_tokenizer", lambda: FakeTokenizer(300))
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    bf16 = lambda: (torch.bfloat16, "test: a CPU with native bf16")  # noqa: E731
+    monkeypatch.setattr(common, "get_compute_dtype", bf16)
+    monkeypatch.setattr(cm, "get_compute_dtype", bf16)
+    src = tiny_gpt(vocab_size=300, sequence_len=16)
+    save_checkpoint(str(base_dir / "base_checkpoints" / "d2"), 1, src.state_dict(), None, {"step": 1, "model_config": asdict(src.config)})
+    evaluated, _, _ = load_model("base", "cpu", phase="eval")
+    trained, _, _ = load_model("base", "cpu", phase="train")
+    assert evaluated.compute_dtype == torch.float32 and trained.compute_dtype == torch.bfloat16
+    assert Engine(evaluated).kv_dtype == torch.float32 and Engine(trained).kv_dtype == torch.bfloat16

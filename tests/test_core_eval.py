@@ -131,7 +131,7 @@ def _unpad(row, pad=256):
 
 
 def test_max_per_task_does_not_change_prompts(tmp_path, byte_tokenizer):
-    """Upstream drew few-shot examples from the truncated list (spec 02 §9.8); ours come from the whole task."""
+    """Upstream drew few-shot examples from the truncated list ; ours come from the whole task."""
     rows = mc_rows(12, 2, 8, "Question {i}: which one?")
     bundle = write_bundle(str(tmp_path), [("piqa", "commonsense_reasoning", "multiple_choice", 2, "\nAnswer: ", 50.0, rows, None)])
     tok, spec = byte_tokenizer, load_task_specs(bundle)[0]

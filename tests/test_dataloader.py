@@ -15,6 +15,7 @@ import tiktoken
 import torch
 
 from nanochat import dataloader
+from nanochat.dataloader import STATE_FORMAT, strides_documents
 from nanochat.dataloader import (ResumeError, gather_loader_states, tokenizing_distributed_data_loader_bos_bestfit,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
 from nanochat.dataset import DatasetError
@@ -91,6 +92,17 @@ def reference_batches(files, tok, n, rank=0, world_size=1, start_rg=None, b=B, t
         while True:
             for f in files:
                 pf = pq.ParquetFile(f)
+                if pf.num_row_groups < world_size:  # too few row groups: every rank takes every W-th document
+                    texts = pf.read(columns=["text"]).column("text").to_pylist()
+                    mine = {i for i in range(len(texts)) if i % world_size == rank}
+                    start = 0
+                    for g in range(pf.num_row_groups):
+                        n = pf.metadata.row_group(g).num_rows
+                        own = [texts[i] for i in range(start, start + n) if i in mine]
+                        for i in range(0, len(own), tbs):
+                            yield [x for x in own[i:i + tbs] if x is not None]
+                        start += n
+                    continue
                 rg0 = start_rg if (first and start_rg is not None and f == files[0]) else rank
                 for rg in range(rg0, pf.num_row_groups, world_size):
                     texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
@@ -324,8 +336,170 @@ def test_bad_input_gives_clear_errors(data_dir, tmp_path, monkeypatch):
     write_shards(str(one), num_files=1)
     with pytest.raises(DatasetError, match="only one shard"):
         make(tok, data_dir=str(one))
-    as_rank(monkeypatch, 5, 6)  # 2 train files of 1 row group each, 6 ranks: rank 5 gets nothing
+    as_rank(monkeypatch, 5, 6)  # 2 train files of 5 documents each, 6 ranks: rank 5 gets nothing
     few = tmp_path / "few"
-    write_shards(str(few), num_files=3, row_groups=1)
-    with pytest.raises(DatasetError, match="fewer row groups than ranks"):
+    write_shards(str(few), num_files=3, row_groups=1, rows=5)
+    with pytest.raises(DatasetError, match="rank 5 of 6 got no documents from the train split.*fewer documents than"):
         next(make(tok, data_dir=str(few)))
+
+
+# -----------------------------------------------------------------------------
+# Any number of ranks: files with fewer row groups than ranks are split by documents
+
+# name -> row-group sizes. With 2 ranks: row groups, documents, row groups, documents (the val shard);
+# with 3 ranks: row groups, then documents in the other three.
+LAYOUT = {"shard_00000.parquet": [10, 10, 10], "shard_00001.parquet": [25], "shard_00002.parquet": [7, 6],
+          "shard_00003.parquet": [11]}
+NULL = ("shard_00001.parquet", 4)  # one null row in a file split by documents
+
+
+class RecordingTokenizer(TinyTokenizer):
+    """TinyTokenizer that remembers every text it encoded, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def encode(self, texts, prepend=None, num_threads=8):
+        self.seen.extend(texts)
+        return super().encode(texts, prepend=prepend, num_threads=num_threads)
+
+
+@pytest.fixture
+def layout_dir(base_dir, monkeypatch):
+    """The LAYOUT shards in the base dir's data dir; every document starts with its own unique tag."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    d = base_dir / "base_data_climbmix"
+    d.mkdir(parents=True)
+    rng = random.Random(0)
+    for name, groups in LAYOUT.items():
+        texts = [f"{name[6:11]}.{i} {random_doc(rng)}" for i in range(sum(groups))]
+        if name == NULL[0]:
+            texts[NULL[1]] = None
+        with pq.ParquetWriter(d / name, pa.schema([("text", pa.string())])) as w:
+            start = 0
+            for n in groups:
+                w.write_table(pa.table({"text": pa.array(texts[start:start + n], type=pa.string())}))
+                start += n
+    return d
+
+
+def split_files(d, split):
+    files = sorted(str(p) for p in d.glob("*.parquet"))
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def all_texts(files):
+    return [t for f in files for t in pq.read_table(f).column("text").to_pylist() if t is not None]
+
+
+def first_epoch_share(split, rank, world_size, monkeypatch):
+    """The documents one rank reads in its first epoch, in order (the loader runs until its state says epoch 2)."""
+    as_rank(monkeypatch, rank, world_size)
+    tok = RecordingTokenizer()
+    loader = make(tok, split=split)
+    while next(loader)[2]["epoch"] == 1:
+        pass
+    return tok.seen[:tok.seen.index(tok.seen[0], 1)]  # epoch 2 starts where epoch 1 did
+
+
+# -----------------------------------------------------------------------------
+# the striding
+
+
+def test_the_layout_exercises_both_schemes(layout_dir):
+    counts = [pq.ParquetFile(f).num_row_groups for f in split_files(layout_dir, "train") + split_files(layout_dir, "val")]
+    assert [strides_documents(n, 2) for n in counts] == [False, True, False, True]
+    assert [strides_documents(n, 3) for n in counts] == [False, True, True, True]
+    assert not any(strides_documents(n, 1) for n in counts)  # one process reads everything by row groups, as before
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_ranks_get_disjoint_shares_that_cover_the_split(layout_dir, monkeypatch, world_size, split):
+    shares = [first_epoch_share(split, rank, world_size, monkeypatch) for rank in range(world_size)]
+    everything = all_texts(split_files(layout_dir, split))
+    assert sorted(t for share in shares for t in share) == sorted(everything)  # complete, and nothing twice
+    for rank, share in enumerate(shares):
+        assert len(set(share)) == len(share)
+    if split == "val":  # one row group of 11 documents: rank r reads documents r, r+W, ... in order
+        for rank, share in enumerate(shares):
+            assert share == everything[rank::world_size]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_strided_batches_match_the_reference_packer(layout_dir, monkeypatch, world_size):
+    for split in ("train", "val"):
+        for rank in range(world_size):
+            as_rank(monkeypatch, rank, world_size)
+            got = take(make(TinyTokenizer(), split=split), 12)  # past the first epoch of every share
+            want = reference_batches(split_files(layout_dir, split), TinyTokenizer(), 12, rank=rank, world_size=world_size)
+            assert_same(got, want)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_resumes_exactly_inside_document_strided_files(layout_dir, monkeypatch, world_size):
+    tok = TinyTokenizer()
+    n = 24
+    files = split_files(layout_dir, "train")
+    per_rank = {}
+    for rank in range(world_size):
+        as_rank(monkeypatch, rank, world_size)
+        full = per_rank[rank] = take(make(tok), n)
+        assert full[-1][2]["format"] == STATE_FORMAT and full[-1][2]["epoch"] >= 2
+        strided = [k for k in range(1, n) if strides_documents(pq.ParquetFile(files[full[k - 1][2]["pq_idx"]]).num_row_groups,
+                                                               world_size)]
+        assert strided, "no resume point stands in a file split by documents"
+        for k in sorted({1, strided[0], strided[-1], n - 3}):
+            resumed = take(make(tok, resume_state_dict=full[k - 1][2]), n - k)
+            assert_same(resumed, full[k:])
+            assert resumed[-1][2] == full[-1][2]
+    # The checkpoint's gathered state: every rank picks its own entry.
+    k = 9
+    gathered = {"epoch": 1, "pq_idx": 0, "rg_idx": 0, "ranks": [per_rank[r][k - 1][2] for r in range(world_size)]}
+    for rank in range(world_size):
+        as_rank(monkeypatch, rank, world_size)
+        assert_same(take(make(tok, resume_state_dict=gathered), n - k), per_rank[rank][k:])
+
+
+def test_val_split_of_one_row_group_resumes_exactly(layout_dir, monkeypatch):
+    tok = TinyTokenizer()
+    as_rank(monkeypatch, 1, 3)
+    full = take(make(tok, split="val"), 10)
+    for k in (1, 4, 7):
+        assert_same(take(make(tok, split="val", resume_state_dict=full[k - 1][2]), 10 - k), full[k:])
+
+
+# -----------------------------------------------------------------------------
+# states from before document striding
+
+
+def _rank1_state_in(layout_dir, monkeypatch, pq_idx):
+    as_rank(monkeypatch, 1, 2)
+    for _, _, state in take(make(TinyTokenizer()), 30):
+        if state["pq_idx"] == pq_idx:
+            return state
+    raise AssertionError(f"rank 1 never stood in file {pq_idx}")
+
+
+def test_an_old_state_in_a_file_split_by_row_groups_still_resumes_exactly(layout_dir, monkeypatch, caplog):
+    tok = TinyTokenizer()
+    as_rank(monkeypatch, 1, 2)
+    full = take(make(tok), 12)
+    k = max(k for k in range(1, 12) if full[k - 1][2]["pq_idx"] == 0)  # file 0 has 3 row groups >= 2 ranks
+    old = dict(full[k - 1][2], format="bestfit-exact-1")
+    assert_same(take(make(tok, resume_state_dict=old), 12 - k), full[k:])
+    assert "approximately" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["bestfit-exact-1", "upstream"])
+def test_an_old_state_in_a_document_strided_file_resumes_at_its_next_row_group(layout_dir, monkeypatch, caplog, kind):
+    state = _rank1_state_in(layout_dir, monkeypatch, 1)  # file 1: one row group, split by documents for 2 ranks
+    state = dict(state, format="bestfit-exact-1") if kind != "upstream" else {k: state[k] for k in ("epoch", "pq_idx", "rg_idx")}
+    tok = RecordingTokenizer()
+    next(make(tok, resume_state_dict=state))
+    assert "Resuming the data loader approximately" in caplog.text
+    # The rest of file 1 is skipped: reading restarts with rank 1's first row group of file 2 (2 row groups, 2 ranks).
+    file2 = pq.ParquetFile(split_files(layout_dir, "train")[2]).read_row_group(1).column("text").to_pylist()
+    assert tok.seen[:len(file2)] == file2

@@ -315,6 +315,24 @@ def test_ingest_row_groups_within_a_shard(tmp_path):
     assert sizes == [1024, 1024, 442]
 
 
+@pytest.mark.parametrize("n,sizes", [
+    (3, [1, 1, 1]),  # fewer documents than 8: one per row group (the loader strides documents for more ranks)
+    (8, [1] * 8),
+    (9, [2] + [1] * 7),
+    (290, [37, 37] + [36] * 6),  # the default offline corpus's val shard
+    (8200, [1024] * 8 + [8]),  # past the 8 * 1024 held in memory: full groups, as in train shards
+])
+def test_val_shard_has_at_least_8_row_groups(tmp_path, n, sizes):
+    lines = [f"d{i}" for i in range(n + 5)]
+    (tmp_path / "d.txt").write_text("\n".join(lines))
+    ingest([str(tmp_path / "d.txt")], out_dir=str(tmp_path / "out"), txt_split="line", val_docs=n)
+    val = pq.ParquetFile(list_parquet_files(str(tmp_path / "out"))[-1])
+    assert [val.metadata.row_group(i).num_rows for i in range(val.num_row_groups)] == sizes
+    assert read_split("val", tmp_path / "out") == lines[:n]  # in order, nothing lost
+    train = pq.ParquetFile(list_parquet_files(str(tmp_path / "out"))[0])
+    assert train.num_row_groups == 1  # 5 train documents: train shards keep their 1024-document groups
+
+
 def test_ingest_moves_a_document_to_val_when_the_fraction_gives_none(tmp_path):
     (tmp_path / "t.txt").write_text("a\nb\nc\n")
     manifest = ingest([str(tmp_path / "t.txt")], out_dir=str(tmp_path / "o"), txt_split="line")
@@ -382,8 +400,9 @@ def test_split_long_document_prefers_paragraphs_then_lines():
 
 
 def test_offline_corpus_is_deterministic_and_well_formed(tmp_path):
-    a = build_offline_corpus(str(tmp_path / "a"), max_chars=300_000, shard_chars=50_000)
-    b = build_offline_corpus(str(tmp_path / "b"), max_chars=300_000, shard_chars=50_000)
+    # val_fraction 0.1: about 100 documents, so the val shard gets enough of them to be cut into 8 row groups.
+    a = build_offline_corpus(str(tmp_path / "a"), max_chars=300_000, shard_chars=50_000, val_fraction=0.1)
+    b = build_offline_corpus(str(tmp_path / "b"), max_chars=300_000, shard_chars=50_000, val_fraction=0.1)
     files_a, files_b = list_parquet_files(str(tmp_path / "a")), list_parquet_files(str(tmp_path / "b"))
     assert [os.path.basename(p) for p in files_a] == [os.path.basename(p) for p in files_b]
     for fa, fb in zip(files_a, files_b):
@@ -392,6 +411,7 @@ def test_offline_corpus_is_deterministic_and_well_formed(tmp_path):
     train, val = read_split("train", tmp_path / "a"), read_split("val", tmp_path / "a")
     assert sum(map(len, train + val)) >= 300_000
     assert len(set(train + val)) == len(train + val)  # deduplicated
+    assert a["val_docs"] >= 8 and pq.ParquetFile(files_a[-1]).num_row_groups == 8  # 8 ranks each read whole groups
 
 
 def test_docstrings_of_collects_every_level_and_survives_bad_code():

@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, Linear, apply_rotary_emb, has_ve, window_sizes_for
+from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, has_ve, window_sizes_for
 
 
 def config_for_depth(depth, aspect_ratio=64, head_dim=128, seq_len=2048, vocab_size=32768, window_pattern="SSSL"):
-    """Spec §1.2: width = depth·aspect rounded UP to a multiple of head_dim."""
+    """Width = depth·aspect rounded UP to a multiple of head_dim."""
     dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     heads = dim // head_dim
     return GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=heads, n_kv_head=heads,
@@ -52,7 +52,7 @@ TINY = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=3, n_head=4, n_kv_hea
 
 
 # -----------------------------------------------------------------------------
-# Config, counts and FLOPs (spec §1.1, §1.10, §1.11, Appendix A/D)
+# Config, counts and FLOPs (the d12 numbers pin down the architecture)
 
 
 def test_config_fields_and_defaults():
@@ -207,7 +207,7 @@ def test_invalid_shapes_are_clear_errors():
 
 
 # -----------------------------------------------------------------------------
-# init_weights (spec §1.8)
+# init_weights
 
 
 def test_init_statistics_d256():
@@ -322,7 +322,7 @@ def test_causality_future_tokens_do_not_change_past_logits():
 
 
 # -----------------------------------------------------------------------------
-# KV cache (spec §1.13) and sampling (§1.14)
+# KV cache and sampling
 
 
 class TinyKVCache:
@@ -373,7 +373,7 @@ def test_kv_cache_decode_equals_full_recompute_with_windows():
 
 
 def spec_forward(model, idx):
-    """Spec §1.7 written out step by step with plain tensor ops (explicit masks, fp64 rotary angles),
+    """The forward pass written out step by step with plain tensor ops (explicit masks, fp64 rotary angles),
     independent of the model's helpers: the slow reference for GPT.forward."""
     cfg = model.config
     B, T = idx.shape
@@ -465,7 +465,7 @@ def test_generate_sampling_is_seeded_and_top_k_1_is_greedy():
 
 
 # -----------------------------------------------------------------------------
-# Optimizer groups (spec §1.12)
+# Optimizer groups
 
 
 def test_setup_optimizer_groups_d12():

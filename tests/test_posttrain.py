@@ -112,6 +112,7 @@ def test_midtraining_resume_is_bit_exact(base):
     _resume_matches(base, mid_train.main, "mid_checkpoints", FINETUNE + ["--eval-every=-1"], steps=4, every=2)
 
 
+@pytest.mark.slow
 def test_rl_resume_is_bit_exact(base):
     mid_train.main(FINETUNE + ["--num-iterations=2", "--eval-every=-1"])
     chat_sft.main(FINETUNE[:1] + ["--num-iterations=2", "--eval-every=-1", "--eval-tokens=256"] + SFT_EXTRA)
@@ -176,3 +177,19 @@ def test_rollouts_train_sampled_tokens_and_the_stop_token_only(byte_tokenizer):
     assert trained[0] == [55, end]  # the sampled "7" and the sampled stop token; the tool output is not trained
     assert trained[1] == [57] * 6  # an answer cut at max_new_tokens: every sampled token, no stop token
     assert state["examples_done"] == 1 and state["format"] == "rl-rollouts-1"
+
+
+@pytest.mark.slow
+def test_every_stage_runs_under_torchrun(base):
+    """mid -> SFT -> RL on 2 gloo ranks: each writes both ranks' optimizer shards and the next one loads them."""
+    from dist_harness import run_torchrun
+
+    env = {k: os.environ[k] for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_TASKS_DIR", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    stages = [("scripts.mid_train", FINETUNE + ["--num-iterations=2", "--eval-every=2"], "mid_checkpoints", 2),
+              ("scripts.chat_sft", FINETUNE[:1] + ["--num-iterations=2", "--eval-every=2", "--eval-tokens=256"] + SFT_EXTRA,
+               "chatsft_checkpoints", 2),
+              ("scripts.chat_rl", RL + ["--num-iterations=2", "--eval-every=1", "--save-every=-1"], "chatrl_checkpoints", 2)]
+    for module, args, directory, step in stages:
+        run_torchrun(["-m", module, "--"] + args, nproc=2, env=env, timeout=900)
+        for rank in (0, 1):
+            assert (base / directory / "d2" / f"optim_{step:06d}_rank{rank}.pt").exists(), (module, rank)

@@ -4,11 +4,14 @@ fixed here (SFT section dropped, substring metric matching, bloat counting bytes
 import datetime
 import logging
 import os
+import re
 import subprocess
 
 import pytest
 
 from nanochat import report
+from nanochat.dataset import list_parquet_files, write_shards
+from nanochat.loop import _write_curve
 from nanochat.report import (DummyReport, extract_metrics, format_header, format_section, format_value,
                              get_report)
 
@@ -187,10 +190,16 @@ def test_header_gpu_lines_and_hourly_rate():
 # generate
 
 
+def data_block(base_dir, stand_ins="none"):
+    """The `### Data` block generate() adds to the header when the data dir holds no shards."""
+    return (f"### Data\n- Pretraining data: none found in {base_dir / 'base_data_climbmix'}\n"
+            f"- Offline stand-ins: {stand_ins}\n\n")
+
+
 def test_generate_reproduces_the_example_layout(monkeypatch, tmp_path, base_dir):
     run_example(monkeypatch).generate()
     expected = (
-        EXAMPLE_HEADER
+        EXAMPLE_HEADER.replace("Run started:", data_block(base_dir) + "Run started:")
         + "## Base model evaluation\ntimestamp: 2025-10-16 20:22:26\n\n"
           "- Model: base_model (step 21400)\n- CORE metric: 0.1957\n- boolq: -0.4816\n\n\n"
         + chat_eval_text("mid", "20:38:25", {"ARC-Easy": "0.3838", "ARC-Challenge": "0.2952", "MMLU": "0.3165",
@@ -273,7 +282,7 @@ def test_generate_without_header(base_dir, caplog):
         r.generate()
     assert "Did you forget to run `python -m nanochat.report reset`?" in caplog.text
     text = (base_dir / "report" / "report.md").read_text()
-    assert text.startswith("## Summary\n\n[bloat data missing]\n\n| Metric ")
+    assert text.startswith(data_block(base_dir) + "## Summary\n\n[bloat data missing]\n\n| Metric ")
     assert text.endswith("Total wall clock time: unknown\n")
 
 
@@ -364,3 +373,173 @@ def test_git_info_reads_branch_commit_message_and_dirty(tmp_path):
     assert report.git_info(str(repo))["dirty"] is True
     outside = report.git_info(str(tmp_path))  # not a repository
     assert outside["branch"] == "unknown" and outside["commit"] == "unknown"
+
+
+# -----------------------------------------------------------------------------
+# for people: curve plots, what the run trained on, the summary with offline rows, the order
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_width(data):
+    return int.from_bytes(data[16:20], "big")  # the IHDR chunk follows the 8-byte signature
+
+
+def section_of(text, title):
+    """The text of section `title` up to the next `## ` heading."""
+    start = text.index(f"## {title}\n")
+    return text[start:text.index("\n## ", start)]
+
+
+def test_plots_are_written_and_linked_under_their_stage(monkeypatch, tmp_path, base_dir):
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))  # matplotlib's font cache: not in ~/.cache
+    r = run_example(monkeypatch)
+    monkeypatch.setattr(report, "_now", lambda: at("21:00:00"))
+    for title in ("Base model training", "Midtraining", "Chat RL"):
+        r.log(title, [{"run": "dummy"}])
+    # The training loop's own writer, so the plots read what the stages really write.
+    _write_curve("base", {"train_loss": [[s, 11.0 - 0.2 * s] for s in range(40)],
+                          "val_bpb": [[0, 3.0], [20, 1.5], [39, None]]}, resumed_from=None)  # NaN is written as null
+    _write_curve("mid", {"train_loss": [], "val_bpb": []}, resumed_from=None)  # no points: no plot
+    (base_dir / "report" / "curves" / "sft.json").write_text("")  # empty file: no plot
+    _write_curve("rl", {"train_loss": [[s, 0.1] for s in range(8)], "val_bpb": [],
+                        "reward": [[s, s / 8] for s in range(8)]}, resumed_from=None)
+    r.generate()
+
+    for name, panels in (("report-base-curves.png", 2), ("report-rl-curves.png", 1)):  # RL: the reward alone
+        png = (base_dir / "report" / name).read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and png_width(png) == panels * 550
+        assert (tmp_path / name).read_bytes() == png  # copied beside ./report.md
+    assert not list((base_dir / "report").glob("report-mid*")) and not list((base_dir / "report").glob("report-sft*"))
+
+    text = (tmp_path / "report.md").read_text()
+    assert section_of(text, "Base model training").endswith(
+        "- run: dummy\n\n![Base model training curves](report-base-curves.png)\n\n")
+    assert "![Chat RL curves](report-rl-curves.png)" in section_of(text, "Chat RL")
+    assert "![" not in section_of(text, "Midtraining") and "![" not in section_of(text, "Chat SFT")
+    for target in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
+        assert (tmp_path / target).exists() and (base_dir / "report" / target).exists()  # relative links resolve
+
+
+def test_no_curves_means_no_plots_and_no_error(monkeypatch, tmp_path, base_dir, caplog):
+    def never(*args):
+        raise AssertionError("nothing to plot, so nothing is rendered")
+
+    monkeypatch.setattr(report, "render_curves", never)
+    r = run_example(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="nanochat.report"):
+        r.generate()  # no curves dir at all
+        (base_dir / "report" / "curves").mkdir()
+        (base_dir / "report" / "curves" / "base.json").write_text("")
+        r.generate()  # an empty curve file
+    assert "Could not plot" not in caplog.text and "Cannot plot" not in caplog.text
+    text = (tmp_path / "report.md").read_text()
+    assert "![" not in text and text.endswith("Total wall clock time: 3h38m\n")
+    assert not list(tmp_path.glob("*.png")) and not list((base_dir / "report").glob("*.png"))
+
+
+def test_a_failed_plot_is_a_warning_and_the_report_is_still_written(monkeypatch, base_dir, caplog):
+    def no_matplotlib(*args):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(report, "render_curves", no_matplotlib)
+    r = run_example(monkeypatch)
+    curves = base_dir / "report" / "curves"
+    curves.mkdir()
+    (curves / "base.json").write_text('{"train_loss": [[0, 1.0')  # cut off mid-write
+    (curves / "rl.json").write_text('{"reward": [[0, 0.5]]}')
+    with caplog.at_level(logging.WARNING, logger="nanochat.report"):
+        r.generate()
+    assert f"Could not plot {curves / 'base.json'} (JSONDecodeError" in caplog.text
+    assert "Cannot plot the training curves: No module named 'matplotlib'" in caplog.text
+    text = (base_dir / "report" / "report.md").read_text()
+    assert "![" not in text and "## Summary" in text
+
+
+def test_reset_removes_old_curves_and_plots(monkeypatch, base_dir):
+    r = run_example(monkeypatch)
+    _write_curve("base", {"train_loss": [[0, 1.0]], "val_bpb": []}, resumed_from=None)
+    (base_dir / "report" / "report-base-curves.png").write_bytes(PNG_SIGNATURE)
+    monkeypatch.setattr(report, "_now", lambda: T0)
+    r.reset()
+    assert sorted(os.listdir(base_dir / "report")) == ["header.md"]  # a new run starts without the old curves
+
+
+def test_header_names_the_dataset_and_every_stand_in(monkeypatch, base_dir):
+    data_dir = base_dir / "base_data_climbmix"
+    docs = [f"document {i} " + "x" * 40 for i in range(40)]
+    write_shards(docs, str(data_dir), {"source": "offline", "python": "3.11.7"}, shard_chars=500, val_fraction=0.1)
+    assert len(list_parquet_files(str(data_dir))) == 2  # shards close at 1024-document row groups
+    r = run_example(monkeypatch)
+    monkeypatch.setattr(report, "_now", lambda: at("21:00:00"))
+    r.log("Base model training", [{"run": "dummy"}, {"Offline stand-ins": "none"}])
+    r.log("Midtraining", [{"Offline stand-ins": "GSM8K main/train unavailable offline: A used instead; identity: B"}])
+    r.log("Chat RL", [{"Offline stand-ins": "GSM8K main/train unavailable offline: A used instead; SpellingBee: C"}])
+    r.generate()
+    header = (base_dir / "report" / "report.md").read_text().split("\n---\n")[0]
+    chars = sum(len(d) for d in docs)
+    assert header.endswith(
+        "### Data\n"
+        f"- Pretraining data: the offline corpus (text shipped with Python 3.11.7 and its installed packages): "
+        f"1 train shard + 1 val shard, {chars:,} characters, in {data_dir}\n"
+        "- Offline stand-ins: GSM8K main/train unavailable offline: A used instead; identity: B; SpellingBee: C\n\n"
+        "Run started: 2025-10-16 17:09:12\n")
+
+
+def test_dataset_info_names_each_kind_of_shards(base_dir, tmp_path):
+    climbmix = base_dir / "base_data_climbmix"
+    assert report.dataset_info() == f"none found in {climbmix}"
+    legacy = base_dir / "base_data"
+    legacy.mkdir(parents=True)
+    for i in (0, 1, 2):
+        (legacy / f"shard_{i:05d}.parquet").write_bytes(b"")
+    assert report.dataset_info() == f"FineWeb-Edu (legacy downloaded shards): 2 train shards + 1 val shard, in {legacy}"
+    climbmix.mkdir()
+    for i in (0, 1):
+        (climbmix / f"shard_{i:05d}.parquet").write_bytes(b"")
+    (climbmix / ".shard_00002.parquet.tmp").write_bytes(b"")  # an interrupted download is not a shard
+    assert report.dataset_info() == f"ClimbMix (downloaded shards): 1 train shard + 1 val shard, in {climbmix}"
+    (climbmix / "manifest.json").write_text('{"source": "ingest", "inputs": ["/data/notes"], "train_chars": 12000, '
+                                            '"val_chars": 345, "num_shards": 2}')
+    assert report.dataset_info() == f"ingested text (/data/notes): 1 train shard + 1 val shard, 12,345 characters, in {climbmix}"
+
+
+def test_summary_has_its_own_synthetic_arithmetic_row_and_stays_aligned(monkeypatch, base_dir):
+    monkeypatch.setattr(report, "collect_environment", lambda cwd=None: EXAMPLE_ENV)
+    r = get_report()
+    r.reset()
+    r.log("Base model evaluation", [{"model": "base_model (step 60)", "CORE metric": 0.0123}])
+    # Offline: GSM8K could not be had, so the chat eval scored the synthetic arithmetic problems instead;
+    # there is no midtraining column to fill and no ChatCORE (it needs every task).
+    r.log("Chat evaluation sft", [{**CHAT_ARGS, "source": "sft"}, {"ARC-Easy": 0.25, "SyntheticArithmetic": 0.03125}])
+    r.log("Chat evaluation rl", [{**CHAT_ARGS, "source": "rl"}, {"SyntheticArithmetic": 0.0625}])
+    r.generate()
+    summary = (base_dir / "report" / "report.md").read_text().split("## Summary\n")[1]
+    table = [line for line in summary.splitlines() if line.startswith("|")]
+    assert table == [
+        "| Metric              | BASE     | MID      | SFT      | RL       |",
+        "|---------------------|----------|----------|----------|----------|",
+        "| CORE                | 0.0123   | -        | -        | -        |",
+        "| ARC-Easy            | -        | -        | 0.2500   | -        |",
+        "| SyntheticArithmetic | -        | -        | 0.0312   | 0.0625   |",
+    ]
+
+
+def test_sections_come_in_pipeline_order(monkeypatch, base_dir):
+    monkeypatch.setattr(report, "collect_environment", lambda cwd=None: EXAMPLE_ENV)
+    r = get_report()
+    r.reset()
+    order = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
+             "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
+             "Chat RL", "Chat evaluation rl"]
+    for title in reversed(order):  # written in any order, read in the pipeline's
+        r.log(title, [{"stage": title}])
+    r.generate()
+    headings = re.findall(r"^## (.+)$", (base_dir / "report" / "report.md").read_text(), re.M)
+    assert headings == ["Environment", *order, "Summary"]
+
+
+def test_header_names_the_cpu_model():
+    env = {**EXAMPLE_ENV, "gpu": {"count": 0}, "system": {**EXAMPLE_ENV["system"], "cpu_model": "AMD EPYC 9654"}}
+    assert "- Platform: Linux\n- CPU: AMD EPYC 9654\n- CPUs: 104 cores (208 logical)\n" in format_header(env, T0)
+    assert "- CPU:" not in format_header(EXAMPLE_ENV, T0)  # unknown model: no line

@@ -138,7 +138,7 @@ def test_nanochat_pattern_matches_python_reference():
 
 
 def test_worked_example_tie_break():
-    # 02 §1.8: at count 3, (h,e), (e,l), (l,l), (l,o) tie and the smallest pair (e,l) wins.
+    # At count 3, (h,e), (e,l), (l,l), (l,o) tie and the smallest pair (e,l) wins.
     tok = trained(["hello hello hello world world"], 260)
     assert [b for b, _ in tok.get_mergeable_ranks()[256:]] == [b"el", b"hel", b"lo", b"hello"]
     assert tok.encode("hello world") == [259, 32, 119, 111, 114, 108, 100]

@@ -61,7 +61,7 @@ def find(task, predicate):
 
 
 # -----------------------------------------------------------------------------
-# Task views and mixtures (02 §4.11)
+# Task views and mixtures
 
 
 class Toy(Task):
@@ -416,7 +416,7 @@ def words(base_dir):
 
 
 def reference_spelling_bee(words, seed):
-    """The RNG call order of 02 §4.7, step by step."""
+    """The RNG call order of upstream's generator, step by step."""
     rng = random.Random(seed)
     word = rng.choice(words)
     letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")

@@ -17,7 +17,7 @@ from nanochat.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, CappedTexts, Enco
                                 load_tiktoken_encoding, load_tok_eval_samples, measure_compression,
                                 token_bytes_summary)
 
-# Rich enough for all 35 merges of a 300-token vocabulary (02 §9 item 7): the vocab size is exact.
+# Rich enough for all 35 merges of a 300-token vocabulary (upstream once came up short): the vocab size is exact.
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "hello world, hello tokenizer, hello hello hello",
@@ -49,7 +49,7 @@ def test_vocab_size_is_exact_and_specials_follow_the_merges_in_order(tok):
 
 
 def test_worked_example_merges_and_ids():
-    # 02 §1.8: at count 3, (h,e), (e,l), (l,l), (l,o) tie and the smallest pair (e,l) wins.
+    # At count 3, (h,e), (e,l), (l,l), (l,o) tie and the smallest pair (e,l) wins.
     tok = RustBPETokenizer.train_from_iterator(["hello hello hello world world"], 256 + 9 + 4)
     assert [tok.decode_single_token_bytes(i) for i in range(256, 260)] == [b"el", b"hel", b"lo", b"hello"]
     assert tok.encode("hello world") == [259, 32, 119, 111, 114, 108, 100]

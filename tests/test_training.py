@@ -55,7 +55,7 @@ def test_grad_accum_steps_and_the_nearest_valid_values():
     assert "--device-batch-size=2" in str(err.value)
 
 
-# The speedrun schedule table (d24, N = 5568) of 01 §3.5.
+# The speedrun's schedule (d24, N = 5568), as upstream's run logged it.
 @pytest.mark.parametrize("it,lrm,mom,wd", [
     (0, 0.025, 0.85, 0.059738),
     (1, 0.05, 0.8503, 0.059738),

@@ -1,0 +1,103 @@
+# Shared by speedrun.sh, runrtx4070.sh and runcpu.sh (sourced, not run): environment setup, and stages that
+# are skipped when already done, resumed when a run was killed half-way, and redone with FORCE=1.
+#
+#   source ./pipeline.sh
+#   pipeline_setup "$@"                        # uv, the locked environment, base dir, log file, report
+#   stage "Base model training" base-model-training.md base_checkpoints/d4 -- \
+#       launch scripts.base_train --depth=4 --save-every=100
+#   pipeline_finish "a question for the final model"
+#
+# Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_RUN (default dummy = no wandb),
+# NPROC_PER_NODE (processes per node for torchrun; 1 = plain python), LOG_FILE (default
+# $NANOCHAT_BASE_DIR/<script>.log), FORCE=1 (or --force) to redo stages that are done,
+# UV_EXTRA (e.g. gpu) for `uv sync --extra`.
+
+pipeline_setup() {
+    for arg in "$@"; do
+        case "$arg" in
+            --force) export FORCE=1 ;;
+            -h|--help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//' | sed '$d'; exit 0 ;;
+            *) echo "unknown argument: $arg (use --force or --help)" >&2; exit 2 ;;
+        esac
+    done
+    export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+    export WANDB_RUN="${WANDB_RUN:-dummy}"
+    export NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+    mkdir -p "$NANOCHAT_BASE_DIR"
+    LOG_FILE="${LOG_FILE:-$NANOCHAT_BASE_DIR/$(basename "$0" .sh).log}"
+    # Everything below also goes to the log file.
+    exec > >(tee -a "$LOG_FILE") 2>&1
+    echo "== $(basename "$0") $(date -u '+%Y-%m-%d %H:%M:%S UTC'): base dir $NANOCHAT_BASE_DIR, log $LOG_FILE, $NPROC_PER_NODE process(es)"
+
+    # uv from PyPI if missing, then exactly the locked dependencies (and our Rust tokenizer crate).
+    if ! command -v uv >/dev/null 2>&1; then
+        python3 -m pip install --quiet uv
+        export PATH="$HOME/.local/bin:$PATH"
+    fi
+    uv sync --locked ${UV_EXTRA:+--extra "$UV_EXTRA"}
+    # shellcheck disable=SC1091
+    source .venv/bin/activate
+
+    # A fresh run starts a fresh report; a re-run keeps the sections of the stages it will skip.
+    if [[ -n "${FORCE:-}" ]] || ! ls "$NANOCHAT_BASE_DIR"/report/*.md 2>/dev/null | grep -qv header.md; then
+        python -m nanochat.report reset
+    fi
+}
+
+# launch MODULE ARGS...: run a stage on this node's processes (torchrun when NPROC_PER_NODE > 1).
+launch() {
+    local module=$1
+    shift
+    if [[ "$NPROC_PER_NODE" -gt 1 ]]; then
+        torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m "$module" -- "$@"
+    else
+        python -m "$module" "$@"
+    fi
+}
+
+# last_step DIR: the newest complete checkpoint step in DIR (a meta file marks a complete one), or nothing.
+last_step() {
+    local meta
+    meta=$(ls "$1"/meta_*.json 2>/dev/null | sort | tail -n 1)
+    [[ -n "$meta" ]] && basename "$meta" .json | sed 's/^meta_0*//; s/^$/0/'
+}
+
+# stage TITLE SECTION_FILE PRODUCT -- COMMAND...
+#   PRODUCT (relative to the base dir) is what the stage leaves behind: a checkpoint directory, a file, or "-"
+#   for an evaluation. The stage is done (skipped) when its report section exists and so does its product
+#   (for a checkpoint directory: a complete checkpoint); the section is written last, so both mean it finished.
+#   A training stage killed after a periodic checkpoint resumes from it (--resume-from-step); one killed before
+#   any starts over. Checkpoints and sections are written atomically: a kill never leaves half a file.
+stage() {
+    local title=$1 section="$NANOCHAT_BASE_DIR/report/$2" product=$3
+    shift 4  # title, section, product, --
+    local path="$NANOCHAT_BASE_DIR/$product" resume=() made=""
+    if [[ "$product" == "-" ]]; then
+        made=yes
+    elif [[ -d "$path" && -n "$(last_step "$path")" ]] || [[ -f "$path" ]]; then
+        made=yes
+    fi
+    if [[ -n "${FORCE:-}" ]]; then
+        [[ "$product" != "-" ]] && rm -rf "$path"
+    elif [[ -f "$section" && -n "$made" ]]; then
+        echo "== $title: already done ($(basename "$section") and ${product/#-/its results} exist); FORCE=1 redoes it"
+        return 0
+    elif [[ "$product" != "-" && -d "$path" && -n "$(last_step "$path")" ]]; then
+        resume=(--resume-from-step="$(last_step "$path")")
+        echo "== $title: resuming from step ${resume[0]#*=} of $path"
+    fi
+    echo "== $title ($(date -u '+%H:%M:%S'))"
+    "$@" "${resume[@]}"
+}
+
+# pipeline_finish [PROMPT]: write report.md, print its summary table and (with a prompt) one chat reply.
+pipeline_finish() {
+    python -m nanochat.report generate
+    echo
+    sed -n '/^## Summary/,$p' "$NANOCHAT_BASE_DIR/report/report.md"
+    if [[ -n "${1:-}" ]]; then
+        echo "== A chat reply from the final model:"
+        python -m scripts.chat_cli -i "${CHAT_SOURCE:-sft}" -p "$1"
+    fi
+    echo "== done: $NANOCHAT_BASE_DIR/report/report.md (and ./report.md)"
+}
