@@ -263,3 +263,33 @@ def test_two_ranks_train_evaluate_save_and_resume_on_a_one_row_group_val_shard(o
     b = torch.load(ckpt / "resumed" / "model_000004.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each_with_the_c10d_rendezvous(base_dir, tmp_path):
+    """Two torchrun launches on loopback, as two machines would run them (--nnodes 2, --node-rank 0/1, one c10d
+    rendezvous endpoint): they form one 2-rank job, train, and save both ranks' optimizer shards."""
+    import subprocess
+    import sys
+
+    from dist_harness import REPO_ROOT, free_port
+
+    port = free_port()
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    nodes = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node_rank}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nanochat-test",
+               "-m", "scripts.base_train", "--"] + TINY + ["--num-iterations=2", "--eval-every=2"]
+        nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=400)[0])
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    ckpt = base_dir / "base_checkpoints" / "d2"
+    assert (ckpt / "optim_000002_rank0.pt").exists() and (ckpt / "optim_000002_rank1.pt").exists()
+    assert "Distributed world size: 2" in outputs[0]
