@@ -43,7 +43,6 @@ _override_impl = None  # None (automatic), "fa3" or "sdpa"
 # Loading FA3 (lazy, once)
 
 
-@torch.compiler.disable
 def _load_fa3():
     """Try once to load FA3; remember the module (or None) and a one-line reason. Returns the module."""
     global _fa3, _fa3_reason
@@ -118,7 +117,8 @@ def _fa3_for(q):
     if _override_impl == "sdpa" or not q.is_cuda:
         return None
     if _fa3_reason is None:
-        # Only the very first call loads (a compiled graph breaks here once, then guards on the global).
+        # Only the very first call loads. Training scripts load it before torch.compile sees the model
+        # (loop.log_attention_path), so compiled graphs only read the globals set here.
         _load_fa3()
     if _override_impl == "fa3" or q.dtype == torch.bfloat16:
         return _fa3

@@ -52,7 +52,6 @@ def _col_major(x):
     return x.t().contiguous().t()
 
 
-@torch._dynamo.allow_in_graph
 class _Float8Matmul(torch.autograd.Function):
     """out = input @ weight.T with both operands in e4m3; gradients through e5m2. input: (N, in) 2-D."""
 
@@ -152,6 +151,11 @@ def convert_to_float8_training(module, *, config=None, module_filter_fn=None, re
     Parameters on CUDA must be on an SM >= 8.9 GPU; CPU parameters are refused; a meta-device model
     (shapes only, e.g. for FLOPs counting) converts fine.
     """
+    # torch.compile traces the FP8 matmul as one opaque node. Registered here rather than with a decorator at
+    # import, which would load torch._dynamo (seconds of imports) into every script that imports this module.
+    import torch._dynamo
+
+    torch._dynamo.allow_in_graph(_Float8Matmul)
     if config is None:
         config = Float8LinearConfig.from_recipe_name(recipe or "tensorwise")
     elif recipe is not None and recipe != config.recipe:

@@ -5,9 +5,9 @@ The language-model loss: lm_head, logit soft-capping and cross-entropy, as one f
     loss = lm_loss(x, lm_head, targets, vocab_size)          # x: (N, d) normalised; targets (N,), -1 = ignored
 
 Two implementations compute the same numbers:
-* `reference_lm_loss`: full fp32 (N, V) logits, soft-capped, then F.cross_entropy. CUDA uses it
-  (torch.compile fuses it there) and so does any lm_head that is not a plain weight-casting Linear
-  (an FP8 layer, say).
+* `reference_lm_loss`: full fp32 (N, V) logits, soft-capped, then F.cross_entropy. CUDA and compiled
+  models use it (torch.compile fuses it) and so does any lm_head that is not a plain weight-casting
+  Linear (an FP8 layer, say).
 * the chunked CPU kernel: the lm_head matmul fused with the loss, never holding fp32 (N, V) logits,
   with the gradients computed in the forward pass chunk by chunk. On CPU the (N, V) fp32 passes cost
   more than the matmuls; this path cuts that traffic several-fold.
@@ -135,7 +135,6 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return grad_x * scale.to(grad_x.dtype), grad_w * scale, None, None, None, None
 
 
-@torch.compiler.disable  # opaque to torch.compile: hand-chunked loops with reused buffers don't trace
 def _chunked_lm_loss(x, lm_head, targets, vocab_size, reduction):
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or lm_head.weight.requires_grad)
     if not needs_grad:
@@ -158,6 +157,9 @@ def lm_loss(x, lm_head, targets, vocab_size, reduction="mean"):
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if x.is_cuda or not getattr(lm_head, "casts_weight", False) or lm_head.bias is not None:
+    # Under torch.compile the plain path is traced and fused; the hand-chunked loops with reused buffers aren't
+    # traceable. (Checking is_compiling() instead of decorating with torch.compiler.disable keeps torch._dynamo,
+    # seconds of imports, out of every script that never compiles.)
+    if x.is_cuda or torch.compiler.is_compiling() or not getattr(lm_head, "casts_weight", False) or lm_head.bias is not None:
         return reference_lm_loss(x, lm_head, targets, vocab_size, reduction)
     return _chunked_lm_loss(x, lm_head, targets, vocab_size, reduction)

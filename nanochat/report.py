@@ -6,7 +6,7 @@ loop) as report-<stage>-curves.png beside both copies of report.md, linked under
 and adds to the header what the run trained on: the pretraining shards of the data dir (ClimbMix,
 ingested text or the offline corpus) and every offline stand-in a stage reported using.
 
-    python -m nanochat.report reset       # start of a run: delete old sections, write header.md
+    python -m nanochat.report reset       # start of a run: delete old sections, curves and plots; write header.md
     python -m nanochat.report generate    # end of a run (also the default with no argument)
 
 From a stage: get_report().log(section="Chat SFT", data=[vars(args), {"Training loss": 1.1076}])
@@ -80,6 +80,7 @@ CURVE_PLOTS = {
     "rl": ("Chat RL", (("reward", "mean reward"), ("sequence_length", "mean sequence length"))),
 }
 CURVES_DIR = "curves"
+PLOT_NAME = "report-{}-curves.png"  # beside report.md; the prefix keeps them together in ./
 STAND_INS_KEY = "Offline stand-ins"  # the row each training stage writes with tasks.common.fallbacks_used()
 
 
@@ -327,8 +328,8 @@ def stand_ins(texts):
 
 def with_data_block(header, dataset, fallbacks):
     """The header with a `### Data` block just before its `Run started:` line (appended when there is none)."""
-    block = (f"### Data\n- Pretraining data: {dataset}\n"
-             f"- {STAND_INS_KEY}: {'; '.join(fallbacks) if fallbacks else 'none'}\n\n")
+    listed = "".join(f"\n  - {item}" for item in fallbacks) or " none"  # one per line: they can be long
+    block = f"### Data\n- Pretraining data: {dataset}\n- {STAND_INS_KEY}:{listed}\n\n"
     at = header.find("Run started:")
     return header + block if at < 0 else header[:at] + block + header[at:]
 
@@ -340,8 +341,8 @@ def with_data_block(header, dataset, fallbacks):
 def read_curve(path):
     """{series: ([steps], [values])} of a curve file's non-empty series; {} when the file is missing or empty.
 
-    Points whose value is null (NaN/inf were written as null) are left out. Raises ValueError on a file
-    that is not a curve.
+    Points whose value is null (NaN/inf were written as null) are left out. A file that is not a curve
+    raises (ValueError, TypeError).
     """
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return {}
@@ -351,12 +352,8 @@ def read_curve(path):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     series = {}
     for key, points in data.items():
-        if key == "stage":
-            continue
-        if not isinstance(points, list):
-            raise ValueError(f"series {key!r} is not a list of [step, value] points")
-        kept = [(float(step), float(value)) for step, value in points
-                if value is not None and math.isfinite(float(value))]
+        kept = [] if key == "stage" else [(int(step), float(value)) for step, value in points
+                                          if value is not None and math.isfinite(float(value))]
         if kept:
             series[key] = ([p[0] for p in kept], [p[1] for p in kept])
     return series
@@ -366,14 +363,16 @@ def render_curves(series, panels, title):
     """PNG bytes of one figure: a panel per (series, panel title) that has points, side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy and optional: only when plotting
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(key, name) for key, name in panels if key in series]
     fig = Figure(figsize=(5.5 * len(panels), 3.8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # the headless Agg canvas, without pyplot's global state
     fig.suptitle(title, fontsize=12)
-    for i, (key, name) in enumerate(panels):
+    # One x range for all panels: a stage's val bpb points line up under its train loss.
+    axes = fig.subplots(1, len(panels), sharex=True, squeeze=False)[0]
+    for ax, (key, name) in zip(axes, panels):
         steps, values = series[key]
-        ax = fig.add_subplot(1, len(panels), i + 1)
         # A handful of evaluations reads better as dots on a line; thousands of steps as a plain line.
         ax.plot(steps, values, marker="o" if len(steps) <= 50 else None, markersize=3, linewidth=1.2)
         note = ""
@@ -387,18 +386,18 @@ def render_curves(series, panels, title):
             note = f", early steps up to {max(values):.4g} off the chart"
         if key == "val_bpb":
             best = min(range(len(values)), key=values.__getitem__)
-            ax.set_title(f"{name} (min {values[best]:.4f} at step {steps[best]:.0f}{note})", fontsize=10)
+            ax.set_title(f"{name} (min {values[best]:.4f} at step {steps[best]}{note})", fontsize=10)
         else:
             ax.set_title(f"{name} (last {values[-1]:.4g}{note})", fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
+    steps = {step for key, _ in panels for step in series[key][0]}
+    if len(steps) == 1:  # one point: a window around it rather than matplotlib's +-0.05
+        axes[0].set_xlim(min(steps) - 1, min(steps) + 1)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def plot_file_name(stage):
-    return f"report-{stage}-curves.png"
 
 
 def write_plots(report_dir):
@@ -415,6 +414,7 @@ def write_plots(report_dir):
             if not any(key in series for key, _ in panels):
                 continue
             png = render_curves(series, panels, f"{title}: {', '.join(n for k, n in panels if k in series)} by step")
+            atomic_write(os.path.join(report_dir, PLOT_NAME.format(stage)), png)
         except ImportError as e:
             log.warning("Cannot plot the training curves: %s (matplotlib is a nanochat dependency: `uv sync`); "
                         "report.md is written without plots", e)
@@ -422,8 +422,7 @@ def write_plots(report_dir):
         except Exception as e:  # a plot is a nicety: whatever went wrong costs this plot, never the report
             log.warning("Could not plot %s (%s: %s); report.md is written without that plot", path, type(e).__name__, e)
             continue
-        atomic_write(os.path.join(report_dir, plot_file_name(stage)), png)
-        plots[title] = plot_file_name(stage)
+        plots[title] = PLOT_NAME.format(stage)
     return plots
 
 

@@ -482,7 +482,7 @@ def test_header_names_the_dataset_and_every_stand_in(monkeypatch, base_dir):
         "### Data\n"
         f"- Pretraining data: the offline corpus (text shipped with Python 3.11.7 and its installed packages): "
         f"1 train shard + 1 val shard, {chars:,} characters, in {data_dir}\n"
-        "- Offline stand-ins: GSM8K main/train unavailable offline: A used instead; identity: B; SpellingBee: C\n\n"
+        "- Offline stand-ins:\n  - GSM8K main/train unavailable offline: A used instead\n  - identity: B\n  - SpellingBee: C\n\n"
         "Run started: 2025-10-16 17:09:12\n")
 
 
