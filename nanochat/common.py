@@ -272,8 +272,10 @@ def get_compute_dtype():
 
     1. $NANOCHAT_DTYPE (bfloat16 | float16 | float32) wins.
     2. CUDA with compute capability >= 8.0: bf16. Older CUDA: fp32 (fp16 needs a GradScaler, opt in).
-    3. CPU with native bf16 (AVX512-BF16 / AMX): bf16, about 2x the fp32 matmul rate there.
-    4. Anything else (plain CPU, MPS): fp32.
+    3. CPU and MPS: fp32. bf16 is opt-in even on CPUs that multiply it natively (AVX512-BF16 / AMX), where
+       it is ~1.7x faster per token: a d4 run measured on such a CPU trained 3.3% worse than fp32 and
+       unevenly across seeds, and on CPUs without native bf16 it is ~200x slower. Pass NANOCHAT_DTYPE=bfloat16
+       after checking the curve with bench/bench_precision_cpu.py on that machine.
     Master weights stay fp32 in every case.
     """
     env = os.environ.get("NANOCHAT_DTYPE")
@@ -290,8 +292,8 @@ def get_compute_dtype():
     if torch.backends.mps.is_available():
         return torch.float32, "auto-detected: MPS (bf16 is opt-in via NANOCHAT_DTYPE=bfloat16)"
     if cpu_has_native_bf16():
-        return torch.bfloat16, "auto-detected: CPU with native bf16 (AVX512-BF16/AMX)"
-    return torch.float32, "auto-detected: CPU without native bf16"
+        return torch.float32, "CPU default (this CPU has native bf16, which is opt-in via NANOCHAT_DTYPE=bfloat16)"
+    return torch.float32, "CPU default (this CPU has no native bf16)"
 
 
 def get_inference_dtype(device_type):

@@ -146,23 +146,27 @@ def __getattr__(name):
 CPU_ATTENTION_IN_FP32 = True
 
 
-def _sdpa_attention(q, k, v, window_size, enable_gqa):
+def _sdpa_attention(q, k, v, window_size, enable_gqa, mask=None):
     """Causal attention on (B, H, T, D) tensors with a left window; queries are the LAST Tq key positions.
+    mask: an explicit (B, 1, Tq, Tk) boolean mask (True = attend) that replaces causality and window.
 
     On CPU, reduced-precision inputs are attended in fp32 and the result is cast back (see above).
     """
     if CPU_ATTENTION_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        return _sdpa_math(q.float(), k.float(), v.float(), window_size, enable_gqa).to(q.dtype)
-    return _sdpa_math(q, k, v, window_size, enable_gqa)
+        return _sdpa_math(q.float(), k.float(), v.float(), window_size, enable_gqa, mask).to(q.dtype)
+    return _sdpa_math(q, k, v, window_size, enable_gqa, mask)
 
 
-def _sdpa_math(q, k, v, window_size, enable_gqa):
-    """The three SDPA cases (see _sdpa_attention), in the inputs' dtype.
+def _sdpa_math(q, k, v, window_size, enable_gqa, mask=None):
+    """The SDPA cases (see _sdpa_attention), in the inputs' dtype.
 
     Three cases, cheapest first: plain causal (window covers everything and Tq == Tk: training with an
     "L" window), single-token decode (crop the keys to the window, no mask needed), and an explicit
-    boolean mask for everything else (training with "S" windows, chunked prefill into a cache).
+    boolean mask for everything else (training with "S" windows, chunked prefill into a cache). A mask
+    the caller built (rows of a KV cache at different positions) goes straight to SDPA.
     """
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
     window = window_size[0]
     Tq, Tk = q.size(2), k.size(2)
     if (window < 0 or window >= Tq) and Tq == Tk:
@@ -208,9 +212,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     """Attention of new queries against a KV cache, after writing the new keys/values into it in place.
 
     q: (B, Tn, H, D); k_cache, v_cache: (B, T_max, Hkv, D); k, v: (B, Tn, Hkv, D) or None;
-    cache_seqlens: (B,) int32, positions already filled (every row at the same position).
-    cache_pos: optional host-side copy of cache_seqlens[0]; the SDPA path uses it to avoid a device
-    sync per layer (FA3 reads cache_seqlens on the device and ignores it).
+    cache_seqlens: (B,) int32, the positions already filled in each row. Rows may hold different numbers
+    of positions (a continuously batched cache): row b's new keys go to cache_seqlens[b] onwards and its
+    queries see only its own keys, as FA3 does.
+    cache_pos: optional host-side copy of cache_seqlens, an int when every row holds that many positions
+    or a list of per-row ints; the SDPA path uses it to avoid a device sync per layer (FA3 reads
+    cache_seqlens on the device and ignores it).
     """
     _check_causal(causal)
     fa3 = _fa3_for(q)
@@ -220,19 +227,62 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     if k_cache.dtype != q.dtype:
         raise ValueError(f"KV cache is {k_cache.dtype} but the queries are {q.dtype}; allocate the cache in the "
                          "model's compute dtype (model.compute_dtype)")
-    pos = int(cache_seqlens[0].item()) if cache_pos is None else int(cache_pos)
+    if cache_pos is None:
+        lengths = cache_seqlens.tolist()
+        cache_pos = lengths[0] if len(set(lengths)) == 1 else lengths
+    if isinstance(cache_pos, (list, tuple)):
+        if len(set(cache_pos)) > 1:
+            return _kvcache_ragged(q, k_cache, v_cache, k, v, cache_seqlens, cache_pos, window_size)
+        cache_pos = cache_pos[0]
+    pos = int(cache_pos)
     end = pos
     if k is not None:
         end = pos + k.size(1)
-        if end > k_cache.size(1):
-            raise RuntimeError(f"KV cache overflow: {pos} cached + {k.size(1)} new positions > capacity {k_cache.size(1)}; "
-                               "allocate the cache with room for the prompt plus every generated token")
+        _check_room(pos, k.size(1), k_cache.size(1))
         k_cache[:, pos:end] = k
         v_cache[:, pos:end] = v
     # Without new keys the queries are taken to be the last q.size(1) cached positions.
     k_full, v_full = k_cache[:, :end], v_cache[:, :end]
     y = _sdpa_attention(q.transpose(1, 2), k_full.transpose(1, 2), v_full.transpose(1, 2), window_size,
                         enable_gqa=q.size(2) != k_cache.size(2))
+    return y.transpose(1, 2)
+
+
+def _check_room(cached, new, capacity):
+    if cached + new > capacity:
+        raise RuntimeError(f"KV cache overflow: {cached} cached + {new} new positions > capacity {capacity}; "
+                           "allocate the cache with room for the prompt plus every generated token")
+
+
+def _kvcache_ragged(q, k_cache, v_cache, k, v, cache_seqlens, lengths, window_size):
+    """flash_attn_with_kvcache's SDPA path when rows hold different numbers of positions (host `lengths`).
+
+    Each row writes its new keys at its own length; the keys are the union of every row's [0, end) (cropped
+    on the left to what the widest window needs), and one (B, 1, Tn, Tk) mask keeps, per row, the keys up to
+    each query's own position and within its window, so a row never sees another row's stale positions.
+    """
+    B, Tn = q.size(0), q.size(1)
+    if len(lengths) != B:
+        raise ValueError(f"cache_pos lists {len(lengths)} row lengths for a batch of {B} rows")
+    new = 0 if k is None else k.size(1)
+    if new:
+        _check_room(max(lengths), new, k_cache.size(1))
+    offsets = torch.arange(Tn, device=q.device)
+    # (B, Tn) absolute position of each query; without new keys, the last Tn cached positions of each row.
+    qpos = (cache_seqlens.to(device=q.device, dtype=torch.long) + (new - Tn)).unsqueeze(1) + offsets
+    if new:
+        rows = torch.arange(B, device=q.device).unsqueeze(1)  # (B, 1)
+        k_cache[rows, qpos] = k  # (B, Tn, Hkv, D) scattered to each row's own positions
+        v_cache[rows, qpos] = v
+    window = window_size[0]
+    end = max(lengths) + new
+    start = max(0, min(lengths) + new - Tn - window) if window >= 0 else 0
+    keys = torch.arange(start, end, device=q.device)  # (Tk,) absolute key positions
+    visible = keys <= qpos.unsqueeze(-1)  # (B, Tn, Tk): causal, and nothing past the row's own end
+    if window >= 0:
+        visible &= qpos.unsqueeze(-1) - keys <= window
+    y = _sdpa_attention(q.transpose(1, 2), k_cache[:, start:end].transpose(1, 2), v_cache[:, start:end].transpose(1, 2),
+                        window_size, enable_gqa=q.size(2) != k_cache.size(2), mask=visible.unsqueeze(1))
     return y.transpose(1, 2)
 
 

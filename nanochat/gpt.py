@@ -302,14 +302,20 @@ class GPT(nn.Module):
         """idx: (B, T) int64 -> the final normalised hidden states (B, T, n_embd) in the compute dtype,
         i.e. everything forward does before the head. Advances kv_cache by T when one is given."""
         B, T = idx.shape
+        # The cache's get_pos() is None when its rows hold different numbers of positions (a continuous batch).
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if T0 + T > self.cos.size(1):
-            raise ValueError(f"sequence too long: positions up to {T0 + T} but rotary tables cover {self.cos.size(1)} "
+        end = T0 + T if T0 is not None else int(kv_cache.cache_seqlens.max()) + T
+        if end > self.cos.size(1):
+            raise ValueError(f"sequence too long: positions up to {end} but rotary tables cover {self.cos.size(1)} "
                              f"(10 x sequence_len={self.config.sequence_len})")
         if self.cos.dtype != self.compute_dtype or self.cos.device != idx.device:
             raise RuntimeError(f"rotary tables are {self.cos.dtype} on {self.cos.device} but the model computes in "
                                f"{self.compute_dtype} on {idx.device}: call init_weights() after moving the model")
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        if T0 is not None:
+            cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]  # (1, T, 1, hd/2): every row at T0
+        else:
+            positions = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, hd/2): each row at its own place
         L = self.config.n_layer
 
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))  # (B, T, d)

@@ -317,3 +317,40 @@ def test_step_meter_excludes_warmup_from_timing():
     line = meter.format_line(4, 20, 0.2, m, 1.0, extra="epoch: 1")
     assert line.startswith("step 00004/00020 (20.00%) | loss: 1.000000 | lrm: 1.00 |") and "bf16_mfu: n/a | epoch: 1" in line
     assert meter.format_line(4, None, 0.5, m, 1.0).startswith("step 00004 (50.00%)")
+
+
+def test_cpu_trains_in_fp32_by_default_even_with_native_bf16(monkeypatch):
+    """bf16 on CPU is opt-in (NANOCHAT_DTYPE=bfloat16): it did not keep the fp32 loss curve where measured."""
+    from nanochat import common
+
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    common.get_compute_dtype.cache_clear()
+    try:
+        dtype, reason = common.get_compute_dtype()
+        assert dtype == torch.float32 and "NANOCHAT_DTYPE=bfloat16" in reason
+        monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+        common.get_compute_dtype.cache_clear()
+        assert common.get_compute_dtype()[0] == torch.bfloat16
+    finally:
+        common.get_compute_dtype.cache_clear()
+
+
+def test_cpu_attention_runs_in_fp32_for_bf16_inputs():
+    """The fused CPU attention kernel rounds its softmax (and, in backward, the score gradients) to bf16; bf16
+    models on CPU attend in fp32 instead, rounding once at the output: the same values as fp32 attention."""
+    from nanochat import flash_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 4, 32, generator=g) for _ in range(3))  # (B, T, H, D)
+    q16, k16, v16 = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    y = flash_attention.flash_attn_func(q16, k16, v16, causal=True, window_size=(-1, 0))
+    assert y.dtype == torch.bfloat16
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q16, k16, v16))
+    ref = flash_attention.flash_attn_func(q32, k32, v32, causal=True, window_size=(-1, 0))
+    assert torch.equal(y, ref.bfloat16())
+    y.float().sum().backward()
+    ref.sum().backward()
+    assert torch.equal(q16.grad, q32.grad.bfloat16())
