@@ -29,6 +29,12 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _matplotlib_cache_in_tmp(tmp_path_factory):
+    """matplotlib (the report's plots) writes a font cache under ~/.cache unless told otherwise: tests leave ~ alone."""
+    os.environ.setdefault("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU the thread
