@@ -6,6 +6,7 @@ Nothing here runs at import time: no logging setup, no CUDA probe, no directory 
 Scripts call `setup_default_logging()` and `compute_init()` from their `main()`.
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -38,6 +39,14 @@ class ConfigError(UserError, ValueError):
 
 def _one_line(err):
     return " ".join(str(err).split())
+
+
+def add_runtime_flags(group, seed_help="seed of torch's generators"):
+    """--run (wandb), --device-type, --seed and --debug: the runtime flags of every training script."""
+    group.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    group.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    group.add_argument("--seed", type=int, default=42, help=seed_help)
+    return add_debug_flag(group)
 
 
 def add_debug_flag(parser):
@@ -161,20 +170,17 @@ def _publish(tmp, path):
     os.replace(tmp, path)
 
 
-def atomic_write(path, data):
-    """Write bytes or str to `path` so that a crash leaves either the old file or the new one, never half.
-
-    Writes a temp file in the same directory (same filesystem, so the rename is atomic), fsyncs it,
-    then renames it over the destination.
-    """
+@contextlib.contextmanager
+def _atomic_file(path, mode):
+    """Open a temp file beside `path` for writing; on success fsync it and rename it over `path`, on any
+    error remove it. The rename is atomic (same directory, so same filesystem)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    mode = "wb" if isinstance(data, (bytes, bytearray)) else "w"
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path)
@@ -182,24 +188,18 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write(path, data):
+    """Write bytes or str to `path` so that a crash leaves either the old file or the new one, never half."""
+    with _atomic_file(path, "wb" if isinstance(data, (bytes, bytearray)) else "w") as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj, path):
     """torch.save with the same all-or-nothing guarantee as `atomic_write`."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def download_file_with_lock(url, filename, postprocess_fn=None, desc=None):

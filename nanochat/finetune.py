@@ -28,7 +28,7 @@ from nanochat import training
 from nanochat.chat_dataloader import packed_conversation_loader, training_progress
 from nanochat.chateval import evaluate_available_chatcore
 from nanochat.checkpoint_manager import get_checkpoints_dir, load_model, load_optimizer_state, resolve_checkpoint
-from nanochat.common import add_debug_flag, compute_cleanup
+from nanochat.common import add_runtime_flags, compute_cleanup
 from nanochat.engine import Engine
 from nanochat.loop import Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop, log_attention_path, start_run
 from nanochat.loss_eval import evaluate_bpb
@@ -60,11 +60,8 @@ class Stage:
 def add_flags(p, stage, defaults):
     """The flags both stages share; `defaults` holds the stage's values (None = inherit from the source)."""
     g = p.add_argument_group("logging and runtime")
-    g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
-    g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    g.add_argument("--seed", type=int, default=42, help="seed of torch's generators (the data order is fixed by the mixture)")
+    add_runtime_flags(g, seed_help="seed of torch's generators (the data order is fixed by the mixture)")
     g.add_argument("--dry-run", action="store_true", help="train and evaluate but write no checkpoint and no report section")
-    add_debug_flag(g)
     g = p.add_argument_group("checkpoints")
     g.add_argument("-i", "--source", choices=stage.sources, default=stage.sources[0], help="checkpoint to start from")
     g.add_argument("-g", "--model-tag", type=str, default=None, help="tag to load and to save under (default: the source's largest d<N>)")

@@ -20,7 +20,7 @@ import torch
 
 from nanochat import fp8, training
 from nanochat.checkpoint_manager import load_checkpoint
-from nanochat.common import add_debug_flag, compute_cleanup, get_base_dir, script_main, setup_default_logging
+from nanochat.common import add_runtime_flags, compute_cleanup, get_base_dir, script_main, setup_default_logging
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import (tokenizing_distributed_data_loader_bos_bestfit,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
@@ -41,13 +41,10 @@ def build_parser():
     p = argparse.ArgumentParser(description="Pretrain the base model. Derived values (width, batch, LR, WD, horizon) are printed at startup.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("logging and runtime")
-    g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
-    g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    add_runtime_flags(g, seed_help="seed of the weight init (pretraining reads the shards in a fixed order)")
     g.add_argument("--fp8", action="store_true", help="FP8 training of the big matmuls (CUDA SM>=8.9 only)")
     g.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["tensorwise"], help="FP8 scaling recipe")
     g.add_argument("--compile", type=str, default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto = on for CUDA, off elsewhere)")
-    g.add_argument("--seed", type=int, default=42, help="seed of the weight init (pretraining reads the shards in a fixed order)")
-    add_debug_flag(g)
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=20, help="number of transformer layers")
     g.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim")

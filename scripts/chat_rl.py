@@ -17,7 +17,7 @@ import os
 
 from nanochat import training
 from nanochat.checkpoint_manager import get_checkpoints_dir, load_optimizer_state
-from nanochat.common import add_debug_flag, compute_cleanup, script_main, setup_default_logging
+from nanochat.common import add_runtime_flags, compute_cleanup, script_main, setup_default_logging
 from nanochat.engine import Engine
 from nanochat.finetune import load_start, make_optimizer
 from nanochat.loop import Checkpointer, FixedHorizon, Periodic, TrainLoop, start_run
@@ -31,11 +31,8 @@ log = logging.getLogger("nanochat.chat_rl")
 def build_parser():
     p = argparse.ArgumentParser(description="RL on math word problems (REINFORCE, group-mean baseline) from the SFT model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("logging and runtime")
-    g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
-    g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    g.add_argument("--seed", type=int, default=42, help="seed of torch's generators (sampling seeds derive from step and problem)")
-    add_debug_flag(g)
+    add_runtime_flags(p.add_argument_group("logging and runtime"),
+                      seed_help="seed of torch's generators (sampling seeds derive from step and problem)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("-i", "--source", choices=["sft", "mid"], default="sft", help="checkpoint to start from")
     g.add_argument("-g", "--model-tag", type=str, default=None, help="tag to load and save under (default: the largest d<N>)")

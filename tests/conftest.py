@@ -140,6 +140,19 @@ def chat_server(chat_model_dir, tmp_path_factory):
         thread.join(timeout=30)
 
 
+@pytest.fixture
+def offline_tasks(tmp_path, monkeypatch):
+    """No hub datasets, as on a machine without network: every task falls back at once to its offline stand-in
+    (or is left out), and the once-per-process fallback notices start afresh."""
+    from tasks import common, spellingbee
+
+    monkeypatch.setenv("NANOCHAT_TASKS_DIR", str(tmp_path / "no_task_data"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(common, "_fallbacks", {})
+    monkeypatch.setattr(spellingbee, "_DOWNLOAD_FAILED", {})
+
+
 # -----------------------------------------------------------------------------
 # N gloo ranks in-process
 

@@ -21,7 +21,7 @@ SECTIONS = ["Tokenizer training", "Tokenizer evaluation", "Base model training",
 
 
 @pytest.fixture
-def offline(base_dir, tmp_path, monkeypatch):
+def offline(base_dir, tmp_path, monkeypatch, offline_tasks):
     """Fixture shards, a word list and a CORE bundle in the base dir; no hub datasets (as offline)."""
     data = base_dir / "base_data_climbmix"
     data.mkdir(parents=True)
@@ -31,14 +31,7 @@ def offline(base_dir, tmp_path, monkeypatch):
         pq.write_table(pa.table({"text": docs}), data / f"shard_{index:05d}.parquet", row_group_size=50)
     (base_dir / "words_alpha.txt").write_text("\n".join(WORDS) + "\n")
     write_bundle(str(base_dir))
-    monkeypatch.setenv("NANOCHAT_TASKS_DIR", str(tmp_path / "no_task_data"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    from tasks import common, spellingbee
-
-    monkeypatch.setattr(common, "_fallbacks", {})
-    monkeypatch.setattr(spellingbee, "_DOWNLOAD_FAILED", {})
     return base_dir
 
 

@@ -42,19 +42,12 @@ def pipeline(tmp_path_factory, byte_tokenizer):
 
 
 @pytest.fixture
-def base(pipeline, tmp_path, monkeypatch):
+def base(pipeline, tmp_path, monkeypatch, offline_tasks):
     """A private copy of the pipeline dir, offline: no hub datasets (GSM8K becomes synthetic problems)."""
     copy = tmp_path / "base"
     shutil.copytree(pipeline, copy)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(copy))
-    monkeypatch.setenv("NANOCHAT_TASKS_DIR", str(tmp_path / "no_task_data"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    from tasks import common, spellingbee
-
-    monkeypatch.setattr(common, "_fallbacks", {})
-    monkeypatch.setattr(spellingbee, "_DOWNLOAD_FAILED", {})
     return copy
 
 
