@@ -83,15 +83,22 @@ CHAT_PROMPTS = [
     "Thanks for your help!",
 ]
 
-# The flags of each stage (see the module docstring for why). {depth} and {tag} are filled in.
+# The stages' sizes (see the module docstring for why).
 SEQ_LEN = 512
-BATCH_ROWS = 16
+BATCH_ROWS = 8
 BATCH_TOKENS = SEQ_LEN * BATCH_ROWS
-LR_SCALE = (BATCH_TOKENS / 2**19) ** 0.5  # base_train's sqrt batch rule, relative to its 524,288-token reference
-FULL = dict(base_steps=800, mid_steps=400, sft_steps=400, gsm8k_epochs=36, rl_steps=40, rl_examples=8, rl_samples=8,
-            rl_lr_frac=0.5, eval_problems=200, eval_samples=4, max_new_tokens=128)
-DRY = dict(base_steps=20, mid_steps=10, sft_steps=10, gsm8k_epochs=36, rl_steps=3, rl_examples=2, rl_samples=4,
-           rl_lr_frac=0.5, eval_problems=4, eval_samples=2, max_new_tokens=48)
+MID_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}  # mid_train's defaults
+FULL = dict(base_steps=300, mid_steps=200, sft_steps=400, gsm8k_epochs=36, finetune_lr_scale=1.0, rl_steps=40, rl_examples=8,
+            rl_samples=8, rl_lr_frac=0.2, eval_problems=200, eval_samples=4, max_new_tokens=128)
+DRY = dict(base_steps=20, mid_steps=10, sft_steps=10, gsm8k_epochs=36, finetune_lr_scale=1.0, rl_steps=3, rl_examples=2,
+           rl_samples=4, rl_lr_frac=0.2, eval_problems=4, eval_samples=2, max_new_tokens=48)
+HELP = dict(base_steps="base_train steps", mid_steps="mid_train steps", sft_steps="chat_sft steps",
+            gsm8k_epochs="chat_sft --gsm8k-epochs (copies of the synthetic GSM8K stand-in)",
+            finetune_lr_scale="mid_train's default LRs times this (chat_sft inherits them)", rl_steps="chat_rl steps",
+            rl_examples="chat_rl questions per step", rl_samples="chat_rl answers per question (one micro-batch)",
+            rl_lr_frac="chat_rl --init-lr-frac", eval_problems="held-out arithmetic test problems",
+            eval_samples="temperature-1 replies per held-out prompt (besides the greedy one)",
+            max_new_tokens="reply limit of the evaluation and of chat_rl's rollouts")
 
 
 def build_parser():
@@ -102,14 +109,16 @@ def build_parser():
     g.add_argument("--base-dir", default=DEFAULT_BASE_DIR, help="NANOCHAT_BASE_DIR of the run: data, tokenizer, checkpoints")
     g.add_argument("--reuse", action="store_true", help="reuse the shards and tokenizer found in --base-dir (else it must be empty)")
     g.add_argument("--start-at", choices=STAGES, default="base", help="train from this stage on; earlier stages' checkpoints are reused")
+    g.add_argument("--stop-after", choices=STAGES, default="rl", help="train and measure up to this stage only")
     g.add_argument("--dry-run", action="store_true", help="depth 2 and a few steps per stage (unless given): checks the plumbing")
     g.add_argument("--depth", type=int, default=None, help="model depth (default 4, dry run 2)")
     g.add_argument("--cores", type=int, default=-1, help="pin the process to this many of its cores, so the scripts use that many "
                                                          "torch threads (-1 = all; 1 suffers less on a busy machine)")
     g.add_argument("--json", default=None, help="summary path (default: bench/results/posttrain/summary_d<depth>.json)")
-    g = p.add_argument_group("stage lengths (default: the full run's, or the dry run's)")
+    g = p.add_argument_group("stages and evaluation (default: the full run's value, or the dry run's)")
     for name, value in FULL.items():
-        g.add_argument("--" + name.replace("_", "-"), type=type(value), default=None, help=f"full run: {value}, dry run: {DRY[name]}")
+        g.add_argument("--" + name.replace("_", "-"), type=type(value), default=argparse.SUPPRESS,
+                       help=f"{HELP[name]}; full run {value}, dry run {DRY[name]}")
     return p
 
 
@@ -117,7 +126,7 @@ def resolve(args):
     """Fill the stage lengths left unset from the full or the dry-run preset."""
     preset = DRY if args.dry_run else FULL
     for name, value in preset.items():
-        if getattr(args, name) is None:
+        if not hasattr(args, name):
             setattr(args, name, value)
     if args.depth is None:
         args.depth = 2 if args.dry_run else 4
@@ -143,18 +152,18 @@ def prepare_data(args):
 
 def stage_argv(stage, args):
     """The command line each script gets."""
-    mid_lr = [f"--embedding-lr={0.2 * LR_SCALE}", f"--unembedding-lr={0.004 * LR_SCALE}", f"--matrix-lr={0.02 * LR_SCALE}"]
+    mid_lr = [f"--{name.replace('_', '-')}={lr * args.finetune_lr_scale:g}" for name, lr in MID_LRS.items()]
     if stage == "base":
         return [f"--depth={args.depth}", f"--max-seq-len={SEQ_LEN}", "--window-pattern=L", f"--device-batch-size={BATCH_ROWS}",
                 f"--total-batch-size={BATCH_TOKENS}", f"--num-iterations={args.base_steps}", f"--eval-every={args.base_steps}",
-                "--eval-tokens=65536", "--core-metric-every=-1", "--sample-every=-1", "--warmup-steps=10"]
+                "--eval-tokens=32768", "--core-metric-every=-1", "--sample-every=-1", "--warmup-steps=10"]
     if stage == "mid":
         return [f"--model-tag={args.tag}", f"--max-seq-len={SEQ_LEN}", f"--device-batch-size={BATCH_ROWS}",
                 f"--total-batch-size={BATCH_TOKENS}", f"--num-iterations={args.mid_steps}", "--eval-every=-1",
-                "--eval-tokens=65536", *mid_lr]
+                "--eval-tokens=32768", *mid_lr]
     if stage == "sft":  # batch geometry and learning rates inherited from the mid checkpoint
         return [f"--model-tag={args.tag}", f"--num-iterations={args.sft_steps}", f"--gsm8k-epochs={args.gsm8k_epochs}",
-                "--eval-every=-1", "--eval-tokens=65536", "--chatcore-every=-1"]
+                "--eval-every=-1", "--eval-tokens=32768", "--chatcore-every=-1"]
     return [f"--model-tag={args.tag}", f"--num-iterations={args.rl_steps}", f"--examples-per-step={args.rl_examples}",
             f"--num-samples={args.rl_samples}", f"--device-batch-size={args.rl_samples}", f"--max-new-tokens={args.max_new_tokens}",
             f"--init-lr-frac={args.rl_lr_frac}", "--eval-every=-1", "--save-every=-1"]
@@ -287,14 +296,19 @@ def main(argv=None):
     prepare_data(args)
     data_seconds = time.perf_counter() - t0
     results, val_bpb, train_cpu, curve = {}, {}, {}, None
-    for stage in STAGES:
+    for stage in STAGES[:STAGES.index(args.stop_after) + 1]:
         train_seconds = None
         if STAGES.index(stage) >= STAGES.index(args.start_at):
             t0, c0 = time.perf_counter(), time.process_time()
             val_bpb[stage], stage_curve = train_stage(stage, args)
             train_seconds, train_cpu[stage] = time.perf_counter() - t0, time.process_time() - c0
             curve = stage_curve if stage == "rl" else curve
+        # Decoding a d4 model is a chain of tiny ops: one thread is as fast on a quiet machine, and on a busy one
+        # two spin-waiting threads made a 64-token sample 5-50x slower (measured: 0.3 s vs 1.8-14 s).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         results[stage] = measure(stage, args, device)
+        torch.set_num_threads(threads)
         results[stage]["train_seconds"] = train_seconds
         results[stage]["train_cpu_seconds"] = train_cpu.get(stage)
         results[stage]["val_bpb"] = val_bpb.get(stage)
@@ -311,7 +325,7 @@ def main(argv=None):
         print("\nRL mean reward per step: " + " ".join(f"{r:.3f}" for r in curve))
         k = max(1, min(5, len(curve) // 2))
         print(f"RL mean reward, first {k} steps {sum(curve[:k]) / k:.3f} -> last {k} steps {sum(curve[-k:]) / k:.3f}")
-    for stage in STAGES:
+    for stage in results:
         print(f"\n{TITLES[stage]} greedy replies:")
         for ex in results[stage]["examples"][:5]:
             print(f"  {ex['prompt'][:60]!r} -> {ex['greedy'][:160]!r}")

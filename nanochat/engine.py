@@ -45,8 +45,9 @@ class KVCache:
     """Keys and values of every layer for a batch of rows, in Flash-Attention-3 layout (B, T, H, D).
 
     k_cache, v_cache: (n_layers, B, T_max, n_kv_heads, head_dim). cache_seqlens: (B,) int32, the
-    number of positions filled (all rows move together). prev_embedding: (B, 1, n_embd) or None, the
-    last token's normalised embedding, which the model's "smear" mixes into the next token.
+    number of positions filled (here all rows move together; nanochat.batching.BatchCache is the cache
+    whose rows don't). prev_embedding: (B, 1, n_embd) or None, the last token's normalised embedding,
+    which the model's "smear" mixes into the next token.
     The model writes layer i through get_layer_cache(i) and calls advance(T) after its last layer.
     """
 
@@ -72,7 +73,8 @@ class KVCache:
         self.prev_embedding = None
 
     def get_pos(self):
-        """Number of positions already in the cache (the same for every row)."""
+        """Number of positions already in the cache, the same for every row (a cache whose rows differ
+        returns None, and the model reads each row's from cache_seqlens)."""
         return self._pos
 
     def get_layer_cache(self, layer_idx):
@@ -266,7 +268,7 @@ def use_calculator(expr, timeout=CALCULATOR_TIMEOUT):
 # Engine
 
 
-class _RowState:
+class RowState:
     """Per-sample bookkeeping during generation: pending forced tokens and the tool-call parser."""
 
     def __init__(self):
@@ -316,7 +318,8 @@ class Engine:
             self.special = {name: tokenizer.encode_special(f"<|{name}|>") for name in names}
             self.special["bos"] = tokenizer.get_bos_token_id()
 
-    def _new_cache(self, batch_size, seq_len, device):
+    def new_cache(self, batch_size, seq_len, device):
+        """An empty KVCache for this model: `batch_size` rows of `seq_len` positions, in the engine's KV dtype."""
         cfg = self.model.config
         return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=cfg.n_embd // cfg.n_head,
                        num_layers=cfg.n_layer, device=device, dtype=self.kv_dtype)
@@ -336,10 +339,16 @@ class Engine:
 
     def _step_row(self, state, token):
         """Run the stop check and the tool-call state machine for one row after it emits `token`."""
-        sp = self.special
-        if token == sp["assistant_end"] or token == sp["bos"]:
+        if token == self.special["assistant_end"] or token == self.special["bos"]:
             state.terminal = token
-        elif token == sp["python_start"]:
+        else:
+            self.track_tool_call(state, token)
+
+    def track_tool_call(self, state, token):
+        """The calculator tool for one row that emitted `token` (not a stop token): collect the expression
+        between <|python_start|> and <|python_end|>, then queue its result as forced tokens."""
+        sp = self.special
+        if token == sp["python_start"]:
             state.in_python, state.expression = True, []
         elif token == sp["python_end"] and state.in_python:
             state.in_python = False
@@ -372,16 +381,16 @@ class Engine:
         rng.manual_seed(seed)
 
         # Prefill once at batch 1, then copy the cache into num_samples rows for decoding.
-        prefill_cache = self._new_cache(1, len(tokens), device)
+        prefill_cache = self.new_cache(1, len(tokens), device)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
         logits = last_logits(self.model, ids, prefill_cache)  # (1, V)
         # Expanding the logits (not a sampled token) lets every sample draw its own first token.
         logits = logits.expand(num_samples, -1)  # (B, V)
-        cache = self._new_cache(num_samples, len(tokens) + budget, device)
+        cache = self.new_cache(num_samples, len(tokens) + budget, device)
         cache.prefill(prefill_cache)
         del prefill_cache
 
-        states = [_RowState() for _ in range(num_samples)]
+        states = [RowState() for _ in range(num_samples)]
         active = list(range(num_samples))  # sample index of each row still in the batch
         for step in range(budget):
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()  # one per active row

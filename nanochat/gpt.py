@@ -300,7 +300,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, kv_cache=None):
         """idx: (B, T) int64 -> the final normalised hidden states (B, T, n_embd) in the compute dtype,
-        i.e. everything forward does before the head. Advances kv_cache by T when one is given."""
+        i.e. everything forward does before the head. Advances kv_cache by T when one is given; when its rows
+        hold different numbers of positions, each row's tokens take the rotary angles of its own positions."""
         B, T = idx.shape
         # The cache's get_pos() is None when its rows hold different numbers of positions (a continuous batch).
         T0 = 0 if kv_cache is None else kv_cache.get_pos()

@@ -6,11 +6,12 @@ model replicas. `python -m scripts.chat_web` loads the replicas and runs this ap
     GET  /logo.svg             the logo (favicon)
     POST /chat/completions     {"messages": [...], "temperature", "top_k", "max_tokens"} -> server-sent events
                                data: {"token": "...", "gpu": 0} ... data: {"done": true}
-    GET  /health, GET /stats   readiness and worker counts
+    GET  /health, GET /stats   readiness, worker counts, rows in the running batches and requests waiting
     POST /v1/chat/completions  OpenAI chat completions, streaming or not
     GET  /v1/models            the one model served
 
-    app = create_app(ReplicaPool([Replica(model, tokenizer)]), tokenizer, SamplingParams(), model_id="nanochat-sft-d20")
+    app = create_app(ReplicaPool([Replica(model, tokenizer, max_batch=16)]), tokenizer, SamplingParams(),
+                     model_id="nanochat-sft-d20")
 
 Every request is checked against the limits in nanochat/serving.py before it waits for a replica; a bad one gets a
 4xx with a JSON message ({"detail": ...}, or OpenAI's {"error": {...}} under /v1).
@@ -30,13 +31,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat.batching import END
 from nanochat.serving import (MAX_BODY_BYTES, Reply, RequestError, advance, build_prompt, decode_json_body, parse_chat_request,
                               reply_room)
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_END = object()
 
 
 # -----------------------------------------------------------------------------
@@ -44,79 +45,64 @@ _END = object()
 
 
 class ReplicaPool:
-    """Replicas (nanochat.serving.Replica) handed out one request at a time, first come first served.
+    """Model replicas (nanochat.serving.Replica), each running a continuous batch of requests, for the event loop.
 
     `generate` is the whole contract the HTTP layer relies on: (prompt tokens, SamplingParams) in, token columns
-    out, and closing the stream frees the capacity. A scheduler that batches requests can replace this class.
-    Each generation runs in its own thread, so the event loop keeps serving other clients (and noticing
-    disconnects) while a replica computes.
+    out, and closing the stream cancels the request, whose rows leave their batch before its next step. A request
+    goes to the replica with the fewest rows in use or waiting. Each replica's batch computes on its own thread, so
+    the event loop keeps serving other clients (and noticing disconnects) meanwhile.
     """
 
     def __init__(self, replicas):
         self.replicas = list(replicas)
         if not self.replicas:
             raise ValueError("a ReplicaPool needs at least one replica")
-        self._idle = None  # created on first use, inside the server's event loop
-
-    def _queue(self):
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for replica in self.replicas:
-                self._idle.put_nowait(replica)
-        return self._idle
 
     @property
     def context_len(self):
         return self.replicas[0].context_len
 
-    def available(self):
-        return self._queue().qsize()
-
     def workers(self):
-        return [{"gpu_id": r.index, "device": r.device} for r in self.replicas]
+        """Per replica: {"gpu_id", "device", "max_batch", "active_rows", "running_requests", "queued_requests"}."""
+        return [{"gpu_id": r.index, "device": r.device, **r.scheduler.stats()} for r in self.replicas]
+
+    def available(self):
+        """Replicas that would start a new one-sample request at once: a free row and nobody waiting."""
+        return sum(1 for w in self.workers() if w["active_rows"] < w["max_batch"] and not w["queued_requests"])
+
+    def _load(self, replica):
+        stats = replica.scheduler.stats()
+        return stats["active_rows"] + stats["queued_requests"]
 
     async def generate(self, prompt_tokens, params):
-        """Yield (worker id, token column) per step for one request, after waiting for a free replica.
+        """Yield (worker id, token column) per step for one request, once it has joined a replica's batch.
 
-        Closing this generator (every sample is done, or the client went away) stops the computation after the
-        step in flight and returns the replica to the pool.
+        Closing this generator (every sample is done, or the client went away) cancels the request: its rows leave
+        the batch after the step in flight.
         """
-        idle = self._queue()
-        replica = await idle.get()
+        replica = min(self.replicas, key=self._load)
         loop = asyncio.get_running_loop()
         columns = asyncio.Queue()
-        cancel = threading.Event()
 
-        def post(fn, *args):
+        def deliver(item):  # on the batch's thread
             try:
-                loop.call_soon_threadsafe(fn, *args)
+                loop.call_soon_threadsafe(columns.put_nowait, item)
             except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this
-                logger.debug("event loop closed before generation on worker %d ended", replica.index)
+                logger.debug("event loop closed before a request on worker %d ended", replica.index)
 
-        def work():
-            outcome = _END
-            try:
-                steps = replica.generate(prompt_tokens, params)
-                try:
-                    for column in steps:
-                        if cancel.is_set():
-                            break
-                        post(columns.put_nowait, column)
-                finally:
-                    steps.close()
-            except Exception as e:  # noqa: BLE001 - handed over and raised in the request that asked
-                outcome = e
-            post(columns.put_nowait, outcome)
-            post(idle.put_nowait, replica)
-
-        threading.Thread(target=work, name=f"nanochat-generate-{replica.index}", daemon=True).start()
+        request = replica.submit(prompt_tokens, params, deliver=deliver)
         try:
-            while (item := await columns.get()) is not _END:
-                if isinstance(item, Exception):
+            while (item := await columns.get()) is not END:
+                if isinstance(item, BaseException):
                     raise item
                 yield replica.index, item
         finally:
-            cancel.set()
+            request.cancel()
+
+    def close(self):
+        """Stop every replica's batch thread."""
+        for replica in self.replicas:
+            replica.close()
 
 
 async def run_replies(pool, prompt, params, replies):
@@ -190,7 +176,12 @@ def _error_body(path, message, param=None, kind="invalid_request_error"):
 def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=None):
     """The FastAPI app. defaults: SamplingParams whose temperature / top_k / max_tokens fill what a request omits;
     conversation_log: a ConversationLog, or None for no log."""
-    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        pool.close()  # the batch threads end with the server
+
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.pool = pool
     # Any origin may call the API (a UI served elsewhere, a notebook); no cookies, so no credentials.
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
@@ -241,9 +232,12 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
 
     @app.get("/stats")
     async def stats():
+        # A worker is busy when a new request would have to wait: its batch is full or has a queue.
+        workers = pool.workers()
         available = pool.available()
         return {"total_workers": len(pool.replicas), "available_workers": available,
-                "busy_workers": len(pool.replicas) - available, "workers": pool.workers()}
+                "busy_workers": len(pool.replicas) - available, "active_rows": sum(w["active_rows"] for w in workers),
+                "queued_requests": sum(w["queued_requests"] for w in workers), "workers": workers}
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):

@@ -21,12 +21,10 @@ import math
 import secrets
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from nanochat.batching import BatchScheduler
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import add_debug_flag
-from nanochat.engine import Engine, model_device
+from nanochat.engine import model_device
 
 # -----------------------------------------------------------------------------
 # Request limits. They bound what one request can cost a public server (characters to tokenize, tokens to
@@ -424,64 +422,42 @@ def advance(replies, column):
 
 
 # -----------------------------------------------------------------------------
-# Generation for one request
-
-
-def top_p_filter(logits, top_p, temperature):
-    """Logits (B, V) with every token outside the nucleus set to -inf: the smallest set of most likely tokens
-    whose probability, at this temperature, reaches top_p (the most likely token always stays)."""
-    if top_p >= 1.0 or temperature <= 0:
-        return logits
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
-    # A token stays if the tokens more likely than it do not yet reach top_p.
-    outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-    mask = torch.zeros_like(outside).scatter(-1, order, outside)
-    return logits.masked_fill(mask, float("-inf"))
-
-
-class _NucleusModel:
-    """The model as the Engine sees it, with top-p applied to its next-token logits; the Engine's own sampler
-    (temperature, top-k) then draws from what is left."""
-
-    def __init__(self, model, top_p, temperature):
-        self.model, self.top_p, self.temperature = model, top_p, temperature
-        self.config = model.config
-        self.compute_dtype = getattr(model, "compute_dtype", None)
-
-    def get_device(self):
-        return model_device(self.model)
-
-    def forward(self, ids, kv_cache=None):
-        logits = self.model.forward(ids, kv_cache=kv_cache)[:, -1:, :]  # (B, 1, V): the Engine reads only the last
-        return top_p_filter(logits[:, 0], self.top_p, self.temperature).unsqueeze(1)
+# Generation
 
 
 class Replica:
-    """One model and its Engine on one device, generating for one request at a time.
-
-    This is the unit a server's worker pool hands out; a scheduler that batches many requests into one forward
-    would take its place, consuming the same (prompt tokens, SamplingParams) and producing the same columns.
+    """One model on one device, and the continuous batch (nanochat.batching.BatchScheduler) its requests share:
+    up to max_batch rows of concurrent requests go through each forward pass together; max_batch 1 serves one
+    request at a time. A server's pool hands requests to replicas; the chat CLI uses one for its single user.
     """
 
-    def __init__(self, model, tokenizer, index=0):
+    def __init__(self, model, tokenizer, index=0, max_batch=1):
         self.model, self.tokenizer, self.index = model, tokenizer, index
-        self.engine = Engine(model, tokenizer)
+        self.scheduler = BatchScheduler(model, tokenizer, max_batch=max_batch)
+        # A row stops at any token that ends a reply (see Reply), so it frees its slot without waiting for the
+        # reader to notice and cancel.
+        self.stop_tokens = reply_end_tokens(tokenizer)
         self.device = str(model_device(model))
 
     @property
     def context_len(self):
         return self.model.config.sequence_len
 
+    def submit(self, prompt_tokens, params, deliver=None):
+        """Queue one request (SamplingParams) on the batch; returns its nanochat.batching.Request. deliver: called
+        from the batch's thread with each token column (one token per sample), then batching.END or the error."""
+        return self.scheduler.submit(prompt_tokens, max_tokens=params.max_tokens, temperature=params.temperature,
+                                     top_k=params.top_k or None, top_p=params.top_p, seed=params.seed,
+                                     num_samples=params.n, stop_tokens=self.stop_tokens, deliver=deliver)
+
     def generate(self, prompt_tokens, params):
         """Token columns (one token per sample, params.n samples) until every sample has ended or
         params.max_tokens steps. The caller stops early by closing the generator."""
-        engine = self.engine
-        if params.top_p < 1.0 and params.temperature > 0:
-            engine = Engine(_NucleusModel(self.model, params.top_p, params.temperature), self.tokenizer)
-        for column, _ in engine.generate(prompt_tokens, num_samples=params.n, max_tokens=params.max_tokens,
-                                         temperature=params.temperature, top_k=params.top_k or None, seed=params.seed):
-            yield column
+        yield from self.submit(prompt_tokens, params)
+
+    def close(self):
+        """Stop the batch's thread (requests still running end with an error)."""
+        self.scheduler.close()
 
 
 # -----------------------------------------------------------------------------
@@ -507,7 +483,8 @@ def sampling_flag_problems(args):
             if not low <= value <= high]
 
 
-def load_replica(args, device, index=0):
-    """(Replica, checkpoint meta) of the checkpoint that add_model_flags' flags name, on `device`."""
+def load_replica(args, device, index=0, max_batch=1):
+    """(Replica, checkpoint meta) of the checkpoint that add_model_flags' flags name, on `device`, batching up to
+    `max_batch` rows of concurrent requests."""
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    return Replica(model, tokenizer, index=index), meta
+    return Replica(model, tokenizer, index=index, max_batch=max_batch), meta

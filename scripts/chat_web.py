@@ -4,6 +4,7 @@ Serve a chat model: a web UI, nanochat's streaming endpoint and an OpenAI-compat
     python -m scripts.chat_web -i sft --host 127.0.0.1 --port 8000   # then open http://127.0.0.1:8000
     python -m scripts.chat_web -i sft -n 8                           # one replica per GPU on an 8-GPU node
     python -m scripts.chat_web --log-conversations chats.jsonl       # one JSON line per request
+    python -m scripts.chat_web --max-batch 1                         # one request at a time per replica
 
 From Python, with the `openai` package:
 
@@ -33,6 +34,9 @@ def build_parser():
     p.add_argument("-t", "--temperature", type=float, default=0.8, help="temperature when a request gives none")
     p.add_argument("-k", "--top-k", type=int, default=50, help="top-k when a request gives none (0 = off)")
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="reply length limit when a request gives none")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="rows (samples of concurrent requests) that share each forward pass of a replica; 1 = one request "
+                        "at a time")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("-p", "--port", type=int, default=8000, help="TCP port (0 = any free one)")
     p.add_argument("--log-conversations", default=None, metavar="PATH",
@@ -44,6 +48,8 @@ def check_args(args, device_type):
     problems = sampling_flag_problems(args)
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_batch < 1:
+        problems.append(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.num_gpus < 1:
         problems.append(f"--num-gpus must be >= 1, got {args.num_gpus}")
     elif args.num_gpus > 1 and device_type != "cuda":
@@ -68,7 +74,7 @@ def build_server(args):
     for i in range(args.num_gpus):
         replica_device = torch.device("cuda", i) if device_type == "cuda" else device
         log.info("Loading model replica %d on %s", i, replica_device)
-        replica, meta = load_replica(args, replica_device, index=i)
+        replica, meta = load_replica(args, replica_device, index=i, max_batch=args.max_batch)
         replicas.append(replica)
     tag = args.model_tag or find_largest_model(get_checkpoints_dir(args.source))
     model_id = f"nanochat-{args.source}-{tag}"
@@ -76,8 +82,9 @@ def build_server(args):
     conversation_log = ConversationLog(args.log_conversations) if args.log_conversations else None
     app = create_app(ReplicaPool(replicas), replicas[0].tokenizer, defaults, model_id=model_id,
                      conversation_log=conversation_log)
-    log.info("Serving %s (step %s, context %d tokens) with %d replica(s); defaults: temperature %g, top-k %d, max tokens %d",
-             model_id, meta.get("step"), replicas[0].context_len, len(replicas), args.temperature, args.top_k, args.max_tokens)
+    log.info("Serving %s (step %s, context %d tokens) with %d replica(s) of up to %d batched rows; defaults: "
+             "temperature %g, top-k %d, max tokens %d", model_id, meta.get("step"), replicas[0].context_len, len(replicas),
+             args.max_batch, args.temperature, args.top_k, args.max_tokens)
     if conversation_log is not None:
         log.info("Logging conversations to %s", conversation_log.path)
     # log_config=None: uvicorn's loggers go through the one logging setup of this process.

@@ -154,6 +154,30 @@ def test_kvcache_overflow_is_a_clear_error():
         fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=q, v=q, cache_seqlens=seqlens, causal=True)
 
 
+@pytest.mark.parametrize("lengths,new,window,hkv", [
+    ([3, 17, 9], 1, -1, 4),  # decode, every row at its own position
+    ([30, 41, 36], 1, 8, 2),  # windowed decode, GQA: keys cropped on the left, every row past the window
+    ([0, 12, 5], 4, 6, 2),  # a 4-token chunk per row, one row from empty
+    ([14, 7, 22], 3, -1, 1),  # chunks, multi-query
+])
+def test_kvcache_rows_at_different_positions_match_each_row_alone(lengths, new, window, hkv):
+    B, H, D, t_max = len(lengths), 4, 16, 64
+    k_cache = rand(B, t_max, hkv, D, seed=60)  # stale values past each row's length: they must stay unseen
+    v_cache = rand(B, t_max, hkv, D, seed=61)
+    q, k, v = rand(B, new, H, D, seed=62), rand(B, new, hkv, D, seed=63), rand(B, new, hkv, D, seed=64)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    for hint in (None, lengths):
+        k_cache.copy_(before_k), v_cache.copy_(before_v)
+        out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True,
+                                         window_size=(window, 0), cache_pos=hint)
+        for b, n in enumerate(lengths):
+            assert torch.equal(k_cache[b, n:n + new], k[b]) and torch.equal(v_cache[b, n:n + new], v[b])
+            assert torch.equal(k_cache[b, n + new:], before_k[b, n + new:])  # nothing written past the new ones
+            expected = naive_attention(q[b:b + 1], k_cache[b:b + 1, :n + new], v_cache[b:b + 1, :n + new], window)
+            assert_close(out[b:b + 1], expected)
+
+
 # -----------------------------------------------------------------------------
 # Loading and the override switch
 
@@ -254,6 +278,27 @@ def test_fa3_kvcache_matches_sdpa(cached, new, window):
                                           window_size=(window, 0))
 
     a, b = both_impls(run)
+    assert_close(a, b, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("new,window", [(1, -1), (1, 8), (3, 8)])
+def test_fa3_kvcache_rows_at_different_positions_match_sdpa(new, window):
+    _needs_fa3()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    base_k, base_v = torch.randn(3, 64, 2, 32, generator=g, **kw), torch.randn(3, 64, 2, 32, generator=g, **kw)
+    q, k, v = torch.randn(3, new, 4, 32, generator=g, **kw), *(torch.randn(3, new, 2, 32, generator=g, **kw) for _ in range(2))
+
+    def run():
+        k_cache, v_cache = base_k.clone(), base_v.clone()
+        seqlens = torch.tensor([5, 30, 17], dtype=torch.int32, device="cuda")
+        out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True,
+                                         window_size=(window, 0))
+        return out, k_cache
+
+    (a, ka), (b, kb) = both_impls(run)
+    assert torch.equal(ka, kb)  # both wrote each row's new keys at its own length
     assert_close(a, b, atol=1e-2)
 
 

@@ -2,8 +2,10 @@
 files, health and stats, the streaming format, the request limits, disconnects and the conversation log.
 The OpenAI API is tested with the official client in tests/test_openai_api.py."""
 
+import concurrent.futures
 import json
 import re
+import threading
 import time
 
 import httpx
@@ -39,8 +41,10 @@ def test_ui_logo_health_and_stats(chat_server):
     assert logo.headers["content-type"].startswith("image/svg+xml") and logo.text.startswith("<svg")
     assert httpx.get(chat_server.url + "/health").json() == {"status": "ok", "ready": True, "num_gpus": 1,
                                                              "available_workers": 1}
-    assert httpx.get(chat_server.url + "/stats").json() == {"total_workers": 1, "available_workers": 1, "busy_workers": 0,
-                                                            "workers": [{"gpu_id": 0, "device": "cpu"}]}
+    assert httpx.get(chat_server.url + "/stats").json() == {
+        "total_workers": 1, "available_workers": 1, "busy_workers": 0, "active_rows": 0, "queued_requests": 0,
+        "workers": [{"gpu_id": 0, "device": "cpu", "max_batch": 16, "active_rows": 0, "running_requests": 0,
+                     "queued_requests": 0}]}
 
 
 def test_reply_streams_as_token_events_then_done(chat_server):
@@ -109,31 +113,72 @@ def test_refused_requests_get_a_4xx_and_a_json_message(chat_server, body, status
     assert httpx.get(chat_server.url + "/health").json()["available_workers"] == 1  # nothing was left holding a slot
 
 
-def test_a_client_that_disconnects_frees_its_slot_at_once(chat_server, monkeypatch):
-    replica = chat_server.app.state.pool.replicas[0]
-    real_generate, produced = replica.generate, []
+class _SlowModel:
+    """The served model, 50 ms slower per forward pass, counting them."""
 
-    def slow_generate(prompt_tokens, params):
-        for column in real_generate(prompt_tokens, params):
-            time.sleep(0.05)  # ~6 s for the whole reply: far longer than the test waits
-            produced.append(column)
-            yield column
+    def __init__(self, model):
+        self.model, self.config, self.compute_dtype, self.forwards = model, model.config, model.compute_dtype, 0
 
-    monkeypatch.setattr(replica, "generate", slow_generate)
-    body = {"messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 4096, "temperature": 0.0}
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        time.sleep(0.05)  # ~6 s for a whole reply: far longer than the test waits
+        self.forwards += 1
+        return self.model.forward(ids, kv_cache=kv_cache)
+
+
+def _stats(chat_server):
+    return httpx.get(chat_server.url + "/stats").json()
+
+
+def test_a_client_that_disconnects_frees_its_rows_at_once(chat_server, monkeypatch):
+    scheduler = chat_server.app.state.pool.replicas[0].scheduler
+    slow = _SlowModel(scheduler.model)
+    monkeypatch.setattr(scheduler, "model", slow)
+    # The micro model's greedy reply to "go on" runs to the end of the context (119 tokens) without a stop token.
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 4096, "temperature": 0.0}
     with httpx.stream("POST", chat_server.url + "/chat/completions", json=body, timeout=30) as response:
-        next(response.iter_lines())  # the first token arrived: generation is under way
+        lines = response.iter_lines()  # (held: dropping the iterator would close the stream already)
+        next(lines)  # the first token arrived: generation is under way
+        assert _stats(chat_server)["active_rows"] == 1
     t0 = time.monotonic()
-    while httpx.get(chat_server.url + "/health").json()["available_workers"] != 1:
-        assert time.monotonic() - t0 < 2, "the slot of a disconnected client was not freed"
+    while _stats(chat_server)["active_rows"] != 0:
+        assert time.monotonic() - t0 < 2, "the rows of a disconnected client were not freed"
         time.sleep(0.02)
-    count = len(produced)
+    count = slow.forwards
     time.sleep(0.3)
-    assert len(produced) == count < 40  # it stopped generating, far short of the ~120 tokens the reply had room for
+    assert slow.forwards == count < 40  # it stopped generating, far short of the 119 tokens of the whole reply
     monkeypatch.undo()
     assert _chat(chat_server.url, {"messages": [USER], "max_tokens": 3})[-1] == {"done": True}
     records = [json.loads(line) for line in chat_server.log_path.read_text(encoding="utf-8").splitlines()]
     assert any(r["messages"] == body["messages"] and r["disconnected"] for r in records)
+
+
+def test_concurrent_streams_share_the_batch_and_each_gets_its_reply_alone(chat_server, monkeypatch):
+    scheduler = chat_server.app.state.pool.replicas[0].scheduler
+    # Prompts of different lengths whose greedy replies run past 12 tokens without stopping.
+    bodies = [{"messages": [{"role": "user", "content": text}], "max_tokens": 12, "temperature": 0.0}
+              for text in ("go on", "x", "Tell me everything!")]
+    alone = ["".join(e.get("token", "") for e in _chat(chat_server.url, body)) for body in bodies]
+    slow = _SlowModel(scheduler.model)  # slow enough that the three requests overlap
+    monkeypatch.setattr(scheduler, "model", slow)
+    seen = []
+
+    def watch():
+        while len(seen) < 400 and not done.is_set():
+            seen.append(scheduler.stats()["active_rows"])
+            time.sleep(0.01)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: "".join(e.get("token", "") for e in _chat(chat_server.url, body)), bodies))
+    done.set()
+    watcher.join()
+    assert replies == alone  # greedy: the same reply batched as alone
+    assert max(seen) == len(bodies)  # all three were in the batch at once
 
 
 def test_every_request_is_logged_as_one_json_line(chat_server):

@@ -3,15 +3,15 @@ renderer), context trimming, streaming text (UTF-8, tool calls, stop strings), t
 
 import asyncio
 import contextlib
-import threading
 import time
 
 import pytest
 import torch
 
+from nanochat.batching import top_p_filter
 from nanochat.server import ReplicaPool
 from nanochat.serving import (ContextOverflowError, Prompt, Replica, Reply, RequestError, SamplingParams, build_prompt,
-                              decode_json_body, encode_message, parse_chat_request, reply_room, top_p_filter)
+                              decode_json_body, encode_message, parse_chat_request, reply_room)
 
 DEFAULTS = SamplingParams(temperature=0.8, top_k=50, max_tokens=512)
 
@@ -193,56 +193,62 @@ def test_replica_top_p_near_zero_is_greedy(tiny_gpt, byte_tokenizer):
     assert len(greedy) == 8 and nucleus == greedy
 
 
-class _EndlessReplica:
-    """Yields a token column every `delay` seconds forever; records how many it produced and whether it was closed."""
+class _SlowModel:
+    """A tiny model `delay` seconds slower per forward pass; fail=True makes its decode steps raise."""
 
-    context_len, index, device = 100, 0, "cpu"
+    def __init__(self, model, delay=0.01, fail=False):
+        self.model, self.config, self.compute_dtype = model, model.config, model.compute_dtype
+        self.delay, self.fail = delay, fail
 
-    def __init__(self, delay=0.01, fail=False):
-        self.delay, self.fail, self.produced, self.closed = delay, fail, 0, threading.Event()
+    def get_device(self):
+        return self.model.get_device()
 
-    def generate(self, prompt_tokens, params):
-        try:
-            while True:
-                time.sleep(self.delay)
-                if self.fail:
-                    raise RuntimeError("the model broke")
-                self.produced += 1
-                yield [self.produced]
-        finally:
-            self.closed.set()
+    def forward(self, ids, kv_cache=None):
+        time.sleep(self.delay)
+        if self.fail and ids.size(1) == 1:
+            raise RuntimeError("the model broke")
+        return self.model.forward(ids, kv_cache=kv_cache)
 
 
-def test_closing_a_stream_frees_its_replica_for_the_next_request():
-    replica = _EndlessReplica()
+@pytest.mark.usefixtures("one_thread")
+def test_closing_a_stream_frees_its_rows_for_the_next_request(tiny_gpt, byte_tokenizer):
+    replica = Replica(_SlowModel(tiny_gpt(scrambled=True)), byte_tokenizer, max_batch=1)
     pool = ReplicaPool([replica])
+    params = SamplingParams(temperature=0.0, max_tokens=50)
 
     async def scenario():
-        first = pool.generate([1], SamplingParams())
-        assert (await anext(first)) == (0, [1]) and pool.available() == 0
-        waiting = asyncio.create_task(anext(pool.generate([1], SamplingParams())))
-        await asyncio.sleep(0.05)
-        assert not waiting.done()  # the only replica is busy: the second request waits its turn
+        first = pool.generate([256, 1], params)
+        worker, column = await anext(first)
+        assert worker == 0 and len(column) == 1 and pool.available() == 0
+        waiting = asyncio.create_task(anext(pool.generate([256, 2], params)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # the only row is taken: the second request waits its turn
+        assert pool.workers()[0]["queued_requests"] == 1
         await first.aclose()
         worker, column = await asyncio.wait_for(waiting, timeout=5)
         return worker
 
-    assert asyncio.run(scenario()) == 0
-    assert replica.closed.wait(5)
+    try:
+        assert asyncio.run(scenario()) == 0
+    finally:
+        pool.close()
 
 
-def test_a_generation_error_reaches_the_request_and_the_replica_comes_back():
-    pool = ReplicaPool([_EndlessReplica(fail=True)])
+@pytest.mark.usefixtures("one_thread")
+def test_a_generation_error_reaches_the_request_and_the_replica_serves_on(tiny_gpt, byte_tokenizer):
+    model = _SlowModel(tiny_gpt(scrambled=True), fail=True)
+    pool = ReplicaPool([Replica(model, byte_tokenizer, max_batch=2)])
 
     async def scenario():
         with pytest.raises(RuntimeError, match="the model broke"):
-            async with contextlib.aclosing(pool.generate([1], SamplingParams())) as steps:
+            async with contextlib.aclosing(pool.generate([256, 1], SamplingParams(max_tokens=20))) as steps:
                 async for _ in steps:
                     pass
-        for _ in range(100):
-            if pool.available() == 1:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        model.fail = False
+        columns = [column async for _, column in pool.generate([256, 1], SamplingParams(max_tokens=3, temperature=0.0))]
+        return len(columns), pool.available()
 
-    assert asyncio.run(scenario())
+    try:
+        assert asyncio.run(scenario()) == (3, 1)
+    finally:
+        pool.close()

@@ -1,0 +1,326 @@
+"""nanochat/batching.py: continuous batching. The reference is each request run alone: a batch of requests with
+different prompt lengths, joining and leaving at different steps, must give every request exactly the tokens
+Engine.generate gives it on its own (greedy, and seeded sampling), on scrambled tiny GPTs with GQA and with a
+short sliding window; plus the model step on rows at different positions against each row alone, the
+calculator per row, cancels, full contexts, queueing, threads and errors."""
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanochat.batching import END, BatchCache, BatchScheduler
+from nanochat.engine import Engine, KVCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
+# GQA (4 query heads on 2 kv heads), and a short window: sequence_len 512 makes "S" layers attend 128 keys, and
+# the prompts below start decoding on both sides of that, so rows cross it at different steps.
+MODELS = {
+    "gqa": dict(n_layer=3, n_head=4, n_kv_head=2, seed=0),
+    "short_window": dict(n_layer=2, n_head=4, n_kv_head=1, sequence_len=512, window_pattern="SL", seed=1),
+}
+PROMPT_LENGTHS = {"gqa": (3, 11, 26, 7), "short_window": (100, 140, 121, 9)}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_case(request, tiny_gpt):
+    """(scrambled tiny GPT, prompts of different lengths) for each model shape."""
+    model = tiny_gpt(scrambled=True, **MODELS[request.param])
+    gen = torch.Generator().manual_seed(7)
+    prompts = [[256] + torch.randint(0, 256, (n - 1,), generator=gen).tolist() for n in PROMPT_LENGTHS[request.param]]
+    return model, prompts
+
+
+def drive(scheduler, arrivals):
+    """Submit each (step, submit kwargs) at its step and run the scheduler by hand until every request is done.
+    Returns (columns per request, the Request objects, the batch's row lengths after each step)."""
+    columns = [[] for _ in arrivals]
+    requests = [None] * len(arrivals)
+    lengths, step = [], 0
+    while step <= max(at for at, _ in arrivals) or not all(r.done.is_set() for r in requests):
+        for i, (at, kwargs) in enumerate(arrivals):
+            if at == step:
+                requests[i] = scheduler.submit(deliver=columns[i].append, **kwargs)
+        scheduler.step()
+        lengths.append(list(scheduler.cache.lengths))
+        step += 1
+        assert step < 1000
+    for cols in columns:
+        assert cols.pop() is END
+    return columns, requests, lengths
+
+
+def alone(model, tokenizer, prompt, **kwargs):
+    """Engine.generate's columns for one request on its own (its own batch, its own cache)."""
+    return [column for column, _ in Engine(model, tokenizer).generate(prompt, **kwargs)]
+
+
+# -----------------------------------------------------------------------------
+# The model on rows at different positions
+
+
+def test_one_forward_on_rows_at_different_positions_equals_each_row_alone(model_case):
+    model, prompts = model_case
+    cfg = model.config
+    batch = BatchCache(8, cfg.sequence_len, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+    singles = []
+    with torch.no_grad():
+        for prompt in prompts:
+            cache = KVCache(1, cfg.n_kv_head, len(prompt) + 8, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
+            model(torch.tensor([prompt]), kv_cache=cache)
+            batch.add_rows(cache)
+            singles.append(cache)
+        assert batch.get_pos() is None and batch.lengths == [len(p) for p in prompts]
+        # A decode step, then a 3-token chunk: every row at its own position, in one forward each.
+        for width in (1, 3):
+            ids = torch.randint(0, 256, (len(prompts), width), generator=torch.Generator().manual_seed(width))
+            together = model(ids, kv_cache=batch)[:, -1]  # (B, V)
+            for row, cache in enumerate(singles):
+                own = model(ids[row:row + 1], kv_cache=cache)[0, -1]
+                torch.testing.assert_close(together[row], own, atol=2e-5, rtol=1e-5)
+    assert batch.lengths == [len(p) + 4 for p in prompts]
+
+
+def test_batch_cache_rows_leave_and_memory_goes_with_the_last():
+    batch = BatchCache(4, 16, 1, 1, 2, "cpu", torch.float32)
+    sources = []
+    for n in (3, 5, 7):
+        cache = KVCache(1, 1, n, 2, 1, "cpu", torch.float32)
+        cache.k_cache.fill_(n)
+        cache.v_cache.fill_(-n)
+        cache.advance(n)
+        cache.prev_embedding = torch.full((1, 1, 4), float(n))
+        sources.append(cache)
+        batch.add_rows(cache)
+    assert batch.capacity == 4 and batch.cache_seqlens.tolist() == [3, 5, 7]
+    batch.remove_row(0)  # the last row (7) moves into slot 0
+    assert batch.lengths == [7, 5] and batch.cache_seqlens.tolist() == [7, 5]
+    assert (batch.k_cache[0, 0, :7] == 7).all() and (batch.v_cache[0, 1, :5] == -5).all()
+    assert batch.prev_embedding[:, 0, 0].tolist() == [7.0, 5.0]
+    batch.remove_row(1)
+    assert batch.get_pos() == 7
+    batch.remove_row(0)
+    assert batch.capacity == 0 and batch.prev_embedding is None and batch.get_pos() == 0
+
+
+# -----------------------------------------------------------------------------
+# The scheduler against each request alone
+
+
+def test_greedy_requests_joining_and_leaving_get_their_tokens_alone(model_case):
+    model, prompts = model_case
+    budgets = (30, 12, 25, 40)
+    arrivals = [(at, dict(tokens=p, max_tokens=m, temperature=0.0)) for at, p, m in zip((0, 0, 4, 9), prompts, budgets)]
+    columns, requests, lengths = drive(BatchScheduler(model, max_batch=8, worker=False), arrivals)
+    for prompt, budget, cols, req in zip(prompts, budgets, columns, requests):
+        assert cols == alone(model, None, prompt, max_tokens=budget, temperature=0.0)
+        assert len(cols) == budget and req.finish_reasons == ["length"]
+    assert any(len(set(step)) == len(step) == 4 for step in lengths), "four rows, each at its own position"
+    assert lengths[-1] == []
+    assert len({tuple(c) for cols in columns for c in cols}) > 10, "the scrambled model should not be stuck"
+
+
+def test_seeded_sampling_is_the_same_batched_as_alone(model_case):
+    model, prompts = model_case
+    settings = [dict(temperature=1.0, top_k=20, seed=1), dict(temperature=0.7, top_k=None, seed=2),
+                dict(temperature=1.3, top_k=5, seed=3), dict(temperature=1.0, top_k=50, seed=4)]
+    arrivals = [(at, dict(tokens=p, max_tokens=20, **s)) for at, p, s in zip((0, 2, 2, 5), prompts, settings)]
+    columns, _, _ = drive(BatchScheduler(model, max_batch=4, worker=False), arrivals)
+    for prompt, s, cols in zip(prompts, settings, columns):
+        assert cols == alone(model, None, prompt, max_tokens=20, **s)
+
+
+def test_top_p_is_the_same_batched_as_alone(tiny_gpt):
+    model = tiny_gpt(scrambled=True, n_head=4, n_kv_head=2)
+    prompts = [[256, 1, 2], [256, 9, 8, 7, 6, 5]]
+    kwargs = [dict(temperature=1.0, top_p=0.6, seed=5, max_tokens=15), dict(temperature=0.9, top_p=0.9, seed=6, max_tokens=15)]
+    together, _, _ = drive(BatchScheduler(model, max_batch=2, worker=False),
+                           [(0, dict(tokens=p, **k)) for p, k in zip(prompts, kwargs)])
+    for prompt, k, cols in zip(prompts, kwargs, together):
+        (own,), _, _ = drive(BatchScheduler(model, max_batch=1, worker=False), [(0, dict(tokens=prompt, **k))])
+        assert cols == own
+    nucleus, _, _ = drive(BatchScheduler(model, worker=False),
+                          [(0, dict(tokens=prompts[0], temperature=1.0, top_p=1e-6, seed=3, max_tokens=10))])
+    assert nucleus[0] == alone(model, None, prompts[0], max_tokens=10, temperature=0.0)  # a tiny nucleus is greedy
+
+
+class SmallVocabTokenizer:
+    """Specials for a 16-token model: rows end on 5 (assistant_end) or 6 (bos), which it samples often; the tool
+    tokens lie outside the vocabulary."""
+
+    ids = {"<|assistant_end|>": 5, "<|bos|>": 6, "<|python_start|>": 100, "<|python_end|>": 101,
+           "<|output_start|>": 102, "<|output_end|>": 103}
+
+    def encode_special(self, name):
+        return self.ids[name]
+
+    def get_bos_token_id(self):
+        return 6
+
+
+def test_samples_of_one_request_stop_apart_and_match_engine_generate(tiny_gpt):
+    model = tiny_gpt(scrambled=True, vocab_size=16, n_layer=3, n_head=4, n_kv_head=2, seed=3)
+    tokenizer = SmallVocabTokenizer()
+    first, second = [6, 1, 2, 3, 4, 7, 8], [6, 9, 10]
+    arrivals = [(0, dict(tokens=first, num_samples=4, max_tokens=25, temperature=1.0, seed=11)),
+                (3, dict(tokens=second, num_samples=2, max_tokens=25, temperature=1.0, seed=12))]
+    columns, requests, lengths = drive(BatchScheduler(model, tokenizer, max_batch=8, worker=False), arrivals)
+    assert columns[0] == alone(model, tokenizer, first, num_samples=4, max_tokens=25, temperature=1.0, seed=11)
+    assert columns[1] == alone(model, tokenizer, second, num_samples=2, max_tokens=25, temperature=1.0, seed=12)
+    assert "stop" in requests[0].finish_reasons
+    assert len({len(step) for step in lengths}) > 3, "rows left the batch one by one"
+
+
+def test_the_calculator_runs_per_row(byte_tokenizer):
+    # A model that writes SCRIPT[p] at absolute position p: rows whose prompts differ in length are at different
+    # points of the script, and the calculator's forced output shifts each row differently.
+    special = byte_tokenizer.encode_special
+    script = [*b"ab", special("<|python_start|>"), *b"6*7", special("<|python_end|>"), *b"xy"]
+
+    class ScriptedModel:
+        config = SimpleNamespace(sequence_len=96, vocab_size=265, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+        compute_dtype = torch.float32
+
+        def get_device(self):
+            return torch.device("cpu")
+
+        def forward(self, ids, kv_cache=None):
+            B, T = ids.shape
+            logits = torch.zeros(B, T, 265)
+            for b, end in enumerate((kv_cache.cache_seqlens + T).tolist()):
+                logits[b, -1, script[end % len(script)]] = 100.0
+            kv_cache.advance(T)
+            return logits
+
+    model, bos = ScriptedModel(), byte_tokenizer.get_bos_token_id()
+    prompts = [[bos, 65], [bos, 65, 66, 67, 68]]
+    columns, _, _ = drive(BatchScheduler(model, byte_tokenizer, worker=False),
+                          [(0, dict(tokens=p, max_tokens=24, temperature=0.0)) for p in prompts])
+    for prompt, cols in zip(prompts, columns):
+        assert cols == alone(model, byte_tokenizer, prompt, max_tokens=24, temperature=0.0)
+        text = byte_tokenizer.decode([c[0] for c in cols])
+        assert "<|output_start|>42<|output_end|>" in text
+    assert columns[0] != columns[1]
+
+
+# -----------------------------------------------------------------------------
+# Joining, leaving, limits
+
+
+def test_a_request_waits_for_room_and_rows_free_their_slots(tiny_gpt):
+    model = tiny_gpt(scrambled=True)
+    scheduler = BatchScheduler(model, max_batch=3, worker=False)
+    a = scheduler.submit([256, 1], max_tokens=5, temperature=0.0)
+    b = scheduler.submit([256, 2, 3], num_samples=2, max_tokens=9, temperature=0.0)
+    c = scheduler.submit([256, 4], max_tokens=3, temperature=0.0)  # 1 + 2 + 1 rows > 3: waits
+    scheduler.step()
+    assert scheduler.stats() == {"max_batch": 3, "active_rows": 3, "running_requests": 2, "queued_requests": 1}
+    for _ in range(3):
+        scheduler.step()
+    assert not a.done.is_set() and scheduler.stats()["queued_requests"] == 1
+    scheduler.step()  # a's fifth token: it leaves, and c joins in the same step
+    assert a.done.is_set() and a.finish_reasons == ["length"]
+    assert scheduler.stats() == {"max_batch": 3, "active_rows": 3, "running_requests": 2, "queued_requests": 0}
+    while scheduler.step():
+        pass
+    assert b.done.is_set() and c.done.is_set() and scheduler.cache.capacity == 0  # an idle batch holds no memory
+
+
+def test_a_cancelled_request_leaves_at_once_and_the_others_are_unchanged(tiny_gpt):
+    model = tiny_gpt(scrambled=True, n_head=4, n_kv_head=2)
+    scheduler = BatchScheduler(model, worker=False)
+    keep, drop = [], []
+    kept = scheduler.submit([256, 5, 6, 7], max_tokens=20, temperature=0.0, deliver=keep.append)
+    dropped = scheduler.submit([256, 9], max_tokens=20, temperature=0.0, deliver=drop.append)
+    for _ in range(5):
+        scheduler.step()
+    dropped.cancel()
+    scheduler.step()
+    assert dropped.finish_reasons == ["cancelled"] and drop[-1] is END and len(drop) == 6
+    assert scheduler.stats()["active_rows"] == 1
+    while scheduler.step():
+        pass
+    assert keep[:-1] == alone(model, None, [256, 5, 6, 7], max_tokens=20, temperature=0.0)
+    assert kept.finish_reasons == ["length"] and keep[-1] is END
+    steps, queued = scheduler.steps, scheduler.submit([256], max_tokens=4)
+    queued.cancel()
+    assert scheduler.step() == 0 and queued.finish_reasons == ["cancelled"] and scheduler.steps == steps
+
+
+def test_a_full_context_ends_the_row_with_length(tiny_gpt):
+    model = tiny_gpt(scrambled=True)  # sequence_len 64
+    scheduler = BatchScheduler(model, worker=False)
+    columns, requests, _ = drive(scheduler, [(0, dict(tokens=[256] * 60, max_tokens=100, temperature=0.0)),
+                                             (0, dict(tokens=[256] * 10, max_tokens=None, temperature=0.0))])
+    assert len(columns[0]) == 4 and len(columns[1]) == 54  # prompt + reply fill the 64 tokens exactly
+    assert requests[0].finish_reasons == requests[1].finish_reasons == ["length"]
+    assert columns[1] == alone(model, None, [256] * 10, temperature=0.0)  # Engine.generate's max_tokens=None too
+    with pytest.raises(ValueError, match="leaves no room"):
+        scheduler.submit([256] * 64)
+
+
+def test_bad_requests_are_refused_at_submit(tiny_gpt):
+    scheduler = BatchScheduler(tiny_gpt(), worker=False)
+    for kwargs, message in [(dict(tokens=[]), "non-empty list"), (dict(tokens=[1], num_samples=0), "num_samples"),
+                            (dict(tokens=[1], max_tokens=-1), "max_tokens"), (dict(tokens=[1], temperature=-1), "temperature"),
+                            (dict(tokens=[1], top_p=0.0), "top_p")]:
+        with pytest.raises(ValueError, match=message):
+            scheduler.submit(**kwargs)
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchScheduler(tiny_gpt(), max_batch=0)
+
+
+# -----------------------------------------------------------------------------
+# The worker thread
+
+
+def test_requests_from_many_threads_share_the_batch(tiny_gpt):
+    model = tiny_gpt(scrambled=True, n_head=4, n_kv_head=2, seed=5)
+    scheduler = BatchScheduler(model, max_batch=4)
+    prompts = [[256] + list(range(1, n)) for n in (2, 9, 4, 13, 6, 20)]
+    results = [None] * len(prompts)
+
+    def user(i):
+        results[i] = list(scheduler.submit(prompts[i], max_tokens=16, temperature=1.0, top_k=30, seed=i))
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    scheduler.close()
+    for i, prompt in enumerate(prompts):
+        assert results[i] == alone(model, None, prompt, max_tokens=16, temperature=1.0, top_k=30, seed=i)
+
+
+def test_leaving_the_loop_cancels_and_an_error_reaches_its_request(tiny_gpt):
+    model = tiny_gpt(scrambled=True)
+
+    class Failing:
+        config, compute_dtype, fail = model.config, model.compute_dtype, False
+
+        def get_device(self):
+            return model.get_device()
+
+        def forward(self, ids, kv_cache=None):
+            if self.fail and ids.size(1) == 1:
+                raise RuntimeError("the model broke")
+            return model.forward(ids, kv_cache=kv_cache)
+
+    failing = Failing()
+    scheduler = BatchScheduler(failing, max_batch=2)
+    request = scheduler.submit([256, 1, 2], max_tokens=50, temperature=0.0)
+    for _ in request:
+        break
+    assert request.done.wait(10) and request.finish_reasons == ["cancelled"]
+    failing.fail = True
+    with pytest.raises(RuntimeError, match="the model broke"):
+        list(scheduler.submit([256, 3], max_tokens=5))
+    failing.fail = False
+    assert len(list(scheduler.submit([256, 3], max_tokens=5))) == 5  # the scheduler goes on serving
+    scheduler.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit([256])
+
