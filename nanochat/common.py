@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -388,56 +389,105 @@ class DummyWandb:
 
 # -----------------------------------------------------------------------------
 # Peak FLOPs and bandwidth, for MFU / MBU
+#
+# Both tables are keyed by a card's model identity, parsed from torch.cuda.get_device_name() by
+# _model_key: lower case, "-" and "_" as spaces, the vendor/brand words in front dropped ("NVIDIA",
+# "GeForce", "Tesla", "AMD Instinct"), memory size and type dropped ("80GB", "HBM3"), "SXM2/4/5"
+# folded to "sxm", and the rest kept in order. A name matches only the entry equal to its whole
+# identity, never a substring of it: "RTX A4000" can't reach "a40", "4070 Ti SUPER" can't reach
+# "4070", and a variant missing from the table (a laptop part, a MIG slice) is unknown, not a guess.
 
-# Dense bf16 tensor-core peak (FP32 accumulate), FLOP/s. First row whose substrings all occur in
-# the lower-cased device name wins, so more specific names come first.
-_PEAK_FLOPS = [
-    (("gb200",), 2.5e15), (("grace blackwell",), 2.5e15), (("b200",), 2.25e15), (("b100",), 1.8e15),
-    (("h200", "nvl"), 836e12), (("h200", "pcie"), 836e12), (("h200",), 989e12),
-    (("h100", "nvl"), 835e12), (("h100", "pcie"), 756e12), (("h100",), 989e12),
-    (("h800", "nvl"), 989e12), (("h800",), 756e12),
-    (("a100",), 312e12), (("a800",), 312e12), (("a40",), 149.7e12), (("a30",), 165e12),
-    (("a10g",), 70e12), (("a10",), 125e12), (("a6000", "ada"), 364.2e12), (("6000 ada",), 364.2e12), (("a6000",), 154.8e12),
-    (("l40s",), 362e12), (("l40-s",), 362e12), (("l40 s",), 362e12), (("l40",), 181e12), (("l4",), 121e12),
-    (("mi355",), 2.5e15), (("mi325",), 1.3074e15), (("mi300x",), 1.3074e15), (("mi300a",), 980.6e12),
-    (("mi250x",), 383e12), (("mi250",), 362.1e12),
-    # GeForce cards: tensor-core fp16/bf16 with fp32 accumulate, dense (the rate training actually gets).
-    (("5090",), 209.5e12), (("5080",), 112.6e12), (("5070 ti",), 87.9e12), (("5070",), 61.7e12), (("5060",), 38.4e12),
-    (("4090",), 165.2e12), (("4080",), 97.5e12), (("4070 ti",), 80.2e12), (("4070",), 58.3e12),
-    (("4060 ti",), 44.2e12), (("4060",), 30.2e12),
-    (("3090",), 71e12), (("3080 ti",), 68.2e12), (("3080",), 59.5e12), (("3070",), 40.6e12), (("3060",), 25.5e12),
-    (("v100",), 125e12), (("t4",), 65e12),
-]
+# Dense peak FLOP/s of the bf16 tensor cores (no 2:4 sparsity), FLOP/s; fp16 where the card has no
+# bf16 (V100, T4). Datacenter and workstation numbers are the spec-sheet "BF16 Tensor Core" values
+# with sparsity halved. GeForce cards run fp16/bf16 tensor math with fp32 accumulate at half their
+# fp16-accumulate rate: that half rate is the one training gets and the one listed here
+# (SMs x 512 FLOP/clock x boost clock, as NVIDIA's architecture whitepapers tabulate it).
+_PEAK_FLOPS = {
+    # Blackwell, Hopper (the SXM parts report no form factor: "NVIDIA H100 80GB HBM3")
+    "gb200": 2.5e15, "b200": 2.25e15, "b100": 1.75e15,
+    "h200": 989e12, "h200 sxm": 989e12, "h200 nvl": 835e12, "gh200": 989e12,
+    "h100": 989e12, "h100 sxm": 989e12, "h100 pcie": 756e12, "h100 nvl": 835e12,
+    "h800": 989e12, "h800 sxm": 989e12, "h800 pcie": 756e12,
+    # Ampere datacenter (A100 40/80 GB, SXM and PCIe all run 312 TFLOP/s)
+    "a100": 312e12, "a100 sxm": 312e12, "a100 pcie": 312e12, "a800": 312e12, "a800 sxm": 312e12, "a800 pcie": 312e12,
+    "a30": 165e12, "a40": 149.7e12, "a10": 125e12, "a10g": 70e12,
+    # Ada datacenter
+    "l40s": 362e12, "l40": 181e12, "l4": 121e12,
+    # Workstation (Ampere, Ada): full-rate fp32 accumulate
+    "rtx a2000": 31.9e12, "rtx a4000": 76.7e12, "rtx a4500": 94.6e12, "rtx a5000": 111.1e12, "rtx a6000": 154.8e12,
+    "rtx 6000 ada": 364.2e12,
+    # GeForce RTX 30 (Ampere)
+    "rtx 3060": 25.5e12, "rtx 3060 ti": 32.4e12, "rtx 3070": 40.6e12, "rtx 3070 ti": 43.5e12,
+    "rtx 3080": 59.5e12, "rtx 3080 ti": 68.2e12, "rtx 3090": 71.2e12, "rtx 3090 ti": 80.0e12,
+    # GeForce RTX 40 (Ada)
+    "rtx 4060": 30.2e12, "rtx 4060 ti": 44.1e12, "rtx 4070": 58.3e12, "rtx 4070 super": 71.0e12,
+    "rtx 4070 ti": 80.2e12, "rtx 4070 ti super": 88.2e12, "rtx 4080": 97.5e12, "rtx 4080 super": 104.4e12,
+    "rtx 4090": 165.2e12,
+    # GeForce RTX 50 (Blackwell)
+    "rtx 5060": 38.4e12, "rtx 5060 ti": 47.4e12, "rtx 5070": 61.7e12, "rtx 5070 ti": 87.9e12,
+    "rtx 5080": 112.6e12, "rtx 5090": 209.5e12,
+    # Volta, Turing (fp16 tensor cores)
+    "v100": 125e12, "v100 sxm": 125e12, "v100 pcie": 112e12, "v100s pcie": 130e12, "t4": 65e12,
+    # AMD Instinct (dense bf16 matrix cores)
+    "mi355x": 2.5e15, "mi325x": 1.3074e15, "mi300x": 1.3074e15, "mi300a": 980.6e12, "mi250x": 383e12, "mi250": 362.1e12,
+}
 
-_PEAK_BANDWIDTH = [
-    (("gb200",), 8.0e12), (("grace blackwell",), 8.0e12), (("b200",), 8.0e12), (("b100",), 8.0e12),
-    (("h200",), 4.8e12), (("h100", "nvl"), 3.9e12), (("h100", "pcie"), 2.0e12), (("h100",), 3.35e12),
-    (("h800", "pcie"), 2.0e12), (("h800",), 3.35e12), (("a100",), 2.0e12), (("a800",), 2.0e12),
-    (("a40",), 696e9), (("a30",), 933e9), (("l40s",), 864e9), (("l40-s",), 864e9), (("l40 s",), 864e9), (("l4",), 300e9),
-    (("mi355",), 8.0e12), (("mi325",), 6.0e12), (("mi300x",), 5.3e12), (("mi300a",), 5.3e12), (("mi250",), 3.28e12),
-    (("5090",), 1.79e12), (("5080",), 960e9), (("5070",), 672e9), (("4090",), 1.01e12), (("4080",), 717e9),
-    (("4070 ti",), 504e9), (("4070",), 504e9), (("4060",), 272e9), (("3090",), 936e9), (("3080",), 760e9),
-]
+# Memory bandwidth, bytes/s (spec sheets). A100/A800 are listed at their 80 GB parts' ~2.0 TB/s
+# (the 40 GB parts have 1.56 TB/s).
+_PEAK_BANDWIDTH = {
+    "gb200": 8.0e12, "b200": 8.0e12, "b100": 8.0e12,
+    "h200": 4.8e12, "h200 sxm": 4.8e12, "h200 nvl": 4.8e12,
+    "h100": 3.35e12, "h100 sxm": 3.35e12, "h100 pcie": 2.0e12, "h100 nvl": 3.9e12,
+    "h800": 3.35e12, "h800 sxm": 3.35e12, "h800 pcie": 2.0e12,
+    "a100": 2.0e12, "a100 sxm": 2.0e12, "a100 pcie": 2.0e12, "a800": 2.0e12, "a800 sxm": 2.0e12, "a800 pcie": 2.0e12,
+    "a30": 933e9, "a40": 696e9, "a10": 600e9, "a10g": 600e9,
+    "l40s": 864e9, "l40": 864e9, "l4": 300e9,
+    "rtx a4000": 448e9, "rtx a5000": 768e9, "rtx a6000": 768e9, "rtx 6000 ada": 960e9,
+    "rtx 3060": 360e9, "rtx 3070": 448e9, "rtx 3080": 760e9, "rtx 3080 ti": 912e9, "rtx 3090": 936e9, "rtx 3090 ti": 1.01e12,
+    "rtx 4060": 272e9, "rtx 4060 ti": 288e9, "rtx 4070": 504e9, "rtx 4070 super": 504e9, "rtx 4070 ti": 504e9,
+    "rtx 4070 ti super": 672e9, "rtx 4080": 717e9, "rtx 4080 super": 736e9, "rtx 4090": 1.01e12,
+    "rtx 5070": 672e9, "rtx 5070 ti": 896e9, "rtx 5080": 960e9, "rtx 5090": 1.79e12,
+    "v100": 900e9, "v100 sxm": 900e9, "v100 pcie": 900e9, "t4": 320e9,
+    "mi355x": 8.0e12, "mi325x": 6.0e12, "mi300x": 5.3e12, "mi300a": 5.3e12, "mi250x": 3.28e12, "mi250": 3.28e12,
+}
+
+# Words in front of the model name; dropped only while they lead.
+_BRAND_WORDS = ("nvidia", "geforce", "tesla", "amd", "instinct")
+# Words anywhere that don't change the chip's rates: memory size ("80gb"), memory type ("hbm3"),
+# "Generation" (RTX 6000 Ada Generation), "VF" (a virtual function of the same AMD card in a VM).
+_NOISE = re.compile(r"\d+gb|hbm\d*e?|generation|vf")
+
+
+def _model_key(device_name):
+    """The model identity of a device name, as the peak tables key it: "NVIDIA A100-SXM4-80GB" -> "a100 sxm"."""
+    words = device_name.lower().replace("-", " ").replace("_", " ").split()
+    while words and words[0] in _BRAND_WORDS:
+        words.pop(0)
+    words = ["sxm" if re.fullmatch(r"sxm\d*", w) else w for w in words if not _NOISE.fullmatch(w)]
+    return " ".join(words)
 
 
 def _lookup(table, device_name):
-    name = device_name.lower()
-    for patterns, value in table:
-        if all(p in name for p in patterns):
-            return value
-    return None
+    """The table's value for exactly this card's model identity, or None."""
+    return table.get(_model_key(device_name))
+
+
+_warned_unknown = set()
 
 
 def get_peak_flops(device_name):
-    """Dense bf16 peak FLOP/s of a GPU by name, or None when the name is not in the table."""
+    """Dense bf16 tensor-core peak FLOP/s of a GPU by its torch.cuda.get_device_name(), or None when the
+    card is not in the table (logged once per name; MFU is then shown as n/a)."""
     peak = _lookup(_PEAK_FLOPS, device_name)
-    if peak is None:
-        logger.warning("Peak FLOPs unknown for %r: MFU will be shown as n/a (add it to nanochat/common.py)", device_name)
+    if peak is None and device_name not in _warned_unknown:
+        _warned_unknown.add(device_name)
+        logger.warning("Peak FLOPs unknown for %r (model %r): MFU will be shown as n/a (add it to nanochat/common.py)",
+                       device_name, _model_key(device_name))
     return peak
 
 
 def get_peak_bandwidth(device_name):
-    """HBM/GDDR bandwidth in bytes/s of a GPU by name, or None when unknown."""
+    """Memory bandwidth in bytes/s of a GPU by its device name, or None when unknown."""
     return _lookup(_PEAK_BANDWIDTH, device_name)
 
 

@@ -1,5 +1,6 @@
 """
-Causal attention with sliding windows: Flash Attention 3 where it runs, PyTorch SDPA everywhere else.
+Causal attention with sliding windows: Flash Attention 3 where it runs, PyTorch FlexAttention for
+sliding windows on other CUDA GPUs, PyTorch SDPA everywhere else.
 
 Both entry points take FA3's signature and its (B, T, H, D) layout, so the model never needs to know
 which implementation ran:
@@ -12,12 +13,27 @@ which implementation ran:
 Window semantics follow FA3: with left window w, query i attends keys j with i - w <= j <= i (at most w+1
 keys); w < 0 means unlimited. Only causal attention is supported.
 
-FA3 comes from the Hugging Face `kernels` hub and is loaded lazily, on first use (never at import), once
-per process. It is used only for bf16 CUDA tensors (FA3 has no fp16/fp32 path here). When it can't be
-loaded (no CUDA, no `kernels` package, no kernel for this GPU, hub unreachable) the reason is logged
-once and SDPA takes over. `set_impl("sdpa" | "fa3" | None)` forces a choice (tests, benchmarks).
+Which kernel runs a call, decided by the same rule for every call of the process (`attention_plan` says it
+in one line for the startup log):
+  - fa3: bf16 CUDA tensors when FA3 loaded. FA3 comes from the Hugging Face `kernels` hub and is loaded
+    lazily, on first use (never at import), once per process; when it can't be loaded (no CUDA, no
+    `kernels` package, no kernel for this GPU, hub unreachable) the reason is logged once.
+  - flex: without FA3 on CUDA, every call SDPA could only run with an explicit (Tq, Tk) mask: training
+    and prefill with a window shorter than the sequence ("S" layers), and chunks appended to a non-empty
+    cache. FlexAttention skips the masked-out key blocks instead of computing and discarding them; it is
+    compiled (torch.compile(flex_attention), once per process) because eager FlexAttention materialises
+    the scores. Block masks are cached per (Tq, Tk, window, device).
+  - sdpa: everything else: full-context causal calls ("L" layers, where SDPA's flash kernel is as good as
+    it gets), single-token decode (the keys are cropped to the window, no mask), rows of a continuously
+    batched cache at different positions (one explicit mask), and every call on CPU / MPS.
+`set_impl("fa3" | "flex" | "sdpa" | None)` forces a choice (tests, benchmarks); "flex" is allowed on CPU,
+where FlexAttention runs eagerly (slow, and forward only on CPU in current PyTorch), for parity tests.
+Decode stays on SDPA even then.
 
-Tests: python -m pytest tests/test_attention_fallback.py -q
+Nothing here imports torch._dynamo or FlexAttention at import time (both cost seconds); they are imported
+on the first call that needs them.
+
+Tests: python -m pytest tests/test_attention_fallback.py -q            (flex parity on CPU: -m slow)
 """
 
 import logging
@@ -36,7 +52,8 @@ COMMUNITY_FA3_REPO = "kernels-community/flash-attn3"
 
 _fa3 = None  # the loaded flash_attn_interface module, or None
 _fa3_reason = None  # why FA3 is (not) available; None until the first load attempt
-_override_impl = None  # None (automatic), "fa3" or "sdpa"
+_override_impl = None  # None (automatic), "fa3", "flex" or "sdpa"
+IMPLS = ("fa3", "flex", "sdpa")
 
 
 # -----------------------------------------------------------------------------
@@ -91,13 +108,33 @@ def fa3_status():
 
 
 def set_impl(impl):
-    """Force the implementation: "fa3" (raises if FA3 can't load), "sdpa", or None for automatic."""
+    """Force the implementation: "fa3" (raises if FA3 can't load), "flex", "sdpa", or None for automatic.
+
+    "flex" sends every call but single-token decode (and ragged cache rows) to FlexAttention, on any device.
+    """
     global _override_impl
-    if impl not in (None, "fa3", "sdpa"):
-        raise ValueError(f"attention implementation must be 'fa3', 'sdpa' or None, got {impl!r}")
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"attention implementation must be 'fa3', 'flex', 'sdpa' or None, got {impl!r}")
     if impl == "fa3" and not has_fa3():
         raise RuntimeError(f"FA3 was requested but is not available: {_fa3_reason}")
     _override_impl = impl
+
+
+def attention_plan(device_type, dtype):
+    """(impl, reason): the kernel that windowed attention of `dtype` tensors on `device_type` runs, and why.
+
+    impl is "fa3", "flex" (sliding windows and masked prefill; full-context layers stay on SDPA) or
+    "sdpa". Loads FA3 on CUDA, so call it before torch.compile sees the model.
+    """
+    if _override_impl is not None and (_override_impl != "fa3" or device_type == "cuda"):
+        return _override_impl, f"forced with set_impl({_override_impl!r})"
+    if device_type != "cuda":
+        return "sdpa", f"no FA3 or compiled FlexAttention on {device_type}"
+    available, reason = fa3_status()
+    if available and dtype == torch.bfloat16:
+        return "fa3", reason
+    why = reason if not available else f"FA3 is loaded but the compute dtype is {dtype}, and FA3 runs only in bf16"
+    return "flex", why
 
 
 def use_fa3(dtype=None):
@@ -114,7 +151,7 @@ def use_fa3(dtype=None):
 
 def _fa3_for(q):
     """The FA3 module if this call should use it, else None."""
-    if _override_impl == "sdpa" or not q.is_cuda:
+    if _override_impl in ("sdpa", "flex") or not q.is_cuda:
         return None
     if _fa3_reason is None:
         # Only the very first call loads. Training scripts load it before torch.compile sees the model
@@ -132,6 +169,102 @@ def __getattr__(name):
     if name == "USE_FA3":
         return use_fa3()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _needs_mask(Tq, Tk, window):
+    """True when SDPA could run this call only with an explicit (Tq, Tk) mask (see _sdpa_math): a window
+    shorter than the sequence, or queries that are not all of the keys; single-token decode needs none."""
+    if Tq == 1:
+        return False
+    return not ((window < 0 or window >= Tq) and Tq == Tk)
+
+
+def _choose(device, Tq, Tk, window):
+    """The kernel ("flex" or "sdpa") for a call FA3 did not take: Tq queries on `device` against Tk keys."""
+    if Tq == 1 or _override_impl == "sdpa":
+        return "sdpa"
+    if _override_impl == "flex":
+        return "flex"
+    return "flex" if device.type == "cuda" and _needs_mask(Tq, Tk, window) else "sdpa"
+
+
+# -----------------------------------------------------------------------------
+# FlexAttention path
+
+
+_compiled_flex = None  # torch.compile(flex_attention), created on the first CUDA call
+_block_masks = {}  # (Tq, Tk, window, device) -> BlockMask, built outside compiled graphs
+_MAX_BLOCK_MASKS = 64  # inference sees a new (Tq, Tk) per prompt length: keep the cache bounded
+
+
+def _window_mask_mod(Tq, Tk, window):
+    """FlexAttention mask_mod: query q_idx sits at absolute position Tk - Tq + q_idx and sees key kv_idx when
+    kv_idx <= its position and, with a window (w >= 0), position - kv_idx <= w."""
+    offset = Tk - Tq
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offset
+
+    def windowed(b, h, q_idx, kv_idx):
+        pos = q_idx + offset
+        return (kv_idx <= pos) & (pos - kv_idx <= window)
+
+    return causal if window < 0 else windowed
+
+
+def _make_block_mask(Tq, Tk, window, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_window_mask_mod(Tq, Tk, window), None, None, Tq, Tk, device=device)
+
+
+def _block_mask(Tq, Tk, window, device):
+    """The BlockMask of a causal, left-windowed attention of the last Tq of Tk positions."""
+    if not 0 <= window < Tk:
+        window = -1  # a window covering every key is plain causal: one cache entry for -1, T, 2T...
+    if torch.compiler.is_compiling():
+        # Inside a compiled model the mask is built by the graph itself: a few elementwise kernels per
+        # step, and no Python dict for the compiler to guard on.
+        return _make_block_mask(Tq, Tk, window, device)
+    key = (Tq, Tk, window, device)
+    mask = _block_masks.get(key)
+    if mask is None:
+        if len(_block_masks) >= _MAX_BLOCK_MASKS:
+            _block_masks.pop(next(iter(_block_masks)))  # the oldest entry
+        mask = _block_masks[key] = _make_block_mask(Tq, Tk, window, device)
+    return mask
+
+
+def _flex_kernel(device):
+    """flex_attention, compiled on CUDA (created once per process); eager elsewhere (CPU parity tests).
+    Inside an already compiled model the plain function is traced into the model's graph."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex is None:
+        log.info("FlexAttention: compiling flex_attention for sliding-window attention (once per process)")
+        # Default dynamic shapes: eager callers (evaluation, the Engine's prefill) bring a new length per
+        # prompt, and a second length makes the compiler generalise instead of recompiling for each.
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def _flex_attention(q, k, v, window_size, enable_gqa):
+    """Causal attention on (B, H, T, D) tensors with a left window through FlexAttention; queries are the
+    LAST Tq key positions. On CPU, reduced-precision inputs are attended in fp32 (see _sdpa_attention)."""
+    if CPU_ATTENTION_IN_FP32 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return _flex_attention(q.float(), k.float(), v.float(), window_size, enable_gqa).to(q.dtype)
+    block_mask = _block_mask(q.size(2), k.size(2), window_size[0], q.device)
+    return _flex_kernel(q.device)(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def _attend(q, k, v, window_size, enable_gqa):
+    """Flex or SDPA on (B, H, T, D) tensors, by _choose."""
+    if _choose(q.device, q.size(2), k.size(2), window_size[0]) == "flex":
+        return _flex_attention(q, k, v, window_size, enable_gqa)
+    return _sdpa_attention(q, k, v, window_size, enable_gqa)
 
 
 # -----------------------------------------------------------------------------
@@ -204,8 +337,8 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
     fa3 = _fa3_for(q)
     if fa3 is not None:
         return fa3.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
-    y = _sdpa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size,
-                        enable_gqa=q.size(2) != k.size(2))  # (B, H, T, D)
+    y = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size,
+                enable_gqa=q.size(2) != k.size(2))  # (B, H, T, D)
     return y.transpose(1, 2)
 
 
@@ -245,8 +378,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         v_cache[:, pos:end] = v
     # Without new keys the queries are taken to be the last q.size(1) cached positions.
     k_full, v_full = k_cache[:, :end], v_cache[:, :end]
-    y = _sdpa_attention(q.transpose(1, 2), k_full.transpose(1, 2), v_full.transpose(1, 2), window_size,
-                        enable_gqa=q.size(2) != k_cache.size(2))
+    y = _attend(q.transpose(1, 2), k_full.transpose(1, 2), v_full.transpose(1, 2), window_size,
+                enable_gqa=q.size(2) != k_cache.size(2))
     return y.transpose(1, 2)
 
 

@@ -357,15 +357,18 @@ def start_run(device_type, seed, wandb_project, run_name, user_config):
 
 
 def log_attention_path(device, compute_dtype, window_pattern):
-    """Say once which attention kernel runs and why (FA3 counts only for bf16 on CUDA)."""
-    from nanochat.flash_attention import fa3_status
+    """Say once which attention kernel runs and why: FA3 (bf16 on CUDA), FlexAttention for the sliding
+    windows on CUDA without it, or SDPA."""
+    from nanochat.flash_attention import attention_plan
 
-    available, reason = fa3_status()  # loads FA3 now, before any torch.compile sees the attention call
-    if available and compute_dtype == torch.bfloat16:
+    impl, reason = attention_plan(device.type, compute_dtype)  # loads FA3 now, before torch.compile sees the model
+    if impl == "fa3":
         log.info("Attention: Flash Attention 3 (%s)", reason)
-        return
-    why = reason if not available else f"FA3 is loaded but the compute dtype is {compute_dtype}, and FA3 runs only in bf16"
-    log.info("Attention: PyTorch SDPA on %s (%s)", device.type, why)
-    if window_pattern.upper() != "L":
-        log.warning("SDPA has no sliding-window kernel: --window-pattern %s runs masked attention; "
-                    "--window-pattern L is usually faster without FA3", window_pattern)
+    elif impl == "flex":
+        log.info("Attention: compiled FlexAttention for sliding windows and masked prefill, PyTorch SDPA for full-context "
+                 "layers and decode, on %s (%s)", device.type, reason)
+    else:
+        log.info("Attention: PyTorch SDPA on %s (%s)", device.type, reason)
+        if window_pattern.upper() != "L":
+            log.warning("SDPA has no sliding-window kernel: --window-pattern %s runs masked attention; "
+                        "--window-pattern L is usually faster without FA3", window_pattern)

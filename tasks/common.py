@@ -208,6 +208,49 @@ def _missing_message(path, name, split, reason):
             f"The folder is $NANOCHAT_TASKS_DIR, default <base_dir>/task_data.")
 
 
+_TRUE = ("1", "ON", "YES", "TRUE")
+_hub_reachable = None  # None until checked: whether the hub's host answered, once per process
+
+
+def _hub_offline_requested():
+    return any(os.environ.get(var, "").upper() in _TRUE for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _check_hub(timeout=3.0):
+    """Whether a TCP connection to the hub's host (HF_ENDPOINT, default huggingface.co) opens within `timeout`."""
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _settle_hub_mode():
+    """Put `datasets` in offline mode (it still reads what the HuggingFace cache holds) when the hub must not or
+    cannot be used. `datasets` reads HF_HUB_OFFLINE / HF_DATASETS_OFFLINE once, when it is imported, so a variable
+    set later would be ignored; and without the network, every dataset would first sit through the hub client's
+    retries (tens of seconds each). So the variables are read at each call, and the hub is probed once per process.
+    """
+    global _hub_reachable
+    offline = _hub_offline_requested()
+    if not offline:
+        if _hub_reachable is None:
+            _hub_reachable = _check_hub()
+            if not _hub_reachable:
+                logger.warning("The HuggingFace hub can't be reached: task datasets come from the local tasks folder or "
+                               "the HuggingFace cache only, for the rest of this run")
+        offline = not _hub_reachable
+    import datasets.config
+    import huggingface_hub.constants
+
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = offline
+    huggingface_hub.constants.HF_HUB_OFFLINE = offline
+
+
 def load_hf_dataset(path, name=None, split="train", data_files=None, shuffle_seed=SHUFFLE_SEED):
     """Rows of a task dataset as a datasets.Dataset, shuffled with `shuffle_seed` (None = file order).
 
@@ -227,6 +270,7 @@ def load_hf_dataset(path, name=None, split="train", data_files=None, shuffle_see
     else:
         import datasets
 
+        _settle_hub_mode()
         try:
             ds = datasets.load_dataset(path, name, split=split)
         except OSError as e:  # ConnectionError, offline mode, missing repo or file: all OSError subclasses

@@ -81,6 +81,25 @@ def _make_tiny_gpt(vocab_size=265, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, 
     return model
 
 
+class SlowModel:
+    """A model `delay` seconds slower per forward pass, counting them; fail=True makes its decode steps
+    (one new token per row) raise. For tests of serving under load, disconnects and streaming."""
+
+    def __init__(self, model, delay=0.05, fail=False):
+        self.model, self.config, self.compute_dtype = model, model.config, model.compute_dtype
+        self.delay, self.fail, self.forwards = delay, fail, 0
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        time.sleep(self.delay)
+        if self.fail and ids.size(1) == 1:
+            raise RuntimeError("the model broke")
+        self.forwards += 1
+        return self.model.forward(ids, kv_cache=kv_cache)
+
+
 @pytest.fixture
 def tiny_gpt():
     """_make_tiny_gpt as a fixture: call it with the sizes the test needs."""

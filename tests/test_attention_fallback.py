@@ -1,14 +1,17 @@
 """Tests of nanochat/flash_attention.py: the SDPA fallback against naive masked attention (causal,
-sliding windows, GQA, KV-cache prefill and decode with windows, gradients), the lazy FA3 loading and
-the override switch, and, on a GPU with FA3, FA3 against SDPA.
+sliding windows, GQA, KV-cache prefill and decode with windows, gradients), the lazy FA3 loading, the
+override switch and which kernel each call picks (fa3 / flex / sdpa); FlexAttention forced on CPU
+against the naive reference; on a GPU, FA3 and compiled FlexAttention against SDPA.
 
     python -m pytest tests/test_attention_fallback.py -q            (CPU)
-    python -m pytest tests/test_attention_fallback.py -q -m gpu     (FA3 vs SDPA, needs CUDA + FA3)
+    python -m pytest tests/test_attention_fallback.py -q -m slow    (FlexAttention on CPU: imports torch._dynamo)
+    python -m pytest tests/test_attention_fallback.py -q -m gpu     (FA3 / flex vs SDPA, needs CUDA)
 """
 
 import importlib.util
 import logging
 import math
+import subprocess
 import sys
 
 import pytest
@@ -221,11 +224,199 @@ def test_override_mechanism():
     fa.set_impl(None)
     assert fa.use_fa3(torch.float32) is False  # FA3 never runs fp32
     assert fa.use_fa3(torch.bfloat16) == fa.HAS_FA3
+    fa.set_impl("flex")
+    assert fa.use_fa3(torch.bfloat16) is False
     with pytest.raises(ValueError, match="sdpa"):
         fa.set_impl("flash")
     if not fa.has_fa3():
         with pytest.raises(RuntimeError, match="FA3"):
             fa.set_impl("fa3")
+
+
+# -----------------------------------------------------------------------------
+# Which kernel a call runs (CPU, by monkeypatching what the machine has)
+
+
+class FakeCudaTensor:
+    """Enough of a CUDA tensor for the choice of kernel (device, dtype, size); never computed on."""
+
+    def __init__(self, Tq, dtype=torch.bfloat16):
+        self.device, self.dtype, self.is_cuda, self.shape = torch.device("cuda"), dtype, True, (2, Tq, 4, 16)
+
+    def size(self, dim):
+        return self.shape[dim]
+
+
+def kernel_for(q, Tk, window):
+    """What flash_attn_func / flash_attn_with_kvcache would run for q against Tk keys."""
+    if fa._fa3_for(q) is not None:
+        return "fa3"
+    return fa._choose(q.device, q.size(1), Tk, window)
+
+
+@pytest.fixture
+def cuda_without_fa3(monkeypatch):
+    monkeypatch.setattr(fa, "_fa3", None)
+    monkeypatch.setattr(fa, "_fa3_reason", "no FA3 kernel build for SM 100")
+    monkeypatch.setattr(fa, "_override_impl", None)
+
+
+@pytest.fixture
+def cuda_with_fa3(monkeypatch):
+    monkeypatch.setattr(fa, "_fa3", object())
+    monkeypatch.setattr(fa, "_fa3_reason", "loaded varunneal/flash-attention-3 for SM 90")
+    monkeypatch.setattr(fa, "_override_impl", None)
+
+
+def test_cuda_without_fa3_sends_sliding_windows_to_flex(cuda_without_fa3):
+    T = 2048
+    assert kernel_for(FakeCudaTensor(T), T, 512) == "flex"  # an "S" layer in training
+    assert kernel_for(FakeCudaTensor(T), T, T) == "sdpa"  # an "L" layer: SDPA's causal flash kernel
+    assert kernel_for(FakeCudaTensor(T), T, -1) == "sdpa"
+    assert kernel_for(FakeCudaTensor(1), 700, 512) == "sdpa"  # decode: the crop path, no mask
+    assert kernel_for(FakeCudaTensor(16), 80, T) == "flex"  # a chunk appended to a non-empty cache
+    assert kernel_for(FakeCudaTensor(T, torch.float32), T, 512) == "flex"  # pre-Ampere fp32 too
+    assert fa.attention_plan("cuda", torch.bfloat16) == ("flex", "no FA3 kernel build for SM 100")
+
+
+def test_sssl_model_layers_pick_flex_for_short_windows_on_cuda_without_fa3(cuda_without_fa3):
+    from nanochat.gpt import GPTConfig, window_sizes_for
+
+    config = GPTConfig(sequence_len=2048, n_layer=8, window_pattern="SSSL")
+    kernels = [kernel_for(FakeCudaTensor(2048), 2048, w) for w, _ in window_sizes_for(config)]
+    assert kernels == ["flex", "flex", "flex", "sdpa"] * 2
+
+
+def test_fa3_wins_when_it_loaded(cuda_with_fa3):
+    assert kernel_for(FakeCudaTensor(2048), 2048, 512) == "fa3"
+    assert kernel_for(FakeCudaTensor(1), 700, 512) == "fa3"
+    assert kernel_for(FakeCudaTensor(2048, torch.float32), 2048, 512) == "flex"  # FA3 runs bf16 only
+    assert fa.attention_plan("cuda", torch.bfloat16)[0] == "fa3"
+    assert fa.attention_plan("cuda", torch.float32)[0] == "flex"
+
+
+def test_cpu_defaults_stay_on_sdpa():
+    fa._override_impl = None
+    for Tq, Tk, window in ((64, 64, 8), (64, 64, -1), (16, 80, 100), (1, 80, 8)):
+        assert fa._choose(torch.device("cpu"), Tq, Tk, window) == "sdpa"
+    impl, reason = fa.attention_plan("cpu", torch.float32)
+    assert impl == "sdpa" and "cpu" in reason
+
+
+def test_forcing_flex_and_sdpa(cuda_with_fa3):
+    fa.set_impl("flex")
+    assert kernel_for(FakeCudaTensor(64), 64, -1) == "flex"  # every multi-token call, even full context
+    assert kernel_for(FakeCudaTensor(1), 64, 8) == "sdpa"  # decode stays on the crop path
+    assert fa._choose(torch.device("cpu"), 64, 64, 8) == "flex"
+    assert fa.attention_plan("cpu", torch.float32)[0] == "flex"
+    fa.set_impl("sdpa")
+    assert kernel_for(FakeCudaTensor(64), 64, 8) == "sdpa"
+
+
+def test_choosing_loads_no_flex_attention():
+    # The choice itself and an SDPA call import nothing heavy (the import budget of tests/test_imports.py).
+    code = ("import sys, torch; from nanochat import flash_attention as fa; "
+            "q = torch.randn(1, 8, 2, 4); fa.flash_attn_func(q, q, q, causal=True, window_size=(3, 0)); "
+            "fa.attention_plan('cpu', torch.float32); "
+            "print('torch._dynamo' in sys.modules, 'torch.nn.attention.flex_attention' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_block_mask_cache_is_keyed_and_bounded(monkeypatch):
+    built = []
+    monkeypatch.setattr(fa, "_make_block_mask", lambda Tq, Tk, w, device: built.append((Tq, Tk, w)) or object())
+    monkeypatch.setattr(fa, "_block_masks", {})
+    cpu = torch.device("cpu")
+    a = fa._block_mask(64, 64, 8, cpu)
+    assert fa._block_mask(64, 64, 8, cpu) is a
+    assert fa._block_mask(64, 64, -1, cpu) is fa._block_mask(64, 64, 64, cpu) is fa._block_mask(64, 64, 500, cpu)
+    assert built == [(64, 64, 8), (64, 64, -1)]
+    for t in range(2 * fa._MAX_BLOCK_MASKS):
+        fa._block_mask(t + 2, t + 2, 1, cpu)
+    assert len(fa._block_masks) == fa._MAX_BLOCK_MASKS
+
+
+# -----------------------------------------------------------------------------
+# FlexAttention forced on CPU vs naive attention. Slow: the first FlexAttention call imports torch._dynamo
+# and builds its first block mask (~15 s on one core); each call after that takes well under a second.
+
+
+# Eager FlexAttention is what these tests want (the CPU reference path); its warning says so on every run.
+EAGER_FLEX_OK = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+@pytest.fixture
+def flex():
+    fa.set_impl("flex")
+    fa._block_masks.clear()
+    yield
+    fa._block_masks.clear()
+
+
+def flex_backward_or_skip(fn):
+    """fn() -> loss, then backward; skips where PyTorch has no FlexAttention backward on CPU (it refuses
+    inputs that require grad already in the forward)."""
+    try:
+        fn().backward()
+    except NotImplementedError as err:
+        if "backward on CPU" not in str(err):
+            raise
+        pytest.skip(f"FlexAttention has no backward on CPU in torch {torch.__version__} (eager); the gpu test covers it")
+
+
+@pytest.mark.slow
+@EAGER_FLEX_OK
+@pytest.mark.parametrize("T,window", [(48, -1), (48, 0), (48, 1), (48, 7), (48, 31), (48, 48), (48, 200), (3, 1), (1, -1)])
+def test_flex_matches_naive(flex, T, window):
+    q, k, v = rand(2, T, 4, 16, seed=70), rand(2, T, 4, 16, seed=71), rand(2, T, 4, 16, seed=72)
+    out = fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+    assert out.shape == (2, T, 4, 16) and out.dtype == torch.float32
+    assert_close(out, naive_attention(q, k, v, window))
+
+
+@pytest.mark.slow
+@EAGER_FLEX_OK
+@pytest.mark.parametrize("window", [-1, 5])
+def test_flex_gqa_matches_naive(flex, window):
+    q, k, v = rand(1, 40, 8, 16, seed=73), rand(1, 40, 2, 16, seed=74), rand(1, 40, 2, 16, seed=75)
+    assert_close(fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0)), naive_attention(q, k, v, window))
+
+
+@pytest.mark.slow
+@EAGER_FLEX_OK
+@pytest.mark.parametrize("cached,new,window,hkv", [(0, 16, -1, 4), (20, 6, 5, 2), (30, 10, 200, 1)])
+def test_flex_prefill_into_cache_matches_naive(flex, cached, new, window, hkv):
+    B, H, D, t_max = 2, 4, 16, 64
+    k_cache, v_cache, seqlens = filled_cache(B, t_max, hkv, D, cached, seed=76)
+    q, k, v = rand(B, new, H, D, seed=77), rand(B, new, hkv, D, seed=78), rand(B, new, hkv, D, seed=79)
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True,
+                                     window_size=(window, 0))
+    assert torch.equal(k_cache[:, cached:cached + new], k)
+    assert_close(out, naive_attention(q, k_cache[:, :cached + new], v_cache[:, :cached + new], window))
+
+
+@pytest.mark.slow
+@EAGER_FLEX_OK
+def test_flex_bf16_on_cpu_is_attended_in_fp32(flex):
+    q, k, v = (rand(1, 32, 2, 16, seed=s).bfloat16() for s in (80, 81, 82))
+    out = fa.flash_attn_func(q, k, v, causal=True, window_size=(7, 0))
+    assert out.dtype == torch.bfloat16
+    assert_close(out, naive_attention(q, k, v, 7).to(torch.bfloat16), atol=0)
+
+
+@pytest.mark.slow
+@EAGER_FLEX_OK
+@pytest.mark.parametrize("window,hkv", [(5, 4), (-1, 2)])
+def test_flex_gradients_match_naive(flex, window, hkv):
+    q = rand(2, 32, 4, 16, seed=83).requires_grad_()
+    k, v = (rand(2, 32, hkv, 16, seed=s).requires_grad_() for s in (84, 85))
+    flex_backward_or_skip(lambda: fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0)).square().sum())
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    naive_attention(q2, k2, v2, window).square().sum().backward()
+    for g, ref in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
+        assert_close(g, ref, atol=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -318,3 +509,75 @@ def test_fa3_backward_matches_sdpa():
     assert_close(a[0], b[0], atol=1e-2)
     for ga, gb in zip(a[1:], b[1:]):
         assert torch.allclose(ga.float(), gb.float(), atol=0.05, rtol=0.05)
+
+
+# -----------------------------------------------------------------------------
+# Compiled FlexAttention vs SDPA (CUDA)
+
+
+def _needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,Hkv,D,window", [
+    (2, 256, 4, 4, 64, 64), (2, 256, 4, 4, 64, 0), (2, 300, 8, 2, 64, 31), (1, 1024, 6, 6, 128, 256),
+    (2, 128, 4, 4, 32, -1),
+])
+def test_compiled_flex_matches_sdpa_bf16(B, T, H, Hkv, D, window):
+    _needs_cuda()
+    g = torch.Generator(device="cuda").manual_seed(4)
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    base = [torch.randn(B, T, h, D, generator=g, **kw) for h in (H, Hkv, Hkv)]
+
+    def run(impl):
+        fa.set_impl(impl)
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        out.float().square().sum().backward()
+        return out.detach(), q.grad, k.grad, v.grad
+
+    a, b = run("flex"), run("sdpa")
+    assert fa._compiled_flex is not None  # the CUDA path ran compiled, not eager
+    assert_close(a[0], b[0], atol=2e-2)
+    for ga, gb in zip(a[1:], b[1:]):
+        assert torch.allclose(ga.float(), gb.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.gpu
+def test_compiled_flex_prefill_into_cache_matches_sdpa():
+    _needs_cuda()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    base_k, base_v = torch.randn(2, 256, 2, 64, generator=g, **kw), torch.randn(2, 256, 2, 64, generator=g, **kw)
+    base_k[:, 100:], base_v[:, 100:] = 0, 0
+    q, k, v = torch.randn(2, 40, 4, 64, generator=g, **kw), *(torch.randn(2, 40, 2, 64, generator=g, **kw) for _ in range(2))
+
+    def run(impl):
+        fa.set_impl(impl)
+        k_cache, v_cache = base_k.clone(), base_v.clone()
+        seqlens = torch.full((2,), 100, dtype=torch.int32, device="cuda")
+        return fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True,
+                                          window_size=(64, 0))
+
+    assert_close(run("flex"), run("sdpa"), atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_sssl_model_on_cuda_without_fa3_runs_flex_for_short_windows(monkeypatch, tiny_gpt):
+    _needs_cuda()
+    monkeypatch.setattr(fa, "_fa3", None)
+    monkeypatch.setattr(fa, "_fa3_reason", "pretend: no FA3 on this GPU")
+    fa.set_impl(None)
+    calls = []
+    real = fa._flex_attention
+    monkeypatch.setattr(fa, "_flex_attention", lambda q, k, v, w, gqa: calls.append(w[0]) or real(q, k, v, w, gqa))
+    model = tiny_gpt(n_layer=4, n_embd=128, n_head=1, n_kv_head=1, sequence_len=512, window_pattern="SSSL",
+                     compute_dtype=torch.bfloat16, device="cuda")
+    idx = torch.randint(0, 265, (2, 512), device="cuda")
+    loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert calls == [128, 128, 128]  # the three S layers (window 512/4 = 128); the last, L, stays on SDPA
+    assert fa.attention_plan("cuda", torch.bfloat16)[0] == "flex"

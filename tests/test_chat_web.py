@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import CHAT_CONTEXT  # the micro model's context, which the trimming and overflow messages name
+from conftest import CHAT_CONTEXT, SlowModel  # the micro model's context, which the trimming and overflow messages name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,28 +113,13 @@ def test_refused_requests_get_a_4xx_and_a_json_message(chat_server, body, status
     assert httpx.get(chat_server.url + "/health").json()["available_workers"] == 1  # nothing was left holding a slot
 
 
-class _SlowModel:
-    """The served model, 50 ms slower per forward pass, counting them."""
-
-    def __init__(self, model):
-        self.model, self.config, self.compute_dtype, self.forwards = model, model.config, model.compute_dtype, 0
-
-    def get_device(self):
-        return self.model.get_device()
-
-    def forward(self, ids, kv_cache=None):
-        time.sleep(0.05)  # ~6 s for a whole reply: far longer than the test waits
-        self.forwards += 1
-        return self.model.forward(ids, kv_cache=kv_cache)
-
-
 def _stats(chat_server):
     return httpx.get(chat_server.url + "/stats").json()
 
 
 def test_a_client_that_disconnects_frees_its_rows_at_once(chat_server, monkeypatch):
     scheduler = chat_server.app.state.pool.replicas[0].scheduler
-    slow = _SlowModel(scheduler.model)
+    slow = SlowModel(scheduler.model)
     monkeypatch.setattr(scheduler, "model", slow)
     # The micro model's greedy reply to "go on" runs to the end of the context (119 tokens) without a stop token.
     body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 4096, "temperature": 0.0}
@@ -161,7 +146,7 @@ def test_concurrent_streams_share_the_batch_and_each_gets_its_reply_alone(chat_s
     bodies = [{"messages": [{"role": "user", "content": text}], "max_tokens": 12, "temperature": 0.0}
               for text in ("go on", "x", "Tell me everything!")]
     alone = ["".join(e.get("token", "") for e in _chat(chat_server.url, body)) for body in bodies]
-    slow = _SlowModel(scheduler.model)  # slow enough that the three requests overlap
+    slow = SlowModel(scheduler.model)  # slow enough that the three requests overlap
     monkeypatch.setattr(scheduler, "model", slow)
     seen = []
 

@@ -290,3 +290,72 @@ def test_fallbacks_are_noted_once_in_order():
     assert common.note_fallback("a", "first thing") is True
     assert common.note_fallback("b", "second thing again") is False
     assert fallbacks_used() == ["second thing", "first thing"]
+
+
+# -----------------------------------------------------------------------------
+# The hub is never waited on when it can't be used
+
+
+@pytest.fixture
+def fresh_hub_state(tmp_path, monkeypatch):
+    """No local task files, an empty HuggingFace cache, and the once-per-process hub probe forgotten."""
+    import datasets  # imported before the variables below are set: the case that used to hit the network
+
+    monkeypatch.setenv("NANOCHAT_TASKS_DIR", str(tmp_path / "tasks"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    monkeypatch.setattr(common, "_hub_reachable", None)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _refuse_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was contacted")
+
+    monkeypatch.setattr(common, "_check_hub", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+
+
+def test_offline_variables_set_after_datasets_is_imported_still_count(fresh_hub_state, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _refuse_network(monkeypatch)
+    with pytest.raises(DatasetUnavailableError, match="cais/mmlu"):
+        common.load_hf_dataset("cais/mmlu", "all", split="test")
+
+
+def test_an_unreachable_hub_is_probed_once_and_then_skipped(fresh_hub_state, monkeypatch, caplog):
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    probes = []
+    monkeypatch.setattr(common, "_check_hub", lambda: probes.append(1) or False)
+    with caplog.at_level(logging.WARNING, logger="tasks.common"):
+        for path, name in (("cais/mmlu", "all"), ("allenai/ai2_arc", "ARC-Easy")):
+            with pytest.raises(DatasetUnavailableError, match=path):
+                common.load_hf_dataset(path, name, split="test")
+    assert probes == [1] and common._hub_reachable is False  # one probe, and no hub call (the socket is blocked)
+    assert len(warnings_matching(caplog, "can't be reached")) == 1
+
+
+def test_the_hub_probe_is_one_connection_with_a_timeout(monkeypatch):
+    calls = []
+
+    class Connection:
+        def close(self):
+            calls.append("closed")
+
+    def connect(address, timeout):
+        calls.append((address, timeout))
+        return Connection()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example:8080")
+    assert common._check_hub(timeout=2.0) and calls == [(("mirror.example", 8080), 2.0), "closed"]
+
+    def refuse(address, timeout):
+        raise ConnectionRefusedError(111, "refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert common._check_hub() is False

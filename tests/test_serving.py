@@ -3,11 +3,11 @@ renderer), context trimming, streaming text (UTF-8, tool calls, stop strings), t
 
 import asyncio
 import contextlib
-import time
 
 import pytest
 import torch
 
+from conftest import SlowModel
 from nanochat.batching import top_p_filter
 from nanochat.server import ReplicaPool
 from nanochat.serving import (ContextOverflowError, Prompt, Replica, Reply, RequestError, SamplingParams, build_prompt,
@@ -193,26 +193,9 @@ def test_replica_top_p_near_zero_is_greedy(tiny_gpt, byte_tokenizer):
     assert len(greedy) == 8 and nucleus == greedy
 
 
-class _SlowModel:
-    """A tiny model `delay` seconds slower per forward pass; fail=True makes its decode steps raise."""
-
-    def __init__(self, model, delay=0.01, fail=False):
-        self.model, self.config, self.compute_dtype = model, model.config, model.compute_dtype
-        self.delay, self.fail = delay, fail
-
-    def get_device(self):
-        return self.model.get_device()
-
-    def forward(self, ids, kv_cache=None):
-        time.sleep(self.delay)
-        if self.fail and ids.size(1) == 1:
-            raise RuntimeError("the model broke")
-        return self.model.forward(ids, kv_cache=kv_cache)
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_closing_a_stream_frees_its_rows_for_the_next_request(tiny_gpt, byte_tokenizer):
-    replica = Replica(_SlowModel(tiny_gpt(scrambled=True)), byte_tokenizer, max_batch=1)
+    replica = Replica(SlowModel(tiny_gpt(scrambled=True), delay=0.01), byte_tokenizer, max_batch=1)
     pool = ReplicaPool([replica])
     params = SamplingParams(temperature=0.0, max_tokens=50)
 
@@ -236,7 +219,7 @@ def test_closing_a_stream_frees_its_rows_for_the_next_request(tiny_gpt, byte_tok
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_generation_error_reaches_the_request_and_the_replica_serves_on(tiny_gpt, byte_tokenizer):
-    model = _SlowModel(tiny_gpt(scrambled=True), fail=True)
+    model = SlowModel(tiny_gpt(scrambled=True), delay=0.01, fail=True)
     pool = ReplicaPool([Replica(model, byte_tokenizer, max_batch=2)])
 
     async def scenario():

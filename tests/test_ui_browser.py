@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from conftest import CHAT_CONTEXT
+from conftest import CHAT_CONTEXT, SlowModel
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TIMEOUT_MS = 30_000
@@ -74,7 +74,10 @@ def _reply(page):
     return page.locator(".message.assistant").last.inner_text()
 
 
-def test_chat_regenerate_edit_commands_and_a_refused_message(page, tmp_path):
+def test_chat_regenerate_edit_commands_and_a_refused_message(page, tmp_path, chat_server, monkeypatch):
+    # 10 ms per token, so the reply arrives as a stream of events rather than in one network read.
+    scheduler = chat_server.app.state.pool.replicas[0].scheduler
+    monkeypatch.setattr(scheduler, "model", SlowModel(scheduler.model, delay=0.01))
     assert page.title() == "NanoChat" and page.inner_text("h1") == "nanochat"
     assert page.is_disabled("#send")  # nothing typed yet
     # Count re-renders of the conversation: a streamed reply redraws once per token.
