@@ -12,6 +12,10 @@
 # $NANOCHAT_BASE_DIR/<script>.log), FORCE=1 (or --force) to redo stages that are done,
 # UV_EXTRA (e.g. gpu) for `uv sync --extra`.
 
+# A stage header on a line of its own (the output before it may not end with a newline: triton, which
+# torch's optimizers import, prints nanobind leak notes at exit without one).
+banner() { printf '\n== %s\n' "$1"; }
+
 pipeline_setup() {
     for arg in "$@"; do
         case "$arg" in
@@ -27,7 +31,7 @@ pipeline_setup() {
     LOG_FILE="${LOG_FILE:-$NANOCHAT_BASE_DIR/$(basename "$0" .sh).log}"
     # Everything below also goes to the log file.
     exec > >(tee -a "$LOG_FILE") 2>&1
-    echo "== $(basename "$0") $(date -u '+%Y-%m-%d %H:%M:%S UTC'): base dir $NANOCHAT_BASE_DIR, log $LOG_FILE, $NPROC_PER_NODE process(es)"
+    banner "$(basename "$0") $(date -u '+%Y-%m-%d %H:%M:%S UTC'): base dir $NANOCHAT_BASE_DIR, log $LOG_FILE, $NPROC_PER_NODE process(es)"
 
     # uv from PyPI if missing, then exactly the locked dependencies (and our Rust tokenizer crate).
     if ! command -v uv >/dev/null 2>&1; then
@@ -80,13 +84,13 @@ stage() {
     if [[ -n "${FORCE:-}" ]]; then
         [[ "$product" != "-" ]] && rm -rf "$path"
     elif [[ -f "$section" && -n "$made" ]]; then
-        echo "== $title: already done ($(basename "$section") and ${product/#-/its results} exist); FORCE=1 redoes it"
+        banner "$title: already done ($(basename "$section") and ${product/#-/its results} exist); FORCE=1 redoes it"
         return 0
     elif [[ "$product" != "-" && -d "$path" && -n "$(last_step "$path")" ]]; then
         resume=(--resume-from-step="$(last_step "$path")")
-        echo "== $title: resuming from step ${resume[0]#*=} of $path"
+        banner "$title: resuming from step ${resume[0]#*=} of $path"
     fi
-    echo "== $title ($(date -u '+%H:%M:%S'))"
+    banner "$title ($(date -u '+%H:%M:%S'))"
     "$@" "${resume[@]}"
 }
 
@@ -96,8 +100,8 @@ pipeline_finish() {
     echo
     sed -n '/^## Summary/,$p' "$NANOCHAT_BASE_DIR/report/report.md"
     if [[ -n "${1:-}" ]]; then
-        echo "== A chat reply from the final model:"
+        banner "A chat reply from the final model:"
         python -m scripts.chat_cli -i "${CHAT_SOURCE:-sft}" -p "$1"
     fi
-    echo "== done: $NANOCHAT_BASE_DIR/report/report.md (and ./report.md)"
+    banner "done: $NANOCHAT_BASE_DIR/report/report.md (and ./report.md)"
 }

@@ -29,16 +29,16 @@ What is measured per stage (the same prompts, the same seeds, for base, mid, SFT
 Targets: after SFT at least 90% of replies end properly; RL lifts held-out pass@1 above the SFT model's.
 
 Why these flags (depth 4, fp32 on a 2-core CPU; see docs/performance.md, "Post-training (CPU)"):
-- T = 512 everywhere: the conversations are short (a synthetic problem and its solution are ~100-150 tokens,
-  a spelling one fewer) and runcpu.sh pretrains at 512; 8,192 tokens per step (16 rows, no accumulation).
-- base: runcpu.sh's recipe with the batch doubled and BASE_STEPS steps, so the model can copy numbers and names
+- T = 512 and 8 rows = 4,096 tokens per step everywhere, runcpu.sh's geometry: the conversations are short
+  (a synthetic problem and its solution are ~100-150 tokens, a spelling one fewer).
+- base: runcpu.sh's recipe with BASE_STEPS steps (300 instead of 200), so the model can copy numbers and names
   from its context, which is what the arithmetic solutions need (the calculator does the arithmetic).
-- mid: the offline midtraining mixture is ~97% spelling (SmolTalk and MMLU are missing), so MID_STEPS steps
+- mid: the offline midtraining mixture is mostly spelling (SmolTalk and MMLU are missing), so MID_STEPS steps
   teach the chat format, tool-call syntax and stopping, but show only a few hundred arithmetic problems.
-  Its learning rates are the stage defaults scaled by sqrt(8192 / 524288) = 1/8, the sqrt batch rule
-  base_train applies: the unscaled defaults are tuned for a 524,288-token batch.
+  Learning rates: mid_train's defaults times --finetune-lr-scale (1 by default).
 - SFT: --gsm8k-epochs repeats the (synthetic) GSM8K stand-in until arithmetic is about half the mixture,
-  the one lever the scripts offer to put the right kind of data in front of the model; SFT_STEPS steps.
+  the one lever the scripts offer to put the right kind of data in front of the model; SFT_STEPS steps;
+  batch geometry and learning rates inherited from the mid checkpoint.
 - RL: RL_EXAMPLES questions x RL_SAMPLES answers per step (one micro-batch per question), RL_STEPS steps,
   --max-new-tokens equal to the evaluation's, and --init-lr-frac raised from 0.05 (upstream's, for ~470
   steps at 16 x 16) so that a few dozen small steps can move the policy. Its own pass@k is off (this bench
