@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole nanochat pipeline at toy scale on a CPU, offline if need be (about 30 minutes on 2 cores).
+# The whole nanochat pipeline at toy scale on a CPU, offline if need be (about 25 minutes on 2 cores).
 #
 # Every stage the GPU runs have: data, tokenizer, base model pretraining and evaluation, midtraining, SFT and
 # RL, each chat stage followed by its evaluation, then the report. Without network access the pretraining
@@ -45,4 +45,4 @@ stage "Chat RL" chat-rl.md chatrl_checkpoints/d4 -- \
     --max-new-tokens=96 --eval-every=5 --eval-examples=16 --save-every=5 --run="$WANDB_RUN"
 stage "Chat evaluation rl" chat-evaluation-rl.md - -- launch scripts.chat_eval -i rl -x 24 -m 96
 
-CHAT_SOURCE=rl pipeline_finish "What is 7 times 6?"
+CHAT_SOURCE=rl pipeline_finish "Kenji reads 6 pages every day. How many pages does he read in 1 week?"
