@@ -5,7 +5,7 @@ measured on the same held-out prompts.
 
     python -m bench.bench_posttrain_cpu                     # everything, in bench/results/posttrain/base (must be empty)
     python -m bench.bench_posttrain_cpu --reuse             # reuse the shards and tokenizer already there
-    python -m bench.bench_posttrain_cpu --reuse --start-at rl   # retrain RL only; earlier checkpoints are re-measured
+    python -m bench.bench_posttrain_cpu --reuse --start-at rl   # retrain RL only (--remeasure: measure base..SFT too)
     python -m bench.bench_posttrain_cpu --dry-run           # depth 2, a few steps of each stage: checks the plumbing
 
 Data and tokenizer are built as runcpu.sh builds them: `nanochat.dataset -n 4 --offline-fallback` (the offline
@@ -110,6 +110,7 @@ def build_parser():
     g.add_argument("--reuse", action="store_true", help="reuse the shards and tokenizer found in --base-dir (else it must be empty)")
     g.add_argument("--start-at", choices=STAGES, default="base", help="train from this stage on; earlier stages' checkpoints are reused")
     g.add_argument("--stop-after", choices=STAGES, default="rl", help="train and measure up to this stage only")
+    g.add_argument("--remeasure", action="store_true", help="also measure the reused stages before --start-at")
     g.add_argument("--dry-run", action="store_true", help="depth 2 and a few steps per stage (unless given): checks the plumbing")
     g.add_argument("--depth", type=int, default=None, help="model depth (default 4, dry run 2)")
     g.add_argument("--cores", type=int, default=-1, help="pin the process to this many of its cores, so the scripts use that many "
@@ -298,6 +299,8 @@ def main(argv=None):
     results, val_bpb, train_cpu, curve = {}, {}, {}, None
     for stage in STAGES[:STAGES.index(args.stop_after) + 1]:
         train_seconds = None
+        if STAGES.index(stage) < STAGES.index(args.start_at) and not args.remeasure:
+            continue
         if STAGES.index(stage) >= STAGES.index(args.start_at):
             t0, c0 = time.perf_counter(), time.process_time()
             val_bpb[stage], stage_curve = train_stage(stage, args)
