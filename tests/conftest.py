@@ -81,6 +81,20 @@ def _make_tiny_gpt(vocab_size=265, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, 
     return model
 
 
+class SmallVocabTokenizer:
+    """Specials for a 16-token model: rows end on token 5 (assistant_end) or 6 (bos), sampled often;
+    the tool tokens lie outside the vocabulary, so no tool call ever happens."""
+
+    ids = {"<|assistant_end|>": 5, "<|bos|>": 6, "<|python_start|>": 100, "<|python_end|>": 101,
+           "<|output_start|>": 102, "<|output_end|>": 103}
+
+    def encode_special(self, name):
+        return self.ids[name]
+
+    def get_bos_token_id(self):
+        return 6
+
+
 class SlowModel:
     """A model `delay` seconds slower per forward pass, counting them; fail=True makes its decode steps
     (one new token per row) raise. For tests of serving under load, disconnects and streaming."""

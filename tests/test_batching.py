@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import SmallVocabTokenizer
 from nanochat.batching import END, BatchCache, BatchScheduler
 from nanochat.engine import Engine, KVCache
 
@@ -144,20 +145,6 @@ def test_top_p_is_the_same_batched_as_alone(tiny_gpt):
     nucleus, _, _ = drive(BatchScheduler(model, worker=False),
                           [(0, dict(tokens=prompts[0], temperature=1.0, top_p=1e-6, seed=3, max_tokens=10))])
     assert nucleus[0] == alone(model, None, prompts[0], max_tokens=10, temperature=0.0)  # a tiny nucleus is greedy
-
-
-class SmallVocabTokenizer:
-    """Specials for a 16-token model: rows end on 5 (assistant_end) or 6 (bos), which it samples often; the tool
-    tokens lie outside the vocabulary."""
-
-    ids = {"<|assistant_end|>": 5, "<|bos|>": 6, "<|python_start|>": 100, "<|python_end|>": 101,
-           "<|output_start|>": 102, "<|output_end|>": 103}
-
-    def encode_special(self, name):
-        return self.ids[name]
-
-    def get_bos_token_id(self):
-        return 6
 
 
 def test_samples_of_one_request_stop_apart_and_match_engine_generate(tiny_gpt):

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import SmallVocabTokenizer
 from nanochat import engine as engine_module
 from nanochat.engine import (Engine, KVCache, argmax_rows, compare_with_reference, last_logits, sample_next_token,
                              use_calculator)
@@ -486,20 +487,6 @@ def test_compare_with_reference_reports_a_match(scrambled_gpt):
     result = compare_with_reference(model, [BOS] + list(b"hello"), max_tokens=12)
     assert result["match"] and len(result["engine"]) == 12
     assert result["reference_seconds"] > 0 and result["engine_seconds"] > 0
-
-
-class SmallVocabTokenizer:
-    """Specials for a 16-token model: rows end on token 5 (assistant_end) or 6 (bos), sampled often;
-    the tool tokens lie outside the vocabulary, so no tool call ever happens."""
-
-    ids = {"<|assistant_end|>": 5, "<|bos|>": 6, "<|python_start|>": 100, "<|python_end|>": 101,
-           "<|output_start|>": 102, "<|output_end|>": 103}
-
-    def encode_special(self, name):
-        return self.ids[name]
-
-    def get_bos_token_id(self):
-        return 6
 
 
 class RecordingModel:
