@@ -355,17 +355,6 @@ def flex():
     fa._block_masks.clear()
 
 
-def flex_backward_or_skip(fn):
-    """fn() -> loss, then backward; skips where PyTorch has no FlexAttention backward on CPU (it refuses
-    inputs that require grad already in the forward)."""
-    try:
-        fn().backward()
-    except NotImplementedError as err:
-        if "backward on CPU" not in str(err):
-            raise
-        pytest.skip(f"FlexAttention has no backward on CPU in torch {torch.__version__} (eager); the gpu test covers it")
-
-
 @pytest.mark.slow
 @EAGER_FLEX_OK
 @pytest.mark.parametrize("T,window", [(48, -1), (48, 0), (48, 1), (48, 7), (48, 31), (48, 48), (48, 200), (3, 1), (1, -1)])
@@ -406,13 +395,15 @@ def test_flex_bf16_on_cpu_is_attended_in_fp32(flex):
     assert_close(out, naive_attention(q, k, v, 7).to(torch.bfloat16), atol=0)
 
 
-@pytest.mark.slow
-@EAGER_FLEX_OK
+# Gradients through forced FlexAttention need CUDA: eager FlexAttention on CPU has no backward (it refuses
+# inputs that require grad).
+@pytest.mark.gpu
 @pytest.mark.parametrize("window,hkv", [(5, 4), (-1, 2)])
 def test_flex_gradients_match_naive(flex, window, hkv):
-    q = rand(2, 32, 4, 16, seed=83).requires_grad_()
-    k, v = (rand(2, 32, hkv, 16, seed=s).requires_grad_() for s in (84, 85))
-    flex_backward_or_skip(lambda: fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0)).square().sum())
+    _needs_cuda()
+    q = rand(2, 32, 4, 16, seed=83).cuda().requires_grad_()
+    k, v = (rand(2, 32, hkv, 16, seed=s).cuda().requires_grad_() for s in (84, 85))
+    fa.flash_attn_func(q, k, v, causal=True, window_size=(window, 0)).square().sum().backward()
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     naive_attention(q2, k2, v2, window).square().sum().backward()
     for g, ref in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
