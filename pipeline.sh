@@ -10,7 +10,8 @@
 # Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_RUN (default dummy = no wandb),
 # NPROC_PER_NODE (processes per node for torchrun; 1 = plain python), LOG_FILE (default
 # $NANOCHAT_BASE_DIR/<script>.log), FORCE=1 (or --force) to redo stages that are done,
-# UV_EXTRA (e.g. gpu) for `uv sync --extra`.
+# UV_EXTRA (e.g. gpu) for `uv sync --extra`, TORCH_BACKEND (auto, cu126, ...) to swap the locked torch for the
+# same version built for another CUDA (drivers older than the one PyPI's torch needs; README, GPU drivers).
 
 # A stage header on a line of its own (the output before it may not end with a newline: triton, which
 # torch's optimizers import, prints nanobind leak notes at exit without one).
@@ -27,11 +28,12 @@ pipeline_setup() {
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
     export WANDB_RUN="${WANDB_RUN:-dummy}"
     export NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+    NPROC_NOTE="${NPROC_NOTE:-NPROC_PER_NODE=$NPROC_PER_NODE}"
     mkdir -p "$NANOCHAT_BASE_DIR"
     LOG_FILE="${LOG_FILE:-$NANOCHAT_BASE_DIR/$(basename "$0" .sh).log}"
     # Everything below also goes to the log file.
     exec > >(tee -a "$LOG_FILE") 2>&1
-    banner "$(basename "$0") $(date -u '+%Y-%m-%d %H:%M:%S UTC'): base dir $NANOCHAT_BASE_DIR, log $LOG_FILE, $NPROC_PER_NODE process(es)"
+    banner "$(basename "$0") $(date -u '+%Y-%m-%d %H:%M:%S UTC'): base dir $NANOCHAT_BASE_DIR, log $LOG_FILE, $NPROC_NOTE"
 
     # uv from PyPI if missing, then exactly the locked dependencies (and our Rust tokenizer crate).
     if ! command -v uv >/dev/null 2>&1; then
@@ -41,11 +43,43 @@ pipeline_setup() {
     uv sync --locked ${UV_EXTRA:+--extra "$UV_EXTRA"}
     # shellcheck disable=SC1091
     source .venv/bin/activate
+    if [[ -n "${TORCH_BACKEND:-}" ]]; then
+        # The lock holds PyPI's torch; this installs the same version from PyTorch's build for TORCH_BACKEND's CUDA
+        # (auto: the newest one the installed driver runs). The stages run `python` from the venv, never `uv run`,
+        # so nothing re-syncs it back; the next `uv sync` does, and this line swaps it again (from uv's cache).
+        uv pip install --torch-backend="$TORCH_BACKEND" "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
+    fi
 
     # A fresh run starts a fresh report; a re-run keeps the sections of the stages it will skip.
     if [[ -n "${FORCE:-}" ]] || ! ls "$NANOCHAT_BASE_DIR"/report/*.md 2>/dev/null | grep -qv header.md; then
         python -m nanochat.report reset
     fi
+}
+
+# gpu_processes: NPROC_PER_NODE defaults to one process per GPU that nvidia-smi lists (1 when it lists none);
+# NPROC_NOTE says where the number came from, for the run's first log line. Call before pipeline_setup.
+gpu_processes() {
+    if [[ -n "${NPROC_PER_NODE:-}" ]]; then
+        NPROC_NOTE="NPROC_PER_NODE=$NPROC_PER_NODE (set by the caller)"
+        return 0
+    fi
+    local gpus
+    gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ' || true)
+    export NPROC_PER_NODE=$(( gpus > 0 ? gpus : 1 ))
+    NPROC_NOTE="NPROC_PER_NODE=$NPROC_PER_NODE (default: one process per GPU; nvidia-smi lists ${gpus:-0})"
+}
+
+# require_gpu: stop here, in one line, unless torch can use this machine's NVIDIA GPU (a driver too old for
+# torch's CUDA would otherwise send every stage to the CPU, where the run looks hung).
+require_gpu() {
+    python - "$(basename "$0")" <<'PY'
+import sys
+from nanochat.common import ConfigError, require_cuda
+try:
+    require_cuda(sys.argv[1])
+except ConfigError as err:
+    sys.exit(f"error: {err}")
+PY
 }
 
 # launch MODULE ARGS...: run a stage on this node's processes (torchrun when NPROC_PER_NODE > 1).

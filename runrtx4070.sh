@@ -10,12 +10,13 @@
 #   bash runrtx4070.sh            # re-running skips finished stages and resumes an interrupted one
 #   bash runrtx4070.sh --force    # start over (also FORCE=1)
 #
-# Environment: NANOCHAT_BASE_DIR, WANDB_RUN, NPROC_PER_NODE (default 1), LOG_FILE (see pipeline.sh).
+# Environment: NANOCHAT_BASE_DIR, WANDB_RUN, NPROC_PER_NODE (default 1), LOG_FILE, TORCH_BACKEND (see pipeline.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 export UV_EXTRA="${UV_EXTRA:-gpu}"
 source ./pipeline.sh
 pipeline_setup "$@"
+require_gpu
 
 # Data: 8 shards now for the tokenizer, the rest in the background while it trains.
 python -m nanochat.dataset -n 8

@@ -6,18 +6,20 @@
 # base training at depth 24 on 8 data tokens per parameter with FP8 matmuls, the base evaluation (CORE,
 # bpb, samples), then the chat stages and their evaluations, then the report.
 #
-#   bash speedrun.sh                       # NPROC_PER_NODE defaults to 8 here
+#   bash speedrun.sh                       # one process per GPU that nvidia-smi lists
+#   TORCH_BACKEND=auto bash speedrun.sh    # a driver older than 580: torch built for its CUDA (README)
 #   WANDB_RUN=speedrun bash speedrun.sh    # log to wandb
 #   WITH_RL=1 bash speedrun.sh             # also RL on GSM8K
 #
-# Environment: NANOCHAT_BASE_DIR, WANDB_RUN, NPROC_PER_NODE, LOG_FILE, FORCE (see pipeline.sh).
+# Environment: NANOCHAT_BASE_DIR, WANDB_RUN, NPROC_PER_NODE, LOG_FILE, FORCE, TORCH_BACKEND (see pipeline.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1  # 8 ranks on one node: no intra-op CPU threads fighting over the cores
-export NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 export UV_EXTRA="${UV_EXTRA:-gpu}"
 source ./pipeline.sh
+gpu_processes  # NPROC_PER_NODE: one per GPU present (8 on the reference node) unless set
 pipeline_setup "$@"
+require_gpu
 
 python -m nanochat.dataset -n 8
 python -m nanochat.dataset -n 170 &  # ~150 shards are needed for the d24 horizon; the rest is margin

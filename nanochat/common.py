@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -240,8 +242,78 @@ def download_file_with_lock(url, filename, postprocess_fn=None, desc=None):
 # Devices and dtypes
 
 
+# The oldest Linux driver each CUDA major version runs on (CUDA's minor-version compatibility): a torch
+# build for CUDA 12.x needs 525.60.13 or newer, one for CUDA 13.x needs 580.65.06 or newer.
+MIN_DRIVER = {12: "525.60.13", 13: "580.65.06"}
+NVIDIA_PROC_VERSION = "/proc/driver/nvidia/version"
+
+
+def nvidia_driver():
+    """The NVIDIA driver version when this machine shows an NVIDIA GPU, else None.
+
+    First sign: `nvidia-smi` on the PATH lists a GPU. Second: /proc/driver/nvidia/version (the kernel module
+    is loaded, even where nvidia-smi is missing or broken); "unknown" when neither says a version.
+    """
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        versions = [line.strip() for line in out.splitlines() if re.fullmatch(r"\d+(\.\d+)+", line.strip())]
+        if versions:
+            return versions[0]
+    try:
+        with open(NVIDIA_PROC_VERSION) as f:
+            found = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", f.read())
+        return found.group(1) if found else "unknown"
+    except OSError:
+        return None
+
+
+def unusable_gpu_problem():
+    """One line naming why torch can't use the NVIDIA GPU this machine has, with the fix; None when torch
+    sees CUDA or the machine shows no NVIDIA GPU (a CPU machine is not a problem)."""
+    if torch.cuda.is_available():
+        return None
+    driver = nvidia_driver()
+    if driver is None:
+        return None
+    cuda = torch.version.cuda
+    base = torch.__version__.split("+")[0]
+    fix = (f"upgrade the NVIDIA driver, or install a torch build for your driver's CUDA: "
+           f"`uv pip install --torch-backend=auto torch=={base}` and run with UV_NO_SYNC=1 "
+           "(the GPU scripts do this with TORCH_BACKEND=auto; see README, GPU drivers)")
+    if cuda is None:
+        return (f"this machine has an NVIDIA GPU (driver {driver}) but torch {torch.__version__} is a CPU-only build; "
+                f"{fix.replace('upgrade the NVIDIA driver, or install', 'install')}")
+    need = MIN_DRIVER.get(int(cuda.split(".")[0]))
+    needs = f" (that needs driver >= {need})" if need else ""
+    return (f"this machine has an NVIDIA GPU (driver {driver}) but torch {torch.__version__}, built for CUDA "
+            f"{cuda}{needs}, cannot use it; {fix}")
+
+
+def require_cuda(what):
+    """Raise ConfigError unless torch can use a CUDA GPU: `what` needs one (a script, a flag)."""
+    if torch.cuda.is_available():
+        return
+    problem = unusable_gpu_problem()
+    raise ConfigError(f"{what}: {problem}" if problem else
+                      f"{what} needs a CUDA GPU, and this machine shows no NVIDIA GPU (no nvidia-smi, no driver); "
+                      "use --device-type cpu (or runcpu.sh)")
+
+
 def autodetect_device_type():
-    """cuda if available, else mps, else cpu."""
+    """cuda if available, else mps, else cpu.
+
+    A machine with an NVIDIA GPU that torch can't use (a driver older than torch's CUDA) is never quietly
+    run on the CPU under torchrun: N CPU ranks look like a hung GPU run. A single process warns and goes on.
+    """
+    problem = unusable_gpu_problem()
+    if problem and get_dist_info()[3] > 1:
+        raise ConfigError(problem)
+    if problem:
+        logger.warning("Running on the CPU: %s", problem)
     if torch.cuda.is_available():
         device_type = "cuda"
     elif torch.backends.mps.is_available():
@@ -347,9 +419,8 @@ def compute_init(device_type="cuda", seed=42):
     """
     if device_type not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"unknown device type {device_type!r}; use --device-type cuda, mps or cpu (or leave it empty to autodetect)")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device-type cuda was asked for but PyTorch sees no CUDA device; use --device-type cpu "
-                          "(or leave it empty to autodetect)")
+    if device_type == "cuda":
+        require_cuda("--device-type cuda")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device-type mps was asked for but MPS is not available; use --device-type cpu")
     torch.manual_seed(seed)

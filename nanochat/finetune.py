@@ -210,7 +210,7 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
     if args.num_iterations > 0:
         horizon = FixedHorizon(args.num_iterations)
     else:
-        horizon = DataHorizon(lambda state: training_progress(state, -1, batches_per_step=grad_accum_steps))
+        horizon = DataHorizon(lambda state: training_progress(state, -1, batches_per_step=grad_accum_steps), device)
     token_bytes = get_token_bytes(device=device)
 
     def val_bpb(step):

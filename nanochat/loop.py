@@ -59,15 +59,17 @@ class DataHorizon:
     """Until the loader has consumed its data once (mid/SFT default): `progress_fn(state) -> (progress, last)`.
 
     Every rank reads its own share, so ranks may run out at different batches: last_step is all-reduced (MAX)
-    so that all of them stop at the same step and none waits alone in a collective.
+    so that all of them stop at the same step and none waits alone in a collective. `device` is the run's
+    device: NCCL refuses a flag tensor left on the CPU.
     """
 
     progress_fn: Callable
+    device: torch.device
 
     def __call__(self, step, state):
         progress, last = self.progress_fn(state)
         if is_ddp_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor(int(last))
+            flag = torch.tensor(int(last), device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             last = bool(flag.item())
         return progress, last

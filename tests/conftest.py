@@ -1,5 +1,6 @@
 """The test kit shared by every test file: a byte-level tokenizer, a tiny real GPT, a throwaway base dir,
-and a runner that executes a function on N gloo ranks in-process.
+and a runner that executes a function on N gloo ranks in-process, whose collectives must follow NCCL's device
+rule (tests/nccl_rules.py).
 
     def test_x(byte_tokenizer, tiny_gpt, base_dir, run_on_ranks):
         model = tiny_gpt(scrambled=True)
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import nccl_rules
 from dist_harness import free_port
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
@@ -198,6 +200,7 @@ def _rank_main(rank, fn, world_size, port, args, out_dir, timeout):
     torch.set_num_threads(1)
     # The group's own timeout makes a rank stuck in a collective fail with a message instead of hanging.
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+    nccl_rules.install()  # gloo takes host tensors that NCCL refuses: hold the ranks to NCCL's rule
     try:
         result = fn(rank, world_size, *args)
     finally:

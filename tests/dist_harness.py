@@ -9,6 +9,8 @@ process group exactly as in production. Each rank's output comes back prefixed w
     result = run_torchrun(["tests/_optim_worker.py", "--out", str(tmp_path)], nproc=2)
     print(result.stdout)
 
+The workers run through tests/nccl_rules.py, which holds their collectives to NCCL's device rule.
+
 Design for reuse: the worker writes whatever the test needs to check (tensors, JSON) under a directory the
 test passes on its command line; the harness only launches, bounds the wall time, and turns any failure into
 an assertion error that carries every rank's output.
@@ -52,7 +54,7 @@ def _launch(cmd, env, cwd, timeout):
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def run_torchrun(args, nproc=2, env=None, timeout=120, cwd=REPO_ROOT, check=True):
+def run_torchrun(args, nproc=2, env=None, timeout=120, cwd=REPO_ROOT, check=True, nccl_rules=True):
     """Run `python -m torch.distributed.run --nproc-per-node <nproc> ... <args>` and return its CompletedProcess.
 
     args: what follows the torchrun options: a script path and its arguments (["tests/w.py", "--x", "1"]) or a
@@ -61,7 +63,11 @@ def run_torchrun(args, nproc=2, env=None, timeout=120, cwd=REPO_ROOT, check=True
       CPU box would otherwise oversubscribe it) and the repo root is put on PYTHONPATH.
     timeout: seconds before torchrun and every worker are killed and the test fails.
     check: raise AssertionError (with every rank's output) when torchrun exits non-zero.
+    nccl_rules: launch the workers through tests/nccl_rules.py, so that a collective handed a tensor NCCL would
+      refuse (built on the host, or off the run's device) fails the run as it would on GPUs.
     """
+    if nccl_rules:
+        args = [str(REPO_ROOT / "tests" / "nccl_rules.py"), *args]
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONUNBUFFERED"] = "1"

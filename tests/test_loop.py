@@ -85,7 +85,7 @@ def test_resume_from_a_meta_without_loop_state_starts_the_meters_fresh(tmp_path,
 
 
 def test_data_horizon_stops_when_the_pending_batch_is_past_the_data(tmp_path):
-    horizon = DataHorizon(lambda state: (min(1.0, (state["batch"] + 1) / 4), state["done"]))
+    horizon = DataHorizon(lambda state: (min(1.0, (state["batch"] + 1) / 4), state["done"]), torch.device("cpu"))
     loop, _ = _loop(tmp_path, horizon=horizon, batches=_batches(4), save_every=-1)
     result = loop.run()
     # batches 0..3 exist; batch 3 is flagged done, so it is prefetched but never trained on
