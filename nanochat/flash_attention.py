@@ -76,18 +76,21 @@ def _load_fa3():
         else:
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             major, minor = torch.cuda.get_device_capability(0)
-            try:
-                if major == 9:
-                    module = kernels.get_kernel(HOPPER_FA3_REPO).flash_attn_interface
-                    reason = f"loaded {HOPPER_FA3_REPO} for SM {major}{minor}"
-                elif kernels.has_kernel(COMMUNITY_FA3_REPO):
-                    module = kernels.get_kernel(COMMUNITY_FA3_REPO).flash_attn_interface
-                    reason = f"loaded {COMMUNITY_FA3_REPO} for SM {major}{minor}"
-                else:
-                    reason = f"no FA3 kernel build for SM {major}{minor}"
-            except Exception as e:  # hub unreachable, build missing, ABI mismatch: all mean "use SDPA"
-                module = None
-                reason = f"loading FA3 failed ({type(e).__name__}: {e})"
+            # Hopper tries its own build first, then the community one, whose Torch stable-ABI build loads on
+            # any torch >= 2.9 where per-version builds lag behind new torch releases (README, Flash Attention 3).
+            failures = []
+            for repo in (HOPPER_FA3_REPO, COMMUNITY_FA3_REPO) if major == 9 else (COMMUNITY_FA3_REPO,):
+                try:
+                    if major != 9 and not kernels.has_kernel(repo):
+                        failures.append(f"no FA3 kernel build for SM {major}{minor}")
+                        continue
+                    module = kernels.get_kernel(repo).flash_attn_interface
+                    reason = f"loaded {repo} for SM {major}{minor}"
+                    break
+                except Exception as e:  # hub unreachable, build missing, ABI mismatch: all mean "try the next, then SDPA"
+                    failures.append(f"loading {repo} failed ({type(e).__name__}: {e})")
+            if module is None:
+                reason = "; ".join(failures)
     _fa3, _fa3_reason = module, reason
     if module is None:
         log.info("Flash Attention 3 unavailable: %s; using PyTorch SDPA", reason)

@@ -364,6 +364,9 @@ def log_attention_path(device, compute_dtype, window_pattern):
     from nanochat.flash_attention import attention_plan
 
     impl, reason = attention_plan(device.type, compute_dtype)  # loads FA3 now, before torch.compile sees the model
+    if (impl != "fa3" and device.type == "cuda" and compute_dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device)[0] == 9):
+        _warn_hopper_without_fa3(reason)
     if impl == "fa3":
         log.info("Attention: Flash Attention 3 (%s)", reason)
     elif impl == "flex":
@@ -374,3 +377,21 @@ def log_attention_path(device, compute_dtype, window_pattern):
         if window_pattern.upper() != "L":
             log.warning("SDPA has no sliding-window kernel: --window-pattern %s runs masked attention; "
                         "--window-pattern L is usually faster without FA3", window_pattern)
+
+
+_hopper_warned = False
+
+
+def _warn_hopper_without_fa3(reason):
+    """A Hopper bf16 run without FA3 trains correctly but slower, which an INFO line hides in a speedrun's log:
+    say so loudly, once per process, on rank 0."""
+    global _hopper_warned
+    if _hopper_warned or get_dist_info()[1] != 0:
+        return
+    _hopper_warned = True
+    log.warning("Flash Attention 3 did not load on this Hopper GPU (%s). Attention runs instead on compiled "
+                "FlexAttention for the sliding-window layers and on SDPA's FA2-class flash kernel for the full-context "
+                "ones: expect attention about 1.5-2x slower than with FA3 (the FA3 paper's H100 bf16 comparison "
+                "with FA2) and a lower MFU. To get FA3: `uv sync --extra gpu`, access to the Hugging Face hub on the "
+                "first run (HF_HUB_OFFLINE unset), and a torch that the kernel has a build for "
+                "(README, Flash Attention 3)", reason)
