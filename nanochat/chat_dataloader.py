@@ -36,6 +36,7 @@ import torch
 
 from nanochat.common import get_dist_info
 from nanochat.dataloader import ResumeError, gather_loader_states
+from nanochat.training import batch_views
 
 logger = logging.getLogger(__name__)
 
@@ -224,12 +225,14 @@ class ConversationLoader:
 
     def __next__(self):
         ids, keep = self._pack()  # (B, T+1) each
-        inputs = np.ascontiguousarray(ids[:, :-1])  # (B, T)
+        rows = np.empty((2, self.B, self.T), dtype=np.int64)  # [inputs | targets]: one copy to the device
+        rows[0] = ids[:, :-1]
         # Target j is token j+1: it is trained on when token j+1 is (a real token in "all" mode, an
         # assistant-produced token in "assistant" mode); padding and masked tokens become -1.
-        targets = np.where(keep[:, 1:], ids[:, 1:], -1)  # (B, T)
+        rows[1] = np.where(keep[:, 1:], ids[:, 1:], -1)
         self.batches += 1
-        return self._to_device(inputs), self._to_device(targets), self.state_dict()
+        inputs, targets = batch_views(self._to_device(rows.reshape(-1)), self.B, self.T)  # the layout the batch probe compiles
+        return inputs, targets, self.state_dict()
 
 
 def packed_conversation_loader(task, tokenizer, B, T, mask_mode="all", device=None, buffer_size=100,

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import UserError, get_dist_info, is_ddp_initialized
+from nanochat.training import batch_views
 
 log = logging.getLogger(__name__)
 
@@ -340,14 +341,12 @@ class BestFitLoader:
         rows_t = torch.from_numpy(self._rows)
         self._row_inputs, self._row_targets = rows_t[:, :-1], rows_t[:, 1:]
         self.cpu_buffer = torch.empty(2 * B * T, dtype=torch.int64, pin_memory=self.use_cuda)
-        self._cpu_inputs = self.cpu_buffer[:B * T].view(B, T)
-        self._cpu_targets = self.cpu_buffer[B * T:].view(B, T)
+        self._cpu_inputs, self._cpu_targets = batch_views(self.cpu_buffer, B, T)
         if self.device.type == "cpu":
             self.device_buffer = self.cpu_buffer
         else:
             self.device_buffer = torch.empty(2 * B * T, dtype=torch.int64, device=self.device)
-        self._inputs = self.device_buffer[:B * T].view(B, T)
-        self._targets = self.device_buffer[B * T:].view(B, T)
+        self._inputs, self._targets = batch_views(self.device_buffer, B, T)  # the layout the batch probe compiles
         self._copy_done = None  # CUDA event of the last async copy out of the pinned buffer
 
         source = _tokenized_batches(_document_batches(self._files, self.rank, self.world_size, cursor,

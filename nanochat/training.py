@@ -331,18 +331,38 @@ def batch_size_candidates(total_batch_size, seq_len, world_size, largest=64):
     return sorted(sizes, reverse=True)
 
 
+def _memory_budget(device):
+    """Bytes this process may fill on `device`: what it holds plus what is free on the card (another process's
+    memory is not ours), capped by torch.cuda.set_per_process_memory_fraction when one is set (the way to
+    emulate a 12 GB card on a bigger one)."""
+    free, total = torch.cuda.mem_get_info(device)
+    budget = torch.cuda.memory_reserved(device) + free
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    return min(budget, int(fraction * total)) if fraction < 1.0 else budget
+
+
+def _everywhere(flag, device):
+    """True when `flag` holds on every rank (a MIN all-reduce; the flag itself in a single process)."""
+    if not (is_ddp_initialized() and dist.get_world_size() > 1):
+        return flag
+    return _all_reduce(torch.tensor(int(flag), device=device), dist.ReduceOp.MIN).item() == 1
+
+
 def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print):
     """The largest device batch size in `candidates` for which `try_batch(B)` fits, with a safety margin.
 
     try_batch(B) runs one real forward + backward at B rows of the full sequence length (the caller sets
     up the model and its optimizer state first, so their memory is counted). It fits when it raises no
-    torch.OutOfMemoryError and, on CUDA, the peak allocated memory stays within `margin` of the device's
-    total (room for fragmentation and the optimizer's temporaries). Every rank must agree: the per-size
-    verdict is all-reduced (MIN), so all ranks try the same sizes and pick the same one.
+    torch.OutOfMemoryError and, on CUDA, the peak allocated memory stays within `margin` of the memory this
+    process can have (_memory_budget; room for fragmentation and the optimizer's temporaries). Every rank must
+    agree: the per-size verdict is all-reduced (MIN), so all ranks try the same sizes and pick the same one.
     """
     if not candidates:
         raise ConfigError("no device batch size divides the total batch evenly; set --device-batch-size and --total-batch-size explicitly")
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    budget = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the cache holds is free for the probe too
+        budget = _memory_budget(device)
     for b in candidates:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -351,11 +371,11 @@ def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print
         try:
             try_batch(b)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            fits = peak is None or peak <= margin * total
-            detail = f"peak {peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB" if peak is not None else "no memory limit checked off CUDA"
+            fits = peak is None or peak <= margin * budget
+            detail = f"peak {peak / 2**30:.1f} GiB of {budget / 2**30:.1f} GiB available" if peak is not None else "no memory limit checked off CUDA"
         except torch.OutOfMemoryError:
             fits, detail = False, "out of memory"
-        fits_everywhere = _all_reduce(torch.tensor(int(fits), device=device), dist.ReduceOp.MIN).item() == 1
+        fits_everywhere = _everywhere(fits, device)
         log(f"device batch size probe: {b} rows -> {'fits' if fits_everywhere else 'does not fit'} ({detail}, {time.perf_counter() - t0:.1f}s)")
         if fits_everywhere:
             return b
@@ -366,10 +386,14 @@ def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print
 def probe_training_step(model, optimizer, seq_len, vocab_size, device):
     """A `try_batch` for probe_device_batch_size: forward + backward of random tokens through `model`.
 
-    The optimizer state is allocated first by one zero-learning-rate step on zero gradients (the update is
-    exactly zero, so the weights are untouched), then dropped again after the probe by `reset()`; the
-    returned function leaves no gradients behind.
+    The batch has the loaders' layout, inputs and targets as two views of one buffer (batch_views), so that a
+    compiled model traces the graph training then reuses: the same tensor passed twice would compile another.
+    An optimizer without state gets it allocated by one zero-learning-rate step on zero gradients (the update
+    is exactly zero, so the weights are untouched) and dropped again after the probe by `reset()`. An optimizer
+    that has state already (SFT's warm start) keeps it as it is: its memory is counted, and a zero step would
+    decay its moments. The returned function leaves no gradients behind.
     """
+    owns_state = not optimizer.state
 
     def allocate_state():
         saved = [g["lr"] for g in optimizer.param_groups]
@@ -384,20 +408,28 @@ def probe_training_step(model, optimizer, seq_len, vocab_size, device):
 
     def try_batch(b):
         try:
-            x = torch.randint(0, vocab_size, (b, seq_len), device=device)
-            model(x, x).backward()
+            inputs, targets = batch_views(torch.randint(0, vocab_size, (2 * b * seq_len,), device=device), b, seq_len)
+            model(inputs, targets).backward()
         finally:
             model.zero_grad(set_to_none=True)
 
     def reset():
-        optimizer.state.clear()  # fresh moments: the probe's zero step must not count as a real one
+        if owns_state:
+            optimizer.state.clear()  # fresh moments: the probe's zero step must not count as a real one
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
 
-    allocate_state()
+    if owns_state:
+        allocate_state()
     try_batch.reset = reset
     return try_batch
+
+
+def batch_views(buffer, B, T):
+    """(inputs, targets), each (B, T), as two views of one (2*B*T,) buffer: the layout every loader hands the
+    model (one host-to-device copy per batch), and the one the batch probe compiles."""
+    return buffer[:B * T].view(B, T), buffer[B * T:].view(B, T)
 
 
 def window_pattern_arg(value):

@@ -1,6 +1,7 @@
 """Scaling rules, schedules and the shared train step (nanochat/training.py)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,13 +232,80 @@ def test_the_probe_step_leaves_weights_and_optimizer_state_untouched(tiny_gpt):
     optimizer = model.setup_optimizer(weight_decay=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try_batch = training.probe_training_step(model, optimizer, seq_len=16, vocab_size=265, device=torch.device("cpu"))
-    assert optimizer.state  # allocated, so the probe counts its memory
+    assert optimizer.state  # allocated (it had none), so the probe counts its memory
     try_batch(4)
     try_batch.reset()
     assert not optimizer.state
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_the_probe_keeps_a_warm_started_optimizers_moments(tiny_gpt):
+    model = tiny_gpt(scrambled=True)
+    optimizer = model.setup_optimizer(weight_decay=0.1)
+    x = torch.randint(0, 265, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(x, x).backward()
+    optimizer.step()  # moments, as SFT's warm start loads them
+    model.zero_grad(set_to_none=True)
+    before = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in optimizer.state.items()}
+    try_batch = training.probe_training_step(model, optimizer, seq_len=16, vocab_size=265, device=torch.device("cpu"))
+    try_batch(4)
+    try_batch.reset()
+    after = {id(p): s for p, s in optimizer.state.items()}
+    assert after.keys() == before.keys()
+    for key, state in before.items():
+        for name, value in state.items():
+            assert torch.equal(after[key][name], value) if torch.is_tensor(value) else after[key][name] == value, name
+
+
+def test_training_after_the_probe_reuses_the_probes_compiled_graph(tiny_gpt, byte_tokenizer):
+    from torch._dynamo.testing import CompileCounter
+
+    from nanochat.chat_dataloader import packed_conversation_loader
+
+    torch._dynamo.reset()
+    model = tiny_gpt(n_layer=1, sequence_len=16)
+    counter = CompileCounter()  # counts the graphs compiled for the model alone (not the optimizer's)
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    optimizer = model.setup_optimizer()
+    B, T = 2, 16
+    try_batch = training.probe_training_step(compiled, optimizer, seq_len=T, vocab_size=265, device=torch.device("cpu"))
+    try_batch(B)
+    try_batch.reset()
+    graphs = counter.frame_count
+    assert graphs > 0
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    batches = packed_conversation_loader([chat] * 20, byte_tokenizer, B, T, device=torch.device("cpu"))
+    TrainStep(compiled, optimizer, 2)(batches)
+    assert counter.frame_count == graphs  # no second compile of the chosen size
+
+
+@pytest.fixture
+def cuda_memory(monkeypatch):
+    """A CUDA device on paper: `set(free=, reserved=, total=, fraction=)` in GiB, and `peaks` {rows: GiB}."""
+    GiB = 2**30
+    card = SimpleNamespace(free=0, reserved=0, total=80, fraction=1.0, peaks={}, rows=None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card.free * GiB, card.total * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: card.reserved * GiB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: card.fraction)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=card.total * GiB))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: card.peaks[card.rows] * GiB)
+    card.try_batch = lambda rows: setattr(card, "rows", rows)
+    return card
+
+
+def test_the_probe_margin_is_taken_against_the_memory_this_process_can_have(cuda_memory):
+    cuda_memory.peaks = {16: 20, 8: 10, 4: 7, 2: 5}
+    probe = lambda: training.probe_device_batch_size(cuda_memory.try_batch, [16, 8, 4, 2], torch.device("cuda"), log=lambda m: None)
+    # Another process holds most of the 80 GB card: 2 GiB are ours, 6 free, so 90% of 8 GiB.
+    cuda_memory.free, cuda_memory.reserved = 6, 2
+    assert probe() == 4
+    # A per-process cap of 15% (12 GiB, a 12 GB card emulated) on an otherwise empty card: 90% of 12 GiB.
+    cuda_memory.free, cuda_memory.reserved, cuda_memory.fraction = 78, 2, 0.15
+    assert probe() == 8
 
 
 def test_auto_device_batch_size_off_cuda_uses_the_fallback():
