@@ -56,7 +56,8 @@ def top_p_filter(logits, top_p, temperature):
 class BatchCache:
     """Keys and values of a running batch whose rows hold different numbers of positions.
 
-    The interface GPT.forward uses (as nanochat.engine.KVCache): get_pos() (None while rows differ),
+    The interface GPT.forward uses (as nanochat.engine.KVCache): get_pos() (None while rows differ), then
+    `lengths` (the rows' lengths as a host list, so decoding never reads them back from the device),
     cache_seqlens (B,) int32, get_layer_cache(i) -> (k, v) views (B, T_max, H, D), advance(T), and
     prev_embedding (B, 1, n_embd). Rows 0..B-1 are the live ones: add_rows appends, remove_row moves the last
     row into the freed slot. Storage (n_layers, capacity, T_max, H, D) grows by doubling up to max_rows and is

@@ -143,8 +143,10 @@ class CausalSelfAttention(nn.Module):
             y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window_size)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            pos = kv_cache.get_pos()  # host-side lengths: reading cache_seqlens would sync with the GPU every layer
             y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
-                                                   causal=True, window_size=window_size, cache_pos=kv_cache.get_pos())
+                                                   causal=True, window_size=window_size,
+                                                   cache_pos=pos if pos is not None else kv_cache.lengths)
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -303,9 +305,10 @@ class GPT(nn.Module):
         i.e. everything forward does before the head. Advances kv_cache by T when one is given; when its rows
         hold different numbers of positions, each row's tokens take the rotary angles of its own positions."""
         B, T = idx.shape
-        # The cache's get_pos() is None when its rows hold different numbers of positions (a continuous batch).
+        # The cache's get_pos() is None when its rows hold different numbers of positions (a continuous batch);
+        # its `lengths` then lists them on the host.
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        end = T0 + T if T0 is not None else int(kv_cache.cache_seqlens.max()) + T
+        end = T0 + T if T0 is not None else max(kv_cache.lengths) + T  # the host copy: no device sync
         if end > self.cos.size(1):
             raise ValueError(f"sequence too long: positions up to {end} but rotary tables cover {self.cos.size(1)} "
                              f"(10 x sequence_len={self.config.sequence_len})")

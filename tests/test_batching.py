@@ -4,6 +4,7 @@ Engine.generate gives it on its own (greedy, and seeded sampling), on scrambled 
 short sliding window; plus the model step on rows at different positions against each row alone, the
 calculator per row, cancels, full contexts, queueing, threads and errors."""
 
+import copy
 import threading
 from types import SimpleNamespace
 
@@ -82,6 +83,34 @@ def test_one_forward_on_rows_at_different_positions_equals_each_row_alone(model_
                 own = model(ids[row:row + 1], kv_cache=cache)[0, -1]
                 torch.testing.assert_close(together[row], own, atol=2e-5, rtol=1e-5)
     assert batch.lengths == [len(p) + 4 for p in prompts]
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Fails any read of a tensor's values back to Python: on a GPU each one waits for the device."""
+
+    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__index__,
+             torch.Tensor.__bool__, torch.Tensor.__float__}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"a decode step read a tensor back to the host ({func.__name__})")
+        return func(*args, **(kwargs or {}))
+
+
+def test_ragged_decode_takes_the_row_lengths_from_the_host(tiny_gpt):
+    model = tiny_gpt(scrambled=True, n_layer=2, window_pattern="SL", sequence_len=64)
+    cfg = model.config
+    batch = BatchCache(4, cfg.sequence_len, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+    with torch.no_grad():
+        for n in (3, 9):
+            cache = KVCache(1, cfg.n_kv_head, n, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
+            model(torch.tensor([[256] * n]), kv_cache=cache)
+            batch.add_rows(cache)
+        expected = model(torch.tensor([[1], [2]]), kv_cache=copy.deepcopy(batch))
+        with _NoHostReads():
+            logits = model(torch.tensor([[1], [2]]), kv_cache=batch)
+    torch.testing.assert_close(logits, expected)
+    assert batch.lengths == [4, 10]
 
 
 def test_batch_cache_rows_leave_and_memory_goes_with_the_last():
