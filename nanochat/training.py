@@ -228,6 +228,35 @@ def _all_reduce(tensor, op):
     return tensor
 
 
+def _loss_verdict(losses):
+    """Start summing the step's losses and counting the non-finite ones over all ranks; returns a function that
+    waits for [loss sum, non-finite count, loss count].
+
+    The optimizer step must wait for this answer (no NaN may reach the weights, and every rank must decide
+    alike), so the host waits once per step. Queued after the last forward, before its backward, the wait
+    ends as soon as the forward and a 3-float all-reduce are done, while the GPU still runs the backward: the
+    host launches the optimizer step behind it and the GPU never idles. Waiting after the backward (the
+    obvious order) drained the GPU's queue each step, leaving it idle while the optimizer step was launched.
+    """
+    stacked = torch.stack(losses).float()
+    finite = torch.isfinite(stacked)
+    totals = torch.stack([torch.where(finite, stacked, 0.0).sum(), (~finite).sum().float(),
+                          torch.tensor(float(len(losses)), device=stacked.device)])
+    totals = _all_reduce(totals, dist.ReduceOp.SUM)  # one collective
+    if not totals.is_cuda:
+        return totals.tolist
+    host = torch.empty(totals.shape, dtype=totals.dtype, pin_memory=True)
+    host.copy_(totals, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait():
+        done.synchronize()  # the copy, not the backward queued after it
+        return host.tolist()
+
+    return wait
+
+
 class TrainStep:
     """One optimizer step with gradient accumulation over `grad_accum_steps` micro-batches.
 
@@ -278,13 +307,15 @@ class TrainStep:
     def __call__(self, batches):
         losses, tokens = [], 0
         try:
-            for _ in range(self.grad_accum_steps):
+            for micro_step in range(self.grad_accum_steps):
                 if self.pending is None:
                     self.fetch(batches)
                 (inputs, targets), self.pending = self.pending, None
                 loss = self.loss_fn(self.model, inputs, targets)
                 losses.append(loss.detach())
                 tokens += inputs.numel()
+                if micro_step == self.grad_accum_steps - 1:
+                    verdict = _loss_verdict(losses)  # queued before the last backward: see _loss_verdict
                 loss = loss / self.grad_accum_steps
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
                 if self.prefetch:
@@ -293,12 +324,7 @@ class TrainStep:
             self.model.zero_grad(set_to_none=True)
             raise OutOfMemory(f"out of memory on {inputs.device} in a training step at {inputs.size(0)} rows x "
                               f"{inputs.size(1)} tokens per micro-batch; {self.oom_hint or 'lower --device-batch-size'}") from err
-        stacked = torch.stack(losses).float()
-        finite = torch.isfinite(stacked)
-        # [sum of finite losses, number of non-finite ones, number of losses], summed over ranks: one collective.
-        totals = torch.stack([torch.where(finite, stacked, 0.0).sum(), (~finite).sum().float(),
-                              torch.tensor(float(len(losses)), device=stacked.device)])
-        loss_sum, bad, count = _all_reduce(totals, dist.ReduceOp.SUM).tolist()
+        loss_sum, bad, count = verdict()
         if bad > 0:
             self.model.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"the training loss was NaN/inf in {int(bad)} of {int(count)} micro-batches "

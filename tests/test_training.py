@@ -145,6 +145,21 @@ def test_nan_in_the_first_micro_batch_stops_before_the_optimizer_step():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_nan_verdict_is_queued_before_the_last_backward(monkeypatch):
+    """The host waits for the loss verdict once per step; queued before the last backward, that wait leaves the
+    backward running on the GPU (see training._loss_verdict). A NaN in that last micro-batch still stops the step."""
+    events = []
+    verdict = training._loss_verdict
+    monkeypatch.setattr(training, "_loss_verdict", lambda losses: events.append("verdict") or verdict(losses))
+    model = _TinyLM(nan_calls={3})
+    model.head.weight.register_hook(lambda grad: events.append("backward"))
+    before = _params(model)
+    with pytest.raises(NonFiniteLossError, match="NaN/inf in 1 of 3 micro-batches"):
+        TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_accum_steps=3)(_stream(4))
+    assert events == ["backward", "backward", "verdict", "backward"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_logged_loss_is_the_mean_over_micro_batches():
     torch.manual_seed(0)
     model = _TinyLM()
