@@ -411,12 +411,20 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
+def configure_cuda_allocator():
+    """Expandable segments for CUDA's caching allocator, unless PYTORCH_ALLOC_CONF says otherwise: batches of
+    varying size (evaluation, RL sampling, the batch probe) then reuse freed memory instead of fragmenting it
+    into blocks of the wrong size. Read when CUDA initialises, so compute_init sets it first, for every stage."""
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+
 def compute_init(device_type="cuda", seed=42):
     """Seed, pick the device and join the process group. Returns (ddp, rank, local_rank, world_size, device).
 
     Under torchrun the process group uses NCCL on CUDA and gloo on CPU, so the multi-process paths
     (optimizer sharding, data sharding, checkpoint files per rank) run and are tested on CPU too.
     """
+    configure_cuda_allocator()
     if device_type not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"unknown device type {device_type!r}; use --device-type cuda, mps or cpu (or leave it empty to autodetect)")
     if device_type == "cuda":

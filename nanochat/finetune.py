@@ -170,7 +170,6 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
     extra_periodic(ctx) -> list of Periodic jobs beyond val bpb (SFT's ChatCORE); ctx is a dict with the
     model, tokenizer, device and batch size. report_rows(ctx) -> extra rows for the report section.
     """
-    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     user_config = vars(args).copy()
     run = start_run(args.device_type, args.seed, stage.wandb_project, args.run, user_config)
     device = run.device
@@ -239,7 +238,8 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
     step = training.TrainStep(model, optimizer, grad_accum_steps, scaler=scaler,
                               oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)")
     result = TrainLoop(step=step, batches=batches, horizon=horizon, schedule=schedule, periodic=periodic, checkpointer=checkpointer,
-                       meter=training.StepMeter(hp["total_batch_size"], orig_model.estimate_flops(), run.peak_flops),
+                       meter=training.StepMeter(hp["total_batch_size"], orig_model.estimate_flops(), run.peak_flops,
+                                                mfu_label=run.mfu_label),
                        wandb_run=run.wandb_run, sync=run.sync, wandb_every=10,
                        describe=lambda state: f"epoch: {state['epoch']}", curve=stage.name).run(resume=resume)
     if batches.truncated:

@@ -315,6 +315,7 @@ class Run:
     device: torch.device
     compute_dtype: torch.dtype
     peak_flops: float | None
+    mfu_label: str  # what peak_flops is (training.mfu_label), for the step line
     wandb_run: object
     sync: Callable | None
 
@@ -331,7 +332,7 @@ def start_run(device_type, seed, wandb_project, run_name, user_config):
     """
     from nanochat.common import (DummyWandb, autodetect_device_type, compute_init, get_compute_dtype, get_peak_flops,
                                  measure_matmul_flops, print_banner)
-    from nanochat.training import configure_cpu_threads
+    from nanochat.training import configure_cpu_threads, mfu_label
 
     ddp, rank, _, world_size, device = compute_init(device_type or autodetect_device_type(), seed=seed)
     if device.type == "cpu":
@@ -355,7 +356,8 @@ def start_run(device_type, seed, wandb_project, run_name, user_config):
 
         wandb_run = wandb.init(project=wandb_project, name=run_name, config=user_config)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    return Run(ddp, rank, world_size, device, compute_dtype, peak * world_size if peak else None, wandb_run, sync)
+    return Run(ddp, rank, world_size, device, compute_dtype, peak * world_size if peak else None,
+               mfu_label(device.type, compute_dtype), wandb_run, sync)
 
 
 def log_attention_path(device, compute_dtype, window_pattern):

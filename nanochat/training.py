@@ -505,6 +505,15 @@ def resolve_device_batch_size(value, fallback, model, optimizer, total_batch_siz
 # Bookkeeping for the step log line
 
 
+def mfu_label(device_type, dtype):
+    """The step line's name for the MFU figure: on CUDA it is against the card's bf16 tensor-core peak
+    ("bf16_mfu"), elsewhere against the matmul rate measured on this device in the compute dtype ("cpu_fp32_mfu")."""
+    if device_type == "cuda":
+        return "bf16_mfu"
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
+    return f"{device_type}_{short}_mfu"
+
+
 @dataclass
 class StepMeter:
     """EMA of the loss (debiased), tok/s, MFU and ETA. Steps up to `warmup` are left out of the timing
@@ -513,6 +522,7 @@ class StepMeter:
     tokens_per_step: int
     flops_per_token: float
     peak_flops: float | None  # aggregate over all ranks; None = unknown (MFU shown as n/a)
+    mfu_label: str = "mfu"  # what the MFU is measured against (mfu_label()), named in the step line
     smooth_loss: float = 0.0
     total_time: float = 0.0
     timed_steps: int = 0
@@ -565,5 +575,5 @@ class StepMeter:
         eta = f"{m['eta'] / 60:.1f}m" if m["eta"] is not None else "n/a"
         extra = f" | {extra}" if extra else ""
         return (f"step {step:05d}{total} ({100 * progress:.2f}%) | loss: {m['loss']:.6f} | lrm: {lrm:.2f} | "
-                f"dt: {m['dt'] * 1000:.2f}ms | tok/sec: {int(m['tok_per_sec']):,} | bf16_mfu: {mfu}{extra} | "
+                f"dt: {m['dt'] * 1000:.2f}ms | tok/sec: {int(m['tok_per_sec']):,} | {self.mfu_label}: {mfu}{extra} | "
                 f"total time: {self.total_time / 60:.2f}m | eta: {eta}")

@@ -84,7 +84,6 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_default_logging()
-    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     user_config = vars(args).copy()
     run = start_run(args.device_type, args.seed, "nanochat", args.run, user_config)
     device = run.device
@@ -202,7 +201,7 @@ def main(argv=None):
         periodic=[Periodic("val bpb", args.eval_every, val_bpb, at_start=True),
                   Periodic("CORE", args.core_metric_every, core_metric),
                   Periodic("samples", args.sample_every, samples, master_only=True)],
-        checkpointer=checkpointer, meter=training.StepMeter(total_batch_size, num_flops_per_token, run.peak_flops),
+        checkpointer=checkpointer, meter=training.StepMeter(total_batch_size, num_flops_per_token, run.peak_flops, mfu_label=run.mfu_label),
         wandb_run=run.wandb_run, sync=run.sync,
         describe=lambda st: f"epoch: {st['epoch']} pq: {st['pq_idx']} rg: {st['rg_idx']}", curve="base")
     result = train.run(resume=meta)

@@ -103,7 +103,7 @@ def main(argv=None):
     result = TrainLoop(step=step, batches=stream, horizon=FixedHorizon(num_steps), periodic=[
                            Periodic("pass@k", args.eval_every, pass_at_k, at_start=True, at_last=False)],
                        schedule=lambda it, progress: {"lrm": training.linear_decay(it, num_steps)},
-                       checkpointer=checkpointer, meter=training.StepMeter(0, model.estimate_flops(), run.peak_flops),
+                       checkpointer=checkpointer, meter=training.StepMeter(0, model.estimate_flops(), run.peak_flops, mfu_label=run.mfu_label),
                        wandb_run=run.wandb_run, sync=run.sync, wandb_every=1, describe=rewards, curve="rl").run(resume=start.resume)
 
     curve = [round(r, 4) for r, _ in stream.history]

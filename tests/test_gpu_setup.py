@@ -92,3 +92,16 @@ def test_gpu_scripts_start_one_process_per_gpu_and_stop_on_an_unusable_one(gpu_m
 def test_gpu_run_scripts_check_the_gpu_before_any_stage(script):
     text = (REPO_ROOT / script).read_text()
     assert text.index("\nrequire_gpu\n") < text.index("\nstage ")
+
+
+def test_every_stage_gets_the_training_allocator_config(monkeypatch):
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    common.compute_init("cpu")
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128")  # the user's choice wins
+    common.compute_init("cpu")
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:128"
+    # The stages that allocate large CUDA memory all start through compute_init (start_run calls it).
+    for script in ("chat_rl", "base_eval", "chat_eval", "base_train"):
+        text = (REPO_ROOT / "scripts" / f"{script}.py").read_text()
+        assert "compute_init(" in text or "start_run(" in text, script

@@ -398,8 +398,18 @@ def test_step_meter_excludes_warmup_from_timing():
     assert m["mfu"] is None and m["eta"] is not None
     assert m["loss"] == pytest.approx(1.0)
     line = meter.format_line(4, 20, 0.2, m, 1.0, extra="epoch: 1")
-    assert line.startswith("step 00004/00020 (20.00%) | loss: 1.000000 | lrm: 1.00 |") and "bf16_mfu: n/a | epoch: 1" in line
+    assert line.startswith("step 00004/00020 (20.00%) | loss: 1.000000 | lrm: 1.00 |") and "mfu: n/a | epoch: 1" in line
     assert meter.format_line(4, None, 0.5, m, 1.0).startswith("step 00004 (50.00%)")
+
+
+def test_the_step_line_names_what_its_mfu_is_measured_against():
+    assert training.mfu_label("cuda", torch.float32) == "bf16_mfu"  # the card's bf16 tensor-core peak
+    assert training.mfu_label("cpu", torch.float32) == "cpu_fp32_mfu"  # this CPU's measured fp32 matmul rate
+    assert training.mfu_label("mps", torch.bfloat16) == "mps_bf16_mfu"
+    meter = StepMeter(100, 2.0, peak_flops=1e3, mfu_label=training.mfu_label("cpu", torch.float32))
+    meter.start()
+    line = meter.format_line(0, 10, 0.1, meter.stop(0, loss=1.0, progress=0.1), 1.0)
+    assert "| cpu_fp32_mfu: " in line and "bf16" not in line
 
 
 def test_cpu_trains_in_fp32_by_default_even_with_native_bf16(monkeypatch):
