@@ -32,9 +32,16 @@ def test_base_dir_is_fresh_and_set(base_dir, tmp_path):
 
 
 def _all_reduce_rank(rank, world_size, offset):
-    t = torch.tensor([float(rank + offset)])
+    import nccl_rules
+
+    t = torch.tensor([float(rank + offset)], device="cpu")  # built on the run's device, as NCCL requires
     dist.all_reduce(t)
-    return {"sum": t.item(), "dist_info": get_dist_info()}
+    try:
+        dist.all_reduce(torch.tensor([1.0]))  # built on the host by default: refused on both ranks alike
+        refused = False
+    except nccl_rules.NcclRuleError:
+        refused = True
+    return {"sum": t.item(), "dist_info": get_dist_info(), "host_tensor_refused": refused}
 
 
 def _fail_on_rank_1(rank, world_size):
@@ -49,7 +56,8 @@ def _sleep_forever(rank, world_size):
 
 @pytest.mark.slow  # each case spawns two interpreters
 def test_run_on_ranks_returns_each_ranks_result_under_a_torchrun_environment(run_on_ranks):
-    assert run_on_ranks(_all_reduce_rank, 10) == [{"sum": 21.0, "dist_info": (True, r, r, 2)} for r in range(2)]
+    expected = [{"sum": 21.0, "dist_info": (True, r, r, 2), "host_tensor_refused": True} for r in range(2)]
+    assert run_on_ranks(_all_reduce_rank, 10) == expected
 
 
 @pytest.mark.slow
