@@ -299,8 +299,8 @@ def require_cuda(what):
         return
     problem = unusable_gpu_problem()
     raise ConfigError(f"{what}: {problem}" if problem else
-                      f"{what} needs a CUDA GPU, and this machine shows no NVIDIA GPU (no nvidia-smi, no driver); "
-                      "use --device-type cpu (or runcpu.sh)")
+                      f"{what}: PyTorch sees no CUDA device and this machine shows no NVIDIA GPU (no nvidia-smi, "
+                      "no driver); use --device-type cpu (or runcpu.sh)")
 
 
 def autodetect_device_type():

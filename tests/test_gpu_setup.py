@@ -92,6 +92,8 @@ def test_gpu_scripts_start_one_process_per_gpu_and_stop_on_an_unusable_one(gpu_m
 def test_gpu_run_scripts_check_the_gpu_before_any_stage(script):
     text = (REPO_ROOT / script).read_text()
     assert text.index("\nrequire_gpu\n") < text.index("\nstage ")
+    if script == "speedrun.sh":  # one process per GPU, decided before the first log line names it
+        assert "NPROC_PER_NODE:-8" not in text and text.index("\ngpu_processes") < text.index("\npipeline_setup")
 
 
 def test_every_stage_gets_the_training_allocator_config(monkeypatch):
