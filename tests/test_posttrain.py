@@ -172,6 +172,115 @@ def test_rollouts_train_sampled_tokens_and_the_stop_token_only(byte_tokenizer):
     assert state["examples_done"] == 1 and state["format"] == "rl-rollouts-1"
 
 
+# -----------------------------------------------------------------------------
+# RL with rewards that vary: a scripted policy whose answers are known, so every number can be counted by hand
+
+
+class QuizTask:
+    """Questions "q0", "q1", ...: an answer earns reward 1 when it starts with "yes", else 0."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return {"messages": [{"role": "user", "content": f"q{index}"}, {"role": "assistant", "content": "yes"}]}
+
+    def reward(self, conversation, response):
+        return float(response.startswith("yes"))
+
+
+class ScriptedPolicy:
+    """An Engine stand-in: `answers(question, seed, n)` gives the n answer strings of one generate call, each
+    sampled (mask 1) and ended by <|assistant_end|>. Records the (question, seed) of every call."""
+
+    model = torch.nn.Linear(1, 1)  # what the stream switches to eval mode and reads the device from
+
+    def __init__(self, tokenizer, answers):
+        self.end = tokenizer.encode_special("<|assistant_end|>")
+        self.answers, self.calls = answers, []
+
+    def generate(self, tokens, num_samples, max_tokens, temperature, top_k, seed):
+        question = bytes(t for t in tokens if t < 256).decode()  # the byte tokenizer: text bytes are ids < 256
+        self.calls.append((question, seed))
+        rows = [list(answer.encode()) + [self.end] for answer in self.answers(question, seed, num_samples)]
+        for step in range(max_tokens):
+            yield [row[step] if step < len(row) else self.end for row in rows], [1] * num_samples
+
+
+def test_rollout_advantages_are_rewards_minus_the_group_mean(byte_tokenizer):
+    from nanochat.rl import RolloutStream
+
+    answers = {"q0": ["yes", "no", "yes", "yes"], "q1": ["no", "no", "no", "yes"]}
+    policy = ScriptedPolicy(byte_tokenizer, lambda question, seed, n: answers[question])
+    stream = RolloutStream(QuizTask(2), byte_tokenizer, policy, examples_per_step=2, num_samples=4, device_batch_size=4,
+                           max_new_tokens=4, temperature=1.0, top_k=0)
+    batches = [next(stream) for _ in range(stream.micro_batches_per_step)]
+    assert [question for question, _ in policy.calls] == ["q0", "q1"]
+    advantages = torch.cat([adv for _, (_, adv), _ in batches])
+    # q0's rewards 1, 0, 1, 1 have mean 3/4; q1's 0, 0, 0, 1 mean 1/4; each advantage is reward - its group's mean.
+    assert advantages.tolist() == [0.25, -0.75, 0.25, 0.25, -0.25, -0.25, -0.25, 0.75]
+    assert batches[-1][2]["reward"] == 0.5  # the step's mean reward: (3/4 + 1/4) / 2
+    trained = batches[0][1][0][1]
+    assert trained[trained >= 0].tolist() == list(b"no") + [policy.end]
+
+
+def test_policy_gradient_loss_by_hand(tiny_gpt):
+    """-(sum of advantage x log p over the trained tokens) / the number of trained tokens, not of all positions."""
+    from nanochat.rl import policy_gradient_loss
+
+    model = tiny_gpt(scrambled=True)
+    inputs = torch.tensor([[256, 10, 20, 30, 40], [256, 11, 21, 31, 41]])
+    targets = torch.tensor([[-1, -1, 30, 40, 50], [-1, -1, 31, -1, -1]])  # 4 trained tokens of 10 positions
+    advantages = torch.tensor([0.5, -1.5])
+    with torch.no_grad():
+        logp = model(inputs).log_softmax(-1)  # (2, 5, V)
+        by_hand = -(0.5 * (logp[0, 2, 30] + logp[0, 3, 40] + logp[0, 4, 50]) - 1.5 * logp[1, 2, 31]) / 4
+        loss = policy_gradient_loss(model, inputs, (targets, advantages))
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_pass_at_k_counts_a_problem_when_any_of_its_first_k_answers_is_right(byte_tokenizer):
+    from nanochat.rl import evaluate_pass_at_k
+
+    answers = {"q0": ["no", "yes", "no"], "q1": ["no", "no", "no"], "q2": ["yes", "yes", "no"], "q3": ["yes"] * 3}
+    policy = ScriptedPolicy(byte_tokenizer, lambda question, seed, n: answers[question])
+    scores = evaluate_pass_at_k(QuizTask(4), byte_tokenizer, policy, num_examples=3, num_samples=3, max_new_tokens=4,
+                                temperature=1.0, top_k=0)
+    # Of the first 3 problems: q2 passes from k = 1, q0 from k = 2, q1 never (q3 is beyond num_examples).
+    assert scores == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 2 / 3})
+
+
+def test_resumed_rollouts_continue_with_the_next_questions(byte_tokenizer):
+    """A stream rebuilt from a step's state (through JSON, as the checkpoint meta keeps it) samples the questions
+    and seeds the uninterrupted stream goes on to, and yields the same batches."""
+    import json
+    import random
+
+    from nanochat.rl import RolloutStream
+
+    def answers(question, seed, n):  # the seed decides the answers, so a seed off by one changes the rewards
+        rng = random.Random(seed)
+        return [rng.choice(["yes", "no", "nope"]) for _ in range(n)]
+
+    settings = dict(examples_per_step=2, num_samples=4, device_batch_size=2, max_new_tokens=5, temperature=1.0, top_k=0)
+    straight_policy, resumed_policy = ScriptedPolicy(byte_tokenizer, answers), ScriptedPolicy(byte_tokenizer, answers)
+    straight = RolloutStream(QuizTask(7), byte_tokenizer, straight_policy, **settings)
+    for _ in range(straight.micro_batches_per_step):  # step 0: q0 and q1
+        _, _, state = next(straight)
+    assert state["examples_done"] == 2
+    resumed = RolloutStream(QuizTask(7), byte_tokenizer, resumed_policy, resume_state_dict=json.loads(json.dumps(state)),
+                            **settings)
+    for _ in range(2 * straight.micro_batches_per_step):  # steps 1 and 2
+        (x, (y, adv), _), (rx, (ry, radv), rstate) = next(straight), next(resumed)
+        assert torch.equal(x, rx) and torch.equal(y, ry) and torch.equal(adv, radv)
+    assert [question for question, _ in resumed_policy.calls] == ["q2", "q2", "q3", "q3", "q4", "q4", "q5", "q5"]
+    assert resumed_policy.calls == straight_policy.calls[4:]
+    assert rstate["examples_done"] == 6 and rstate["step"] == 3
+
+
 @pytest.mark.slow
 def test_every_stage_runs_under_torchrun(base):
     """mid -> SFT -> RL on 2 gloo ranks: each writes both ranks' optimizer shards and the next one loads them."""
