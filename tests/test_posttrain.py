@@ -51,25 +51,111 @@ def base(pipeline, tmp_path, monkeypatch, offline_tasks):
     return copy
 
 
+class EvenFirstByte:
+    """The offline arithmetic problems with a reward a micro model earns by chance, so that RL's update is not zero:
+    1 when the answer's first byte is even."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __len__(self):
+        return len(self.task)
+
+    def __getitem__(self, index):
+        return self.task[index]
+
+    def reward(self, conversation, response):
+        first = response.encode()[:1]
+        return float(first != b"" and first[0] % 2 == 0)
+
+
+@pytest.fixture
+def reachable_rewards(monkeypatch):
+    """chat_rl trains and evaluates on EvenFirstByte (over the synthetic stand-in for GSM8K)."""
+    from tasks.common import gsm8k_or_synthetic
+
+    monkeypatch.setattr(chat_rl, "gsm8k_or_synthetic", lambda split: EvenFirstByte(gsm8k_or_synthetic(split)))
+
+
+@pytest.fixture
+def loader_batches(monkeypatch):
+    """Every batch a chat loader hands out while the test runs, as (split, inputs, targets): what the stage trains
+    and evaluates on."""
+    from nanochat.chat_dataloader import ConversationLoader
+
+    batches, original = [], ConversationLoader.__next__
+
+    def recording(self):
+        inputs, targets, state = original(self)
+        batches.append((self.split, inputs.clone(), targets.clone()))
+        return inputs, targets, state
+
+    monkeypatch.setattr(ConversationLoader, "__next__", recording)
+    return batches
+
+
+def _assert_every_token_trained(inputs, targets, bos):
+    """Midtraining: each row's targets are its next tokens up to the row's BOS padding, then -1."""
+    T = inputs.size(1)
+    for x, y in zip(inputs, targets):
+        n = int((y >= 0).sum())
+        assert n > 0 and (y[:n] >= 0).all() and (x[n + 1:] == bos).all(), (x, y)
+        assert torch.equal(y[:min(n, T - 1)], x[1:min(n, T - 1) + 1])
+
+
+def _assert_assistant_tokens_trained(inputs, targets, tokenizer):
+    """SFT: a target is trained exactly when its token is one the assistant writes, which the token ids alone tell:
+    inside <|assistant_start|> ... <|assistant_end|> (the end included), outside <|output_start|> ... <|output_end|>
+    (the tool's output). The last column's token is not among the inputs, so it is left out."""
+    special = {name: tokenizer.encode_special(f"<|{name}|>") for name in
+               ("bos", "assistant_start", "assistant_end", "output_start", "output_end")}
+    for x, y in zip(inputs.tolist(), targets.tolist()):
+        in_assistant = in_output = False
+        expected = []
+        for token in x:
+            trained = in_assistant and not in_output and token not in (special["output_start"], special["bos"],
+                                                                       special["assistant_start"])
+            expected.append(token if trained else -1)
+            if token == special["bos"]:
+                in_assistant = in_output = False
+            elif token == special["assistant_start"]:
+                in_assistant = True
+            elif token == special["assistant_end"]:
+                in_assistant = False
+            elif token in (special["output_start"], special["output_end"]):
+                in_output = token == special["output_start"]
+        assert y[:-1] == expected[1:], (x, y)
+
+
 def _val_bpbs(caplog):
     import re
 
     return [float(m.group(1)) for r in caplog.records if (m := re.search(r"Validation bpb: ([0-9.]+)", r.getMessage()))]
 
 
-def test_mid_sft_rl_chain_learns_and_hands_over(base, caplog):
+def test_mid_sft_rl_chain_learns_and_hands_over(base, caplog, byte_tokenizer, loader_batches, reachable_rewards):
     caplog.set_level("INFO")
     mid_train.main(FINETUNE + ["--num-iterations=8", "--eval-every=4"])
+    assert {split for split, _, _ in loader_batches} == {"train", "val"}
+    for _, inputs, targets in loader_batches:
+        _assert_every_token_trained(inputs, targets, byte_tokenizer.get_bos_token_id())
     mid_bpb = _val_bpbs(caplog)
-    assert len(mid_bpb) == 3 and mid_bpb[-1] < mid_bpb[0], mid_bpb
+    # Measured: [12.02, 5.52, 4.92]; with the learning rate at 0 it stays at 12.02.
+    assert len(mid_bpb) == 3 and max(mid_bpb[1:]) < 0.6 * mid_bpb[0], mid_bpb
     assert (base / "mid_checkpoints" / "d2" / "model_000008.pt").exists()
     section = (base / "report" / "midtraining.md").read_text()
-    assert "- Number of iterations: 8" in section and "SyntheticArithmetic" in section or "synthetic" in section
+    assert "- Number of iterations: 8" in section and "synthetic" in section
 
     caplog.clear()
+    loader_batches.clear()
     chat_sft.main(FINETUNE[:1] + ["--num-iterations=8", "--eval-every=4", "--eval-tokens=256"] + SFT_EXTRA)  # geometry inherited
     sft_bpb = _val_bpbs(caplog)
-    assert len(sft_bpb) == 3 and sft_bpb[-1] < sft_bpb[0], sft_bpb
+    # Measured: [3.19, 2.40, 2.56]; with the learning rate at 0 it stays at 3.19.
+    assert len(sft_bpb) == 3 and max(sft_bpb[1:]) < 0.9 * sft_bpb[0], sft_bpb
+    assert {split for split, _, _ in loader_batches} == {"train", "val"}
+    for _, inputs, targets in loader_batches:
+        _assert_assistant_tokens_trained(inputs, targets, byte_tokenizer)
+    assert any((targets >= 0).any() for _, _, targets in loader_batches)
     messages = [r.getMessage() for r in caplog.records]
     assert any("Starting from the mid checkpoint d2, step 8" in m for m in messages)
     assert any("Device batch 4 x 32 tokens" in m for m in messages)  # inherited from the mid checkpoint
@@ -80,10 +166,15 @@ def test_mid_sft_rl_chain_learns_and_hands_over(base, caplog):
     result, history = chat_rl.main(RL + ["--num-iterations=2", "--eval-every=1", "--save-every=-1"])
     messages = [r.getMessage() for r in caplog.records]
     assert any("Starting from the sft checkpoint d2, step 8" in m for m in messages)
-    assert any("RL on SyntheticArithmetic" in m for m in messages)
-    assert len(history) == 2 and all(0.0 <= reward <= 1.0 for reward, _ in history)
-    assert "pass@1" in result.metrics and "pass@2" in result.metrics
-    assert (base / "chatrl_checkpoints" / "d2" / "model_000002.pt").exists()
+    assert any("RL on EvenFirstByte" in m for m in messages)
+    # Rewards that vary within a group give non-zero advantages, so the update moves the block matrices (with every
+    # reward 0, as the micro model scores on the arithmetic itself, only the embeddings' AdamW weight decay moves
+    # anything: the matrices' Muon weight decay is RL's --weight-decay, 0).
+    assert len(history) == 2 and any(0 < reward < 1 for reward, _ in history), history  # measured: 0.375, 0.75
+    assert result.metrics["pass@2"] >= result.metrics["pass@1"] > 0
+    sft = torch.load(base / "chatsft_checkpoints" / "d2" / "model_000008.pt")
+    rl = torch.load(base / "chatrl_checkpoints" / "d2" / "model_000002.pt")
+    assert not all(torch.equal(sft[key], rl[key]) for key in sft if key.startswith("transformer.h."))
     assert "synthetic" in (base / "report" / "chat-rl.md").read_text()
 
 
@@ -106,7 +197,9 @@ def test_midtraining_resume_is_bit_exact(base):
 
 
 @pytest.mark.slow
-def test_rl_resume_is_bit_exact(base):
+def test_rl_resume_is_bit_exact(base, reachable_rewards):
+    """With rewards that vary the updates depend on which problems each step samples, so a resume that restarted
+    the rollouts from the first problem would end on other weights."""
     mid_train.main(FINETUNE + ["--num-iterations=2", "--eval-every=-1"])
     chat_sft.main(FINETUNE[:1] + ["--num-iterations=2", "--eval-every=-1", "--eval-tokens=256"] + SFT_EXTRA)
     _resume_matches(base, chat_rl.main, "chatrl_checkpoints", RL + ["--eval-every=-1"], steps=3, every=1)
