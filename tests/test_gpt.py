@@ -510,4 +510,7 @@ def test_one_training_step_lowers_the_loss():
         opt.step()
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    # Measured 6.91 (= ln 1000, uniform logits), 5.15, 2.59 memorising the one batch; with every LR at 0 the loss
+    # stays at 6.91 to within 0.002. Each step must take at least a nat off.
+    assert losses[0] == pytest.approx(math.log(1000), abs=0.01)
+    assert losses[1] < losses[0] - 1.0 and losses[2] < losses[1] - 1.0, losses
