@@ -1,4 +1,4 @@
-"""Tests of nanochat/gpt.py: counts and FLOPs against the spec's worked examples (meta device, so d12..d32
+"""Tests of nanochat/gpt.py: counts and FLOPs per depth, derived in closed form (meta device, so d12..d32
 cost nothing), window/VE/backout layout, init statistics, forward/backward on tiny models, the chunked
 loss against the plain one, KV-cache decoding against full recomputation, the naive sampler, and the
 optimizer param groups.
