@@ -1,6 +1,8 @@
-"""Midtraining, SFT and RL end to end on CPU with a micro model and offline data: each stage learns (or, for
-RL, runs its rollouts and update), writes a checkpoint the next stage loads, resumes bit-exactly, and
-fails with one line when its source is missing."""
+"""Midtraining, SFT and RL end to end on CPU with a micro model and offline data: each stage learns (midtraining on
+every token, SFT on the assistant's only, checked on the batches each stage takes), writes a checkpoint the next
+stage loads, resumes bit-exactly, and fails with one line when its source is missing. RL runs on a reward the micro
+model earns by chance, and its pieces (group-mean advantages, the policy-gradient loss, pass@k, rollout resume)
+against a scripted policy whose rewards are counted by hand."""
 
 import glob
 import os
