@@ -83,8 +83,9 @@ def test_tok_train_rejects_too_small_vocab(sharded_base, capsys):
     assert e.value.code == 2 and "at least 265" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module,defaults", [(tok_train, {"--max-chars": 2_000_000_000, "--doc-cap": 10_000, "--vocab-size": 32_768}),
-                                             (tok_eval, {"--offline": False, "--timeout": 10.0})])
+@pytest.mark.parametrize("module,defaults", [
+    (tok_train, {"--max-chars": 2_000_000_000, "--doc-cap": 10_000, "--vocab-size": 32_768}),
+    (tok_eval, {"--offline": False, "--timeout": 10.0})])
 def test_help(module, defaults, capsys):
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
