@@ -194,12 +194,19 @@ def test_two_process_torchrun_run_saves_every_rank(base_dir):
     assert (ckpt / "optim_000003_rank0.pt").exists() and (ckpt / "optim_000003_rank1.pt").exists()
 
 
-def test_base_loss_reports_both_splits_and_samples(base_dir):
+def test_base_loss_reports_both_splits_and_samples(base_dir, caplog):
+    import re
+
     from scripts import base_loss
 
-    base_train.main(TINY + ["--num-iterations=2", "--eval-every=-1"])
+    caplog.set_level("INFO")
+    base_train.main(TINY + ["--num-iterations=2", "--eval-every=2"])
+    trained = [float(m.group(1)) for r in caplog.records if (m := re.search(r"Validation bpb: ([0-9.]+)", r.getMessage()))]
     bpb, samples = base_loss.main(["--device-type=cpu", "--device-batch-size=4", "--split-tokens=256"])
-    assert set(bpb) == {"train", "val"} and all(0 < v < 20 for v in bpb.values())
+    # The val bpb is the one the training run itself measured on the same weights and val tokens (1.3622 measured);
+    # the train split's differs from it (other text), but only a little for this barely trained model (1.3756).
+    assert set(bpb) == {"train", "val"} and bpb["val"] == pytest.approx(trained[-1], abs=1e-6)
+    assert bpb["train"] != bpb["val"] and abs(bpb["train"] - bpb["val"]) < 0.1
     assert len(samples) == 7 and all(s.startswith("<|bos|>") for s in samples)
     section = (base_dir / "report" / "base-model-loss.md").read_text()
     assert "- train bpb:" in section and "- val bpb:" in section and "- sample 6: <|bos|>" in section

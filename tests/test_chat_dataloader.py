@@ -1,7 +1,8 @@
 """Conversation packing loader (nanochat/chat_dataloader.py): whole BOS-aligned conversations, padding and
 completion-only targets checked against render_conversation, parity with a plain-list reference packer,
 over-long conversations truncated instead of jamming the buffer, exact resume, progress, rank sharding
-(in-process and on 2 gloo ranks), rejected resume states. Byte tokenizer and an in-memory task."""
+(in-process and on 2 gloo ranks), rejected resume states, the pinned asynchronous copy to CUDA. Byte tokenizer and
+an in-memory task."""
 
 import json
 import logging
@@ -259,6 +260,51 @@ def test_state_is_json_and_describes_the_loader(byte_tokenizer):
     assert s["buffer"] == sorted(s["buffer"])  # in arrival order
     assert [a["consumed"] for a in states] == sorted({a["consumed"] for a in states})  # grows every batch
     assert len(json.dumps(s)) < 1000
+
+
+def _record_host_to_cuda_copies(monkeypatch):
+    """Stand-ins for Tensor.pin_memory and Tensor.to(<cuda>) on a machine without CUDA: each call is recorded as
+    ("pin", tensor is the unpinned one) or ("to", device, non_blocking) and hands back the tensor itself, so the
+    loader's CUDA branch runs on CPU."""
+    calls, real_to = [], torch.Tensor.to
+
+    def pin_memory(self):
+        calls.append(("pin",))
+        return self
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], (str, torch.device)) and torch.device(args[0]).type == "cuda":
+            calls.append(("to", torch.device(args[0]), kwargs.get("non_blocking", False)))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return calls
+
+
+def test_cuda_batches_are_copied_from_pinned_memory_without_blocking(byte_tokenizer, monkeypatch):
+    """On CUDA both tensors of a batch go through pinned host memory and an asynchronous copy; on CPU neither is
+    pinned (pinning needs CUDA) and the batch is the same."""
+    task = TinyChat()
+    want = take(make(task, byte_tokenizer, "assistant"), 2)
+    calls = _record_host_to_cuda_copies(monkeypatch)
+    cpu = take(make(task, byte_tokenizer, "assistant"), 2)
+    assert calls == []
+    got = take(make(task, byte_tokenizer, "assistant", device="cuda"), 2)
+    assert calls == [("pin",), ("to", torch.device("cuda"), True)] * 4  # inputs and targets of 2 batches
+    assert_same(got, want)
+    assert_same(cpu, want)
+
+
+@pytest.mark.gpu
+def test_cuda_batches_equal_the_cpu_batches(byte_tokenizer):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    task = TinyChat()
+    got = take(make(task, byte_tokenizer, "assistant", device="cuda"), 3)
+    assert all(x.is_cuda and y.is_cuda for x, y, _ in got)
+    assert_same([(x.cpu(), y.cpu()) for x, y, _ in got], take(make(task, byte_tokenizer, "assistant"), 3))
 
 
 def test_training_progress_horizons():

@@ -153,29 +153,57 @@ def test_float8_linear_matches_bf16_forward_and_backward():
     assert rel(layer.weight.grad, gw_ref) < 0.2
 
 
-@pytest.mark.gpu
-def test_fp8_gpt_trains_and_disable_fp8_matches_bf16():
-    _needs_fp8_gpu()
-    cfg = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)
+FP8_GPT = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)
+
+
+def _bf16_gpt(device, fp8=False):
+    """FP8_GPT in bf16 after init_weights() with seed 0; fp8=True converts its big Linears first (on meta)."""
     with torch.device("meta"):
-        model = GPT(cfg, compute_dtype=torch.bfloat16)
-    model.to_empty(device="cuda")
-    torch.manual_seed(0)
-    model.init_weights()
-    idx = torch.randint(0, 512, (4, 128), device="cuda")
+        model = GPT(FP8_GPT, compute_dtype=torch.bfloat16)
+    if fp8:
+        # 6 matrices per block + lm_head; the smear gate and the one value-embedding gate (2 layers) stay as they are.
+        assert convert_to_float8_training(model) == (2 * 6 + 1, 2)
+    model.to_empty(device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model.init_weights()
+    return model
+
+
+def test_disable_fp8_gives_the_bf16_models_logits():
+    """On CPU: a converted model inside disable_fp8 computes exactly what the unconverted bf16 model does."""
+    idx = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        bf16_logits = model(idx)
-    converted, _ = convert_to_float8_training(model)
-    assert converted == 2 * 6 + 1
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses = []
-    for _ in range(5):
-        loss = model(idx, idx.roll(-1, 1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+        reference = _bf16_gpt("cpu")(idx)
+        model = _bf16_gpt("cpu", fp8=True)
+        with disable_fp8(model):
+            got = model(idx)
+    assert torch.equal(got, reference)
+    with pytest.raises(RuntimeError, match="SM >= 8.9"):  # the Float8Linears are back
+        model(idx)
+
+
+@pytest.mark.gpu
+def test_fp8_gpt_trains_like_bf16_and_disable_fp8_matches_bf16():
+    _needs_fp8_gpu()
+    idx = torch.randint(0, 512, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    curves = {}
+    for name, model in (("bf16", _bf16_gpt("cuda")), ("fp8", _bf16_gpt("cuda", fp8=True))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        curves[name] = []
+        for _ in range(5):
+            loss = model(idx, idx.roll(-1, 1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            curves[name].append(loss.item())
+    # In bf16 (measured on CPU) the loss goes 6.24 (= ln 512) -> 5.26 over these steps, and stays at 6.24 with lr 0.
+    # FP8's tensorwise scaling may cost a little of that drop, not half of it.
+    fp8_curve, bf16_curve = curves["fp8"], curves["bf16"]
+    assert fp8_curve[0] == pytest.approx(bf16_curve[0], abs=0.02)
+    assert fp8_curve[-1] < fp8_curve[0] - 0.5 and abs(fp8_curve[-1] - bf16_curve[-1]) < 0.1, curves
+    # The trained weights, evaluated without FP8, give what a plain bf16 model holding them gives.
+    plain = _bf16_gpt("cuda")
+    plain.load_state_dict(model.state_dict())
     with disable_fp8(model), torch.no_grad():
-        assert torch.isfinite(model(idx)).all()
-    assert bf16_logits.shape == (4, 128, 512)
+        assert torch.allclose(model(idx), plain(idx), atol=1e-3, rtol=0)

@@ -10,7 +10,9 @@ from nanochat import training
 from nanochat.training import (NonFiniteLossError, OutOfMemory, StepMeter, TrainStep, grad_accum_steps_for,
                                lr_multiplier, muon_momentum, muon_weight_decay, scaling_plan)
 
-D12_SCALING_PARAMS = 110_100_912  # 01 Appendix A
+# d12 (width 768, 6 heads, 6 value-embedding layers): 12 x 12 x 768^2 block matrices + 12 x 6 x 6 value-embedding
+# gate weights + 32,768 x 768 lm_head (the closed form of tests/test_gpt.py::test_per_depth_table_is_the_closed_form).
+D12_SCALING_PARAMS = 12 * 12 * 768**2 + 12 * 6 * 6 + 32768 * 768
 
 
 def test_d12_at_65536_tokens_scales_lr_and_wd():
