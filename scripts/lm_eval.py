@@ -7,8 +7,8 @@ Evaluate a checkpoint with EleutherAI's lm-evaluation-harness, through our `nano
 
 Needs the `eval` extra: `uv sync --extra eval`. lm-eval downloads each task's dataset from the Hugging Face hub
 on first use (a local task over a JSON file needs no network). Prints lm-eval's table, writes the report line
-"lm-eval harness". The model adapter is nanochat/lm_eval_adapter.py; lm-eval's own CLI and Python API reach it
-as `--model nanochat --model_args source=sft,model_tag=d20`.
+"lm-eval harness". The model adapter is nanochat/lm_eval_adapter.py; once it is imported, lm-eval's Python API
+also reaches it by name: simple_evaluate(model="nanochat", model_args="source=sft,model_tag=d20", ...).
 """
 
 import argparse

@@ -13,7 +13,7 @@ import torch
 
 from conftest import require_extra
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.core_eval import TaskSpec, evaluate_task
+from nanochat.core_eval import TaskSpec, evaluate_task, prepare_examples, score_batch
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import compute_token_bytes
@@ -67,7 +67,8 @@ def local_task(tmp_path_factory, bpe_tokenizer, lm_eval):
         "doc_to_target: gold\n"
         'target_delimiter: " "\n'
         "metric_list:\n"
-        "  - metric: acc\n")
+        "  - metric: acc\n"
+        "    higher_is_better: true\n")
     return folder, TaskManager(include_path=str(folder), include_defaults=False), items
 
 
@@ -102,6 +103,15 @@ def test_adapter_accuracy_equals_core_scoring_item_by_item(adapter_results, loca
     assert 0 < sum(ours) < len(items)  # a mix of right and wrong answers: the comparison can tell them apart
     assert theirs == ours
     assert adapter_results["results"][TASK]["acc,none"] == pytest.approx(sum(ours) / len(items))
+    # Beyond the choice: lm-eval's summed log-likelihoods differ between options exactly as our per-token losses do
+    # (the tokens the options share cancel out).
+    examples = prepare_examples(bpe_tokenizer, items, range(len(items)), spec)
+    scored = score_batch(trained_tiny_gpt, examples, "cpu", bpe_tokenizer.get_bos_token_id())
+    samples = sorted(adapter_results["samples"][TASK], key=lambda s: s["doc_id"])
+    for example, (_, losses), sample in zip(examples, scored, samples):
+        logliks = [float(resp[0]) for resp in sample["filtered_resps"]]
+        nats = [loss * (end - start) for loss, start, end in zip(losses, example.starts, example.ends)]
+        assert [a - logliks[0] for a in logliks] == pytest.approx([nats[0] - b for b in nats], abs=1e-4)
 
 
 def test_adapter_is_registered_as_nanochat(lm_eval, adapter):
@@ -167,6 +177,9 @@ def test_hf_model_on_the_export_scores_like_the_adapter(lm_eval, adapter_results
     results = run_task(lm_eval, "hf", local_task[1], batch_size=8, device="cpu",
                        model_args={"pretrained": str(out), "trust_remote_code": True, "dtype": "float32"})
     assert per_item_acc(results) == per_item_acc(adapter_results)
+    ours, theirs = (sorted(r["samples"][TASK], key=lambda s: s["doc_id"]) for r in (adapter_results, results))
+    for a, b in zip(ours, theirs):
+        assert [float(r[0]) for r in b["filtered_resps"]] == pytest.approx([float(r[0]) for r in a["filtered_resps"]], abs=1e-4)
     assert results["results"][TASK]["acc,none"] == adapter_results["results"][TASK]["acc,none"]
 
 
@@ -183,8 +196,13 @@ def test_script_evaluates_a_checkpoint_and_writes_a_report_line(lm_eval, local_t
     assert 0 <= results["results"][TASK]["acc,none"] <= 1
     report = (base_dir / "report" / "lm-eval-harness.md").read_text()
     assert TASK in report and "acc" in report
+    # lm-eval's own loader builds the registered `nanochat` model from its model_args string.
+    by_name = lm_eval.simple_evaluate(model="nanochat", model_args="source=base,model_tag=d4,step=3", tasks=[TASK],
+                                      task_manager=local_task[1], limit=8, device="cpu", bootstrap_iters=0)
+    assert by_name["results"][TASK]["acc,none"] == results["results"][TASK]["acc,none"]
 
 
+@pytest.mark.slow  # lm-eval indexes its thousands of task YAMLs first: ~15 s here
 def test_script_names_unknown_tasks_in_one_line(lm_eval, local_task, base_dir):
     from scripts import lm_eval as script
 
