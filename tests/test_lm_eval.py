@@ -168,8 +168,8 @@ def test_chat_template_prompt_is_render_for_completion(adapter, bpe_tokenizer):
     assert adapter.tok_encode(prompt) == expected
 
 
-def test_hf_model_on_the_export_scores_like_the_adapter(lm_eval, adapter_results, local_task, trained_tiny_gpt, bpe_tokenizer,
-                                                         tmp_path):
+def test_hf_model_on_the_export_scores_like_the_adapter(lm_eval, adapter, adapter_results, local_task, trained_tiny_gpt,
+                                                         bpe_tokenizer, tmp_path):
     require_extra("transformers", "export")
     from nanochat.hf_export import export_folder
 
@@ -181,6 +181,16 @@ def test_hf_model_on_the_export_scores_like_the_adapter(lm_eval, adapter_results
     for a, b in zip(ours, theirs):
         assert [float(r[0]) for r in b["filtered_resps"]] == pytest.approx([float(r[0]) for r in a["filtered_resps"]], abs=1e-4)
     assert results["results"][TASK]["acc,none"] == adapter_results["results"][TASK]["acc,none"]
+    # With lm-eval's chat templating (and a system message), the folder's Jinja template and our render agree too.
+    chat = dict(apply_chat_template=True, system_instruction="Answer with one word.", limit=12)
+    ours = run_task(lm_eval, adapter, local_task[1], **chat)
+    theirs = run_task(lm_eval, "hf", local_task[1], batch_size=8, device="cpu", **chat,
+                      model_args={"pretrained": str(out), "trust_remote_code": True, "dtype": "float32"})
+    ours, theirs = (sorted(r["samples"][TASK], key=lambda s: s["doc_id"]) for r in (ours, theirs))
+    assert ours[0]["arguments"][0][0].startswith("<|bos|><|user_start|>Answer with one word.\n\nQuestion")
+    for a, b in zip(ours, theirs):
+        assert b["arguments"] == a["arguments"]
+        assert [float(r[0]) for r in b["filtered_resps"]] == pytest.approx([float(r[0]) for r in a["filtered_resps"]], abs=1e-4)
 
 
 def test_script_evaluates_a_checkpoint_and_writes_a_report_line(lm_eval, local_task, base_dir, bpe_tokenizer, trained_tiny_gpt):
