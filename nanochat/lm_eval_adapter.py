@@ -17,8 +17,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from nanochat.batching import END, BatchScheduler
 from nanochat.common import UserError
-from nanochat.engine import Engine, model_device
+from nanochat.engine import model_device
 
 try:
     # lm-eval fills its model registry with its own models (lazily, cheap) only while the registry is empty:
@@ -47,7 +48,7 @@ def require_lm_eval():
 
 @register_model("nanochat")
 class NanochatLM(TemplateLM):
-    """loglikelihood, loglikelihood_rolling and generate_until on our GPT (batched forwards) and Engine.
+    """loglikelihood, loglikelihood_rolling and generate_until on our GPT, in batched forwards.
 
     Give `model` and `tokenizer`, or `source` (base, mid, sft, rl) with optional `model_tag`/`step` to load a
     checkpoint on `device`. batch_size: rows per forward pass for the log-likelihood requests.
@@ -67,7 +68,6 @@ class NanochatLM(TemplateLM):
         elif tokenizer is None:
             raise ValueError("NanochatLM(model=...) needs the tokenizer too")
         self.model, self.nanochat_tokenizer = model, tokenizer
-        self.engine = Engine(model, tokenizer)
         self.bos = tokenizer.get_bos_token_id()
         self.bos_text = tokenizer.decode([self.bos])
         self.batch_size = max(1, int(batch_size) if str(batch_size).isdigit() else 8)  # lm-eval's "auto" -> 8
@@ -153,29 +153,48 @@ class NanochatLM(TemplateLM):
         return results
 
     def generate_until(self, requests, disable_tqdm=False):
-        """Greedy (or sampled, as gen_kwargs ask) continuations with the Engine, cut at the first stop string."""
-        results = []
-        for context, gen_kwargs in [req.args for req in requests]:
-            gen_kwargs = dict(gen_kwargs)
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample", False) else 0.0
-            prompt = self.tok_encode(context)[-max(self.max_length - max_new, 1):]
-            max_new = max(0, min(max_new, self.max_length - len(prompt)))
-            generated, text = [], ""
-            if max_new:
-                for column, _ in self.engine.generate(prompt, num_samples=1, max_tokens=max_new, temperature=temperature):
-                    if column[0] in (self.bos, self.nanochat_tokenizer.encode_special("<|assistant_end|>")):
-                        break
-                    generated.append(column[0])
-                    text = self.tok_decode(generated)
-                    if any(stop in text for stop in until):
-                        break
-            for stop in until:
-                text = text.split(stop)[0]
-            results.append(text)
-        return results
+        """Continuations as gen_kwargs ask (greedy unless do_sample), cut at the first stop string. The requests share
+        forward passes, batch_size rows at a time (BatchScheduler: each gets the tokens Engine.generate gives it alone);
+        a request leaves the batch once its text holds a stop string or the model ends its turn."""
+        scheduler = BatchScheduler(self.model, self.nanochat_tokenizer, max_batch=self.batch_size, worker=False)
+        jobs = [self._submit(scheduler, context, dict(gen_kwargs)) for context, gen_kwargs in [req.args for req in requests]]
+        while not all(job["request"].done.is_set() for job in jobs if job["request"] is not None):
+            scheduler.step()
+        scheduler.close()
+        for job in jobs:
+            if job["error"] is not None:
+                raise job["error"]
+        return [self._cut(job["text"], job["until"]) for job in jobs]
+
+    def _submit(self, scheduler, context, gen_kwargs):
+        until = gen_kwargs.get("until") or []
+        job = {"until": [until] if isinstance(until, str) else list(until), "tokens": [], "text": "", "error": None,
+               "request": None}
+        max_new = int(gen_kwargs.get("max_gen_toks", 256))
+        temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample", False) else 0.0
+        prompt = self.tok_encode(context)[-max(self.max_length - max_new, 1):]
+        max_new = min(max_new, self.max_length - len(prompt))
+        if max_new <= 0:
+            return job
+        stops = scheduler.default_stops  # <|assistant_end|> and <|bos|>: delivered, but not part of the text
+
+        def deliver(item):
+            if isinstance(item, BaseException):
+                job["error"] = item
+            elif item is not END and item[0] not in stops:
+                job["tokens"].append(item[0])
+                job["text"] = self.tok_decode(job["tokens"])
+                if any(stop in job["text"] for stop in job["until"]):
+                    job["request"].cancel()
+
+        job["request"] = scheduler.submit(prompt, max_tokens=max_new, temperature=temperature, deliver=deliver)
+        return job
+
+    @staticmethod
+    def _cut(text, until):
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
 
     # -- chat ------------------------------------------------------------------
 

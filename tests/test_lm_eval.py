@@ -147,17 +147,24 @@ def test_loglikelihood_rolling_is_the_bpb_total(lm_eval, trained_tiny_gpt, bpe_t
     assert -total == pytest.approx(nats, rel=1e-5)
 
 
-def test_generate_until_is_our_greedy_engine_cut_at_the_stop(lm_eval, adapter, trained_tiny_gpt, bpe_tokenizer):
+def test_generate_until_is_our_greedy_engine_cut_at_the_stop(lm_eval, trained_tiny_gpt, bpe_tokenizer):
+    """Three requests in batches of two: each gets what our Engine gives it alone, cut before its stop string."""
     from lm_eval.api.instance import Instance
 
-    context = "The quick brown"
-    bos = bpe_tokenizer.get_bos_token_id()
-    (row,), _ = Engine(trained_tiny_gpt, bpe_tokenizer).generate_batch([bos] + bpe_tokenizer.encode(context), max_tokens=20,
-                                                                         temperature=0.0)
-    full = bpe_tokenizer.decode(row[len(bpe_tokenizer.encode(context)) + 1:])
-    stop = full.strip()[:2][-1]  # a character that does occur in the continuation
-    (out,) = adapter.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 20}), 0)])
-    assert out == full.split(stop)[0]
+    from nanochat.lm_eval_adapter import NanochatLM
+
+    lm = NanochatLM(model=trained_tiny_gpt, tokenizer=bpe_tokenizer, batch_size=2)
+    engine = Engine(trained_tiny_gpt, bpe_tokenizer)
+    requests, expected = [], []
+    for i, context in enumerate(["The quick brown", "def square(x):", "Question: What is"]):
+        prompt = lm.tok_encode(context)
+        (row,), _ = engine.generate_batch(prompt, max_tokens=20, temperature=0.0)
+        full = bpe_tokenizer.decode(row[len(prompt):])
+        stop = full.strip()[:3][-1] if i < 2 else "no such stop"  # a character the continuation does hold
+        requests.append(Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 20}), i))
+        expected.append(full.split(stop)[0])
+    assert lm.generate_until(requests) == expected
+    assert all(expected)
 
 
 def test_chat_template_prompt_is_render_for_completion(adapter, bpe_tokenizer):
