@@ -112,6 +112,7 @@ def build_hf_tokenizer(tokenizer):
     our split regex, the special tokens, and BOS prepended on encode (as our evaluations and chat rendering do)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+    # tiktoken keeps the ranks and the split regex only as these attributes; our Encoding is built from exactly them.
     ranks = tokenizer.enc._mergeable_ranks  # {token bytes: id}
     char = bytes_to_unicode()
 

@@ -4,6 +4,7 @@ Needs the `export` extra (skipped without it, failing where NANOCHAT_REQUIRE_EXT
 
 import json
 import os
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -167,3 +168,12 @@ def test_export_script_without_a_checkpoint_is_one_line(base_dir, tmp_path):
     with pytest.raises(SystemExit) as exc:
         export_hf.main(["-i", "sft", "--out", str(tmp_path / "x"), "--device-type", "cpu"])
     assert str(exc.value).startswith("export_hf: error:") and "\n" not in str(exc.value)
+
+
+def test_export_without_the_extra_says_how_to_install(monkeypatch, tmp_path):
+    from scripts import export_hf
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what a core install (no `export` extra) has
+    with pytest.raises(SystemExit) as exc:
+        export_hf.main(["-i", "sft", "--out", str(tmp_path / "x")])
+    assert "uv sync --extra export" in str(exc.value) and "\n" not in str(exc.value)

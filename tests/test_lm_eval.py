@@ -226,3 +226,13 @@ def test_script_names_unknown_tasks_in_one_line(lm_eval, local_task, base_dir):
     with pytest.raises(SystemExit) as exc:
         script.main(["-i", "base", "--tasks", "no_such_task_xyz", "--include-path", str(local_task[0]), "--device-type", "cpu"])
     assert "no_such_task_xyz" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_script_without_the_extra_says_how_to_install(monkeypatch):
+    import nanochat.lm_eval_adapter as adapter_module
+    from scripts import lm_eval as script
+
+    monkeypatch.setattr(adapter_module, "TemplateLM", object)  # what a core install (no `eval` extra) has
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--tasks", "arc_easy"])
+    assert "uv sync --extra eval" in str(exc.value) and "\n" not in str(exc.value)
