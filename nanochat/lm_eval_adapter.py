@@ -42,6 +42,7 @@ class EvalExtraMissingError(UserError, ImportError):
 
 
 def require_lm_eval():
+    """Raise the one-line fix when the `eval` extra is missing."""
     if TemplateLM is object:
         raise EvalExtraMissingError("lm-evaluation-harness is not installed: run `uv sync --extra eval`")
 
@@ -51,7 +52,7 @@ class NanochatLM(TemplateLM):
     """loglikelihood, loglikelihood_rolling and generate_until on our GPT, in batched forwards.
 
     Give `model` and `tokenizer`, or `source` (base, mid, sft, rl) with optional `model_tag`/`step` to load a
-    checkpoint on `device`. batch_size: rows per forward pass for the log-likelihood requests.
+    checkpoint on `device`. batch_size: rows per forward pass, for log-likelihoods and for generation alike.
     """
 
     def __init__(self, model=None, tokenizer=None, source=None, model_tag=None, step=None, device=None, batch_size=8,
