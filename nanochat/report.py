@@ -47,10 +47,13 @@ SECTIONS = (
     ("Chat evaluation sft", "sft"),
     ("Chat RL", "rl"),
     ("Chat evaluation rl", "rl"),
+    ("lm-eval harness", None),  # scripts/lm_eval.py, when used
+    ("Hugging Face export", None),  # scripts/export_hf.py, when used
 )
 # Our base_eval writes loss and CORE in one section (as upstream's latest does), so "Base model loss"
-# keeps its place in the order for older writers but is not warned about when absent.
-OPTIONAL_SECTIONS = {"Base model loss"}
+# keeps its place in the order for older writers but is not warned about when absent; neither are the
+# sections of the tools a user runs only when wanted (lm-eval, the Hugging Face export).
+OPTIONAL_SECTIONS = {"Base model loss", "lm-eval harness", "Hugging Face export"}
 ALIASES = {"sft": "Chat SFT", "rl": "Chat RL"}  # titles upstream's later scripts used
 STAGES = ("base", "mid", "sft", "rl")
 

@@ -13,6 +13,7 @@ share `chat_model_dir`, a base dir holding a micro chat model, and `chat_server`
 import datetime
 import os
 import pickle
+import sys
 import tempfile
 import threading
 import time
@@ -186,6 +187,69 @@ def offline_tasks(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(common, "_fallbacks", {})
     monkeypatch.setattr(spellingbee, "_DOWNLOAD_FAILED", {})
+
+
+# -----------------------------------------------------------------------------
+# Optional extras (lm-eval, transformers) and a tiny trained model to export and evaluate
+
+
+def require_extra(module, extra):
+    """Import an optional extra's module, or skip (fail where NANOCHAT_REQUIRE_EXTRAS=1, as .ci/run sets it)."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        reason = f"{module} is not installed: `uv sync --extra {extra}` (CI installs it)"
+        (pytest.fail if os.environ.get("NANOCHAT_REQUIRE_EXTRAS") == "1" else pytest.skip)(reason)
+
+
+@pytest.fixture(scope="session")
+def hf_offline(tmp_path_factory):
+    """The Hugging Face libraries kept off the network and out of ~/.cache: hub and datasets offline, their caches
+    and transformers' copy of remote model code under a tmp dir, for the whole session."""
+    home = tmp_path_factory.mktemp("hf_home")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("HF_HOME", home), ("HF_MODULES_CACHE", home / "modules"), ("HF_DATASETS_CACHE", home / "datasets"),
+                            ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
+            patch.setenv(name, str(value))
+        if "transformers" in sys.modules:  # imported before this fixture: point its module cache here too
+            from transformers import dynamic_module_utils
+
+            patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(home / "modules"))
+        yield home
+
+
+BPE_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. A cat sat on the mat; the dog barked at the cat.\n",
+    "def square(x):\n    return x ** 2  # numbers 12 345 6789\n",
+    "Ünïcödé café naïve 日本語のテキスト 🙂 emoji, and    runs   of\tspaces\n\n\n",
+    "Question: What is the capital of France? Answer: Paris. It's a city; they're here, we'll see.\n",
+]
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A real BPE tokenizer trained by rustbpe on a small mixed corpus: 300 tokens (291 + 9 specials), with merges."""
+    return RustBPETokenizer.train_from_iterator(iter(BPE_CORPUS * 20), 300)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_gpt(bpe_tokenizer):
+    """A tiny GPT trained for a few steps on the BPE corpus, fp32 on CPU, with every feature the export must carry:
+    GQA (4 heads, 2 kv heads), sliding windows (context 512, "SL": windows 128 and 512), value embeddings on
+    layers 1 and 3, smear, backout, a padded vocab (300 -> 320). Scrambled first, so greedy decoding is decisive."""
+    model = _make_tiny_gpt(vocab_size=bpe_tokenizer.get_vocab_size(), n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                           sequence_len=512, window_pattern="SL", scrambled=True)
+    ids = bpe_tokenizer.encode("".join(BPE_CORPUS * 4), prepend="<|bos|>")
+    x = torch.tensor([ids[:256]])
+    y = torch.tensor([ids[1:257]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)  # plain AdamW: MuonAdamW's setup costs seconds here
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(5):
+            model(x, y).backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+    return model.eval()
 
 
 # -----------------------------------------------------------------------------
