@@ -520,7 +520,7 @@ def serving_line(host, port):
     return f"Chat in a browser at http://{local}:{port}, or point an OpenAI client at http://{local}:{port}/v1 ({where})"
 
 
-def make_server(app, host="127.0.0.1", port=8000, client_timeout=30.0, max_connections=512, shutdown_timeout=10.0):
+def make_server(app, host="127.0.0.1", port=8000, client_timeout=30.0, max_connections=2048, shutdown_timeout=10.0):
     """A ChatServer for the app of create_app (not yet running). client_timeout: seconds a client has to send its
     request headers (its body is timed by the app); max_connections: open connections before new requests get 503;
     shutdown_timeout: seconds a stopping server waits for responses to finish before it cancels them."""

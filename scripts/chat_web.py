@@ -51,7 +51,7 @@ def build_parser():
                           "other site's page may")
     net.add_argument("--client-timeout", type=float, default=30.0,
                      help="seconds a client has to send its request headers, and again its body")
-    net.add_argument("--max-connections", type=int, default=512, help="open connections before new requests get 503")
+    net.add_argument("--max-connections", type=int, default=2048, help="open connections before new requests get 503")
     net.add_argument("--shutdown-timeout", type=float, default=10.0,
                      help="seconds a stopping server waits for replies to end before it cuts them")
     p.add_argument("--log-conversations", default=None, metavar="PATH",
