@@ -527,5 +527,5 @@ def make_server(app, host="127.0.0.1", port=8000, client_timeout=30.0, max_conne
     protocol = functools.partial(_TimedH11Protocol, header_timeout=client_timeout)
     # log_config=None: uvicorn's loggers go through the one logging setup of this process.
     config = uvicorn.Config(app, host=host, port=port, http=protocol, log_config=None, limit_concurrency=max_connections,
-                            timeout_graceful_shutdown=shutdown_timeout, h11_max_incomplete_event_size=64 * 1024)
+                            timeout_graceful_shutdown=shutdown_timeout)
     return ChatServer(config, app.state.pool)

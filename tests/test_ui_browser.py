@@ -254,3 +254,9 @@ def test_a_long_chat_keeps_working_past_the_request_limits(page):
     assert all(body["messages"][0]["role"] == "user" for body in sent)  # whole turns left out
     assert len(sent[-1]["messages"]) >= 3  # and as much of the chat as fits is still sent
     assert "oldest messages were not sent" in page.locator(".message.notice").last.inner_text()
+    # A message the server refuses is named by its place in the whole conversation, not in what was sent.
+    page.evaluate("text => { document.getElementById('input').value = text; }", "x" * 8001)
+    page.press("#input", "Enter")
+    page.wait_for_function(IDLE)
+    assert page.locator(".error").inner_text() == "Error: Message 20 is too long. Maximum 8000 characters allowed per message"
+    assert len(sent[-1]["messages"]) < 21  # (the older turns were left out of this request too)
