@@ -1,9 +1,11 @@
 """Every request limit of nanochat/serving.py at its edge, over real HTTP on loopback (the `chat_server` fixture):
 a request exactly at the limit is served (200), one step past it gets a 4xx whose JSON message names the limit.
-For a float limit, one step is the next float (math.nextafter)."""
+For a float limit, one step is the next float (math.nextafter), or at 0 the smallest normal float: tests that
+train in this process flush denormals to zero (nanochat.training), and the CPU then reads 5e-324 as 0."""
 
 import json
 import math
+import sys
 
 import httpx
 import pytest
@@ -46,7 +48,7 @@ LIMITS = [
     ("temperature high", (UI, API), {"temperature": serving.MAX_TEMPERATURE},
      {"temperature": math.nextafter(serving.MAX_TEMPERATURE, math.inf)}, f"and {serving.MAX_TEMPERATURE}"),
     ("temperature low", (UI, API), {"temperature": serving.MIN_TEMPERATURE},
-     {"temperature": math.nextafter(serving.MIN_TEMPERATURE, -math.inf)}, f"between {serving.MIN_TEMPERATURE}"),
+     {"temperature": serving.MIN_TEMPERATURE - sys.float_info.min}, f"between {serving.MIN_TEMPERATURE}"),
     ("top_k high", (UI, API), {"top_k": serving.MAX_TOP_K}, {"top_k": serving.MAX_TOP_K + 1}, f"and {serving.MAX_TOP_K}"),
     ("top_k low", (UI, API), {"top_k": serving.MIN_TOP_K}, {"top_k": serving.MIN_TOP_K - 1}, f"between {serving.MIN_TOP_K}"),
     ("max_tokens high", (UI, API), {"max_tokens": serving.MAX_MAX_TOKENS}, {"max_tokens": serving.MAX_MAX_TOKENS + 1},
@@ -56,7 +58,7 @@ LIMITS = [
     ("max_completion_tokens", (API,), {"max_completion_tokens": serving.MAX_MAX_TOKENS},
      {"max_completion_tokens": serving.MAX_MAX_TOKENS + 1}, f"and {serving.MAX_MAX_TOKENS}"),
     ("top_p high", (API,), {"top_p": 1.0}, {"top_p": math.nextafter(1.0, math.inf)}, "at most 1"),
-    ("top_p low", (API,), {"top_p": math.nextafter(0.0, 1.0)}, {"top_p": 0.0}, "greater than 0"),
+    ("top_p low", (API,), {"top_p": sys.float_info.min}, {"top_p": 0.0}, "greater than 0"),
     ("n", (API,), {"n": serving.MAX_CHOICES}, {"n": serving.MAX_CHOICES + 1}, f"and {serving.MAX_CHOICES}"),
     ("n low", (API,), {"n": 1}, {"n": 0}, "between 1"),
     ("seed high", (API,), {"seed": 2**63 - 1}, {"seed": 2**63}, f"and {2**63 - 1}"),
