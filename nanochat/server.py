@@ -33,16 +33,14 @@ import uuid
 
 import h11
 import uvicorn
-
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from nanochat.batching import END
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat import serving
+from nanochat.batching import END
 from nanochat.serving import (MAX_BODY_BYTES, Reply, RequestError, advance, build_prompt, decode_json_body, parse_chat_request,
                               reply_room)
 
