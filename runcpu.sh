@@ -36,13 +36,13 @@ stage "Base model evaluation" base-model-evaluation.md - -- \
 CHAT_ROWS=(--max-seq-len=512 --device-batch-size=8 --total-batch-size=4096)
 stage "Midtraining" midtraining.md mid_checkpoints/d4 -- \
     launch scripts.mid_train "${CHAT_ROWS[@]}" --num-iterations=100 --eval-every=50 --eval-tokens=32768 --save-every=50 --run="$WANDB_RUN"
-stage "Chat evaluation mid" chat-evaluation-mid.md - -- launch scripts.chat_eval -i mid -x 24 -m 96
+stage "Chat evaluation mid" chat-evaluation-mid.md - -- launch scripts.chat_eval -i mid -x 24
 stage "Chat SFT" chat-sft.md chatsft_checkpoints/d4 -- \
     launch scripts.chat_sft --num-iterations=100 --eval-every=50 --eval-tokens=32768 --chatcore-every=-1 --save-every=50 --run="$WANDB_RUN"
-stage "Chat evaluation sft" chat-evaluation-sft.md - -- launch scripts.chat_eval -i sft -x 24 -m 96
+stage "Chat evaluation sft" chat-evaluation-sft.md - -- launch scripts.chat_eval -i sft -x 24
 stage "Chat RL" chat-rl.md chatrl_checkpoints/d4 -- \
     launch scripts.chat_rl --num-iterations=10 --examples-per-step=4 --num-samples=8 --device-batch-size=8 \
     --max-new-tokens=96 --eval-every=5 --eval-examples=16 --save-every=5 --run="$WANDB_RUN"
-stage "Chat evaluation rl" chat-evaluation-rl.md - -- launch scripts.chat_eval -i rl -x 24 -m 96
+stage "Chat evaluation rl" chat-evaluation-rl.md - -- launch scripts.chat_eval -i rl -x 24
 
 CHAT_SOURCE=rl pipeline_finish "Kenji reads 6 pages every day. How many pages does he read in 1 week?"

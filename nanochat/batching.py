@@ -45,6 +45,7 @@ def top_p_filter(logits, top_p, temperature):
     sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
     # A token stays if the tokens more likely than it do not yet reach top_p.
     outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    outside[:, 0] = False  # the most likely token stays even when top_p rounds to 0 in float32 (top_p=1e-300)
     mask = torch.zeros_like(outside).scatter(-1, order, outside)
     return logits.masked_fill(mask, float("-inf"))
 

@@ -12,12 +12,14 @@ Two kinds of tasks:
   whose token has the highest logit at the <|assistant_start|> position, among the allowed letters
   only. The model never gets to answer off the menu.
 - generative: sample with the Engine (calculator tool on), decode, let the task judge the text; a
-  problem passes when any of its samples passes (pass@num_samples).
+  problem passes when any of its samples passes (pass@num_samples). Unless told otherwise, each task gets a
+  generation budget its answers fit (reply_budget), and the replies cut at the budget are counted.
 
 Under torchrun each rank takes a share of the problems; the pass/total counts are summed over ranks.
 """
 
 import logging
+import math
 import sys
 
 import torch
@@ -181,18 +183,36 @@ def pass_at_k(outcomes, k):
     return sum(any(o[:k]) for o in outcomes) / len(outcomes)
 
 
-def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
-                        max_problems=None, seed=42, name=None):
+REPLY_BUDGET_MARGIN = 1.5  # a model trained on a task's answers writes about as much as they do; room for more
+
+
+def reply_budget(task, tokenizer, num_problems):
+    """max_new_tokens for a generative task: REPLY_BUDGET_MARGIN times its longest reference answer (in tokens,
+    tool calls and outputs included) among the first `num_problems`, so an answer in the task's own format is
+    never cut before its end (SpellingBee's spell-and-count answers run to a few hundred tokens)."""
+    longest = 0
+    for i in range(num_problems):
+        conversation = task[i]
+        whole, _ = tokenizer.render_conversation(conversation, max_tokens=1 << 30)
+        longest = max(longest, len(whole) - len(tokenizer.render_for_completion(conversation)) + 1)
+    return math.ceil(REPLY_BUDGET_MARGIN * longest)
+
+
+def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=None, temperature=0.0, top_k=50,
+                        max_problems=None, seed=42, name=None, details=None):
     """pass@num_samples of sampled completions, judged by task.evaluate; problems rank-strided.
 
     Completions are the decoded tokens after the prompt, tool outputs the engine forced included,
-    the final <|assistant_end|> excluded.
+    the final <|assistant_end|> excluded. max_new_tokens None = reply_budget(task). details: a dict, given
+    {"max_new_tokens", "replies", "cut"} (replies that reached the budget without ending).
     """
     name = name or type(task).__name__
     _, rank, _, world_size = get_dist_info()
     num_problems = _num_problems(task, max_problems)
+    if max_new_tokens is None:
+        max_new_tokens = reply_budget(task, tokenizer, num_problems)
     progress = _Progress(rank)
-    passed = total = 0
+    passed = total = cut = replies = 0
     for i in range(rank, num_problems, world_size):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
@@ -202,24 +222,35 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
         outcomes = [bool(task.evaluate(conversation, completion)) for completion in completions]
         passed += int(any(outcomes))
         total += 1
+        cut += sum(len(result) - len(prompt) >= max_new_tokens for result in results)  # no end token in the budget
+        replies += len(results)
         progress.update(passed, total)
     progress.close()
-    passed, total = _reduce_counts(passed, total, model_device(engine.model))
+    device = model_device(engine.model)
+    passed, total = _reduce_counts(passed, total, device)
+    cut, replies = _reduce_counts(cut, replies, device)
+    if cut:
+        logger.warning("%s: %d of %d replies were cut at the %d-token limit before they ended", name, cut, replies,
+                       max_new_tokens)
+    if details is not None:
+        details.update(max_new_tokens=max_new_tokens, replies=replies, cut=cut)
     return _accuracy(name, passed, total)
 
 
-def run_task_eval(task, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None, name=None):
-    """Evaluate one Task object with the runner its eval_type calls for; returns the accuracy."""
+def run_task_eval(task, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=None,
+                  temperature=0.0, top_k=50, max_problems=None, name=None, details=None):
+    """Evaluate one Task object with the runner its eval_type calls for; returns the accuracy. max_new_tokens and
+    details: see run_generative_eval (unused by multiple-choice tasks)."""
     if task.eval_type == "categorical":
         return run_categorical_eval(task, tokenizer, model, batch_size, max_problems=max_problems, name=name)
     if task.eval_type == "generative":
         return run_generative_eval(task, tokenizer, engine, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_k=top_k, max_problems=max_problems, name=name)
+                                   temperature=temperature, top_k=top_k, max_problems=max_problems, name=name,
+                                   details=details)
     raise ValueError(f"{name or type(task).__name__} has eval_type {task.eval_type!r}; expected categorical or generative")
 
 
-def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
+def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=None,
                   temperature=0.0, top_k=50, max_problems=None):
     """Build the task called `task_name` (see TASKS) and evaluate it; returns the accuracy."""
     return run_task_eval(build_task(task_name), model, tokenizer, engine, batch_size=batch_size, num_samples=num_samples,
@@ -228,7 +259,7 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples
 
 
 def evaluate_chatcore(model, tokenizer, engine, batch_size=8, max_categorical=None, max_generative=None, tasks=None,
-                      num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50):
+                      num_samples=1, max_new_tokens=None, temperature=0.0, top_k=50):
     """Every ChatCORE task, then the scores: {"accuracies": {name: acc}, "chatcore", "chatcore_cat"}.
 
     The periodic check during SFT calls this with caps (upstream: all multiple-choice problems, 24

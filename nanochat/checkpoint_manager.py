@@ -84,6 +84,23 @@ def _barrier():
         dist.barrier()
 
 
+_swept_dirs = set()  # checkpoint dirs whose stale temporaries this process has removed
+
+
+def remove_stale_temporaries(checkpoint_dir):
+    """Delete the hidden temp files (.model_*.pt.<random>.tmp and the like) that a save killed midway left in
+    `checkpoint_dir`; each can be as big as the model. Returns how many. Only call it when no save is running."""
+    stale = [e for e in os.scandir(checkpoint_dir) if e.is_file() and e.name.endswith(".tmp")
+             and e.name.startswith((".model_", ".meta_", ".optim_"))]
+    size = sum(e.stat().st_size for e in stale)
+    for entry in stale:
+        os.remove(entry.path)
+    if stale:
+        log.info("Removed %d temporary file(s) (%.2f GB) left by an interrupted save in %s", len(stale), size / 1e9,
+                 checkpoint_dir)
+    return len(stale)
+
+
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """Write one checkpoint step. Under torch.distributed every rank must call this (it waits for all).
 
@@ -92,6 +109,11 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     barrier keeps ranks from moving on (or exiting) before the checkpoint is on disk.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
+    if checkpoint_dir not in _swept_dirs:  # every rank keeps the same set, so all take this barrier together
+        _swept_dirs.add(checkpoint_dir)
+        if rank == 0:
+            remove_stale_temporaries(checkpoint_dir)
+        _barrier()  # no rank starts a temp file of its own before the sweep is done
     if rank == 0:
         atomic_torch_save(model_data, model_path(checkpoint_dir, step))
     if optimizer_data is not None:

@@ -317,6 +317,11 @@ class ShardSetWriter:
         self.out_dir, self.shard_chars, self.overwrite = out_dir, shard_chars, overwrite
         self._check_out_dir()
         os.makedirs(out_dir, exist_ok=True)
+        stale = [e.path for e in os.scandir(out_dir) if e.is_dir() and e.name.startswith(".staging-")]
+        for path in stale:  # an ingest killed midway (a finished or failed one removes its own)
+            shutil.rmtree(path, ignore_errors=True)
+        if stale:
+            log.info("Removed %d staging dir(s) left by an interrupted ingest in %s", len(stale), out_dir)
         self.staging = tempfile.mkdtemp(dir=out_dir, prefix=".staging-")
         self.schema = pa.schema([("text", pa.string())])
         self.train = {"writer": None, "buf": [], "docs": 0, "chars": 0}

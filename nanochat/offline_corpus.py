@@ -204,18 +204,26 @@ def _iter_txt(path, txt_split):
 
 
 def _iter_jsonl(path, text_field):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise DatasetError(f"{path}:{lineno}: expected an object with a string field {text_field!r} "
-                                   f"(choose the field with --text-field)")
-            yield row[text_field]
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise DatasetError(f"{path}:{lineno}: not usable JSON (nested too deeply)") from None
+                except ValueError as e:  # e.g. an integer past Python's 4,300-digit conversion limit
+                    raise DatasetError(f"{path}:{lineno}: not usable JSON ({e})") from None
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise DatasetError(f"{path}:{lineno}: expected an object with a string field {text_field!r} "
+                                       f"(choose the field with --text-field)")
+                yield row[text_field]
+    except UnicodeDecodeError as e:
+        # (no line number: the file is decoded in blocks, ahead of the line being read)
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason}); is it a binary file?") from None
 
 
 def _iter_parquet(path, text_field):
@@ -229,12 +237,15 @@ def _iter_parquet(path, text_field):
     if text_field not in pf.schema_arrow.names:
         raise DatasetError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
                            f"choose one with --text-field")
-    for batch in pf.iter_batches(columns=[text_field], batch_size=ROW_GROUP_SIZE):
-        for text in batch.column(0).to_pylist():
-            if text is not None:
-                if not isinstance(text, str):
-                    raise DatasetError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
-                yield text
+    try:
+        for batch in pf.iter_batches(columns=[text_field], batch_size=ROW_GROUP_SIZE):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    if not isinstance(text, str):
+                        raise DatasetError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
+                    yield text
+    except (pa.ArrowException, OSError) as e:  # damage past the footer shows only when its pages are read
+        raise DatasetError(f"{path}: damaged parquet data ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def split_long_document(text, max_chars):

@@ -14,23 +14,32 @@ model replicas. `python -m scripts.chat_web` loads the replicas and runs this ap
                      model_id="nanochat-sft-d20")
 
 Every request is checked against the limits in nanochat/serving.py before it waits for a replica; a bad one gets a
-4xx with a JSON message ({"detail": ...}, or OpenAI's {"error": {...}} under /v1).
+4xx with a JSON message ({"detail": ...}, or OpenAI's {"error": {...}} under /v1). With an api_key, the /v1
+endpoints want it as a bearer token (401 otherwise); the UI's own endpoint stays open, so serve others only behind
+a key and on a network you trust. make_server wraps the app in a uvicorn server that drops clients too slow to send
+their request, refuses connections past a limit, and ends running generations when it stops.
 """
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
 
+import h11
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nanochat import serving
 from nanochat.batching import END
 from nanochat.serving import (MAX_BODY_BYTES, Reply, RequestError, advance, build_prompt, decode_json_body, parse_chat_request,
                               reply_room)
@@ -42,6 +51,13 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # Replicas
+
+
+class ServerStopping(Exception):
+    """The server is shutting down: generations end at their next step."""
+
+
+_STOPPING = object()  # put in a request's column queue to end it because the server stops
 
 
 class ReplicaPool:
@@ -57,6 +73,8 @@ class ReplicaPool:
         self.replicas = list(replicas)
         if not self.replicas:
             raise ValueError("a ReplicaPool needs at least one replica")
+        self.stopping = False
+        self._queues = set()  # the column queue of every request being generated (event-loop side)
 
     @property
     def context_len(self):
@@ -90,14 +108,28 @@ class ReplicaPool:
             except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this
                 logger.debug("event loop closed before a request on worker %d ended", replica.index)
 
+        if self.stopping:
+            raise ServerStopping("the server is shutting down")
         request = replica.submit(prompt_tokens, params, deliver=deliver)
+        self._queues.add(columns)
         try:
             while (item := await columns.get()) is not END:
+                if item is _STOPPING:
+                    raise ServerStopping("the server is shutting down")
                 if isinstance(item, BaseException):
                     raise item
                 yield replica.index, item
         finally:
+            self._queues.discard(columns)
             request.cancel()
+
+    def stop_generating(self):
+        """End every request (running or waiting for a row) at its next step with ServerStopping, and refuse new
+        ones: a stopping server answers its clients instead of making them wait out their generations.
+        Call it on the event loop's thread."""
+        self.stopping = True
+        for columns in self._queues:
+            columns.put_nowait(_STOPPING)
 
     def close(self):
         """Stop every replica's batch thread."""
@@ -122,18 +154,36 @@ async def run_replies(pool, prompt, params, replies):
 
 
 class ConversationLog:
-    """Appends one JSON line per finished request (messages, replies, sampling settings) to a file."""
+    """Appends one JSON line per finished request (messages, replies, sampling settings) to a file, created
+    readable by its owner only (it holds what users wrote). A line that cannot be written never costs a user the
+    reply: the first failure is logged, later ones only counted."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
         self._lock = threading.Lock()
+        self.failures = 0
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))  # a bad path fails at startup
 
     def write(self, record):
         line = json.dumps(record, ensure_ascii=False) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
+        try:
+            data = line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (valid in JSON, not in UTF-8): escaped, it round-trips exactly
+            data = (json.dumps(record) + "\n").encode("ascii")
+        try:
+            with self._lock:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, data)  # one write of an O_APPEND file: lines never interleave
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            self.failures += 1
+            if self.failures == 1:
+                logger.error("Could not write the conversation log %s (%s); serving on without it, and this is "
+                             "reported once", self.path, e)
 
 
 def _record(endpoint, chat, prompt, params, replies, disconnected, seconds):
@@ -154,28 +204,62 @@ def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _read_body(request):
+async def _read_body(request, timeout):
     declared = request.headers.get("content-length", "")
     too_large = RequestError(f"Request body is too large. Maximum {MAX_BODY_BYTES} bytes allowed", status=413)
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
+    try:
+        async with asyncio.timeout(timeout):  # a client that stops sending must not hold a connection forever
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise too_large
+    except TimeoutError:
+        raise RequestError(f"Request body not received within {timeout:g} s", status=408) from None
     return bytes(body)
 
 
-def _error_body(path, message, param=None, kind="invalid_request_error"):
+async def _disconnected(request):
+    # Once the body is read, the server's next message for this request is the client leaving.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request, work):
+    """Await the coroutine `work` unless the client leaves first: then cancel it (the request's rows leave their
+    batch) and return (True, None); else (False, its result)."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return (True, None) if task.cancelled() else (False, task.result())
+
+
+def _error_body(path, message, param=None, kind="invalid_request_error", code=None):
     if path.startswith("/v1/"):
-        return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return {"detail": message}
 
 
-def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=None):
+def _ui_limits():
+    """The request limits the UI keeps to when it sends a conversation (it leaves out the oldest turns)."""
+    return {"max_messages": serving.MAX_MESSAGES, "max_message_chars": serving.MAX_MESSAGE_CHARS,
+            "max_total_chars": serving.MAX_TOTAL_CHARS}
+
+
+def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=None, api_key=None, cors_origins=(),
+               body_timeout=30.0):
     """The FastAPI app. defaults: SamplingParams whose temperature / top_k / max_tokens fill what a request omits;
-    conversation_log: a ConversationLog, or None for no log."""
+    conversation_log: a ConversationLog, or None for no log; api_key: the bearer token the /v1 endpoints want
+    (None = open); cors_origins: web origins whose pages may call the API (none: only pages this server serves);
+    body_timeout: seconds a client has to send its request body."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -183,24 +267,38 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
 
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.pool = pool
-    # Any origin may call the API (a UI served elsewhere, a notebook); no cookies, so no credentials.
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    if cors_origins:
+        # Only the named origins: a page from anywhere else must not drive the model and read its replies.
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
     with open(os.path.join(PACKAGE_DIR, "ui.html"), encoding="utf-8") as f:
-        ui_html = f.read()
+        ui_html = f.read().replace("__NANOCHAT_LIMITS__", json.dumps(_ui_limits()))
     with open(os.path.join(PACKAGE_DIR, "logo.svg"), encoding="utf-8") as f:
         logo_svg = f.read()
     created = int(time.time())
 
     @app.exception_handler(RequestError)
     async def request_error(request, err):
-        return JSONResponse(_error_body(request.url.path, str(err), err.param), status_code=err.status)
+        headers = {"www-authenticate": "Bearer"} if err.status == 401 else {}
+        if err.status in (408, 413):  # the body was not read to its end: this connection cannot carry another request
+            headers["connection"] = "close"
+        return JSONResponse(_error_body(request.url.path, str(err), err.param, code=err.code), status_code=err.status,
+                            headers=headers)
+
+    def check_key(request):
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise RequestError("Missing or incorrect API key: send it as 'Authorization: Bearer <key>'", status=401,
+                               code="invalid_api_key")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err):
         return JSONResponse(_error_body(request.url.path, str(err.detail)), status_code=err.status_code)
 
     async def prepare(request, endpoint, openai):
-        chat = parse_chat_request(decode_json_body(await _read_body(request)), defaults, openai=openai)
+        chat = parse_chat_request(decode_json_body(await _read_body(request, body_timeout)), defaults, openai=openai)
         prompt = build_prompt(tokenizer, chat.messages, pool.context_len, reply_room(chat.max_tokens, pool.context_len))
         params = chat.sampling(prompt.max_new_tokens(chat.max_tokens))
         logger.info("%s: %d messages (%d dropped to fit the context), %d prompt tokens, temperature %g, top-k %d, "
@@ -213,7 +311,7 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
         seconds = time.perf_counter() - t0
         tokens = sum(len(r.tokens) for r in replies)
         logger.info("%s: %s after %d tokens in %.2f s", endpoint, "client disconnected" if disconnected else
-                    "/".join(r.finish_reason for r in replies), tokens, seconds)
+                    "/".join(r.finish_reason or "unfinished" for r in replies), tokens, seconds)
         if conversation_log is not None:
             conversation_log.write(_record(endpoint, chat, prompt, params, replies, disconnected, seconds))
 
@@ -255,6 +353,9 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
                         yield _sse({"token": texts[0], "gpu": worker})
                 yield _sse({"done": True})
                 done = True
+            except ServerStopping:
+                yield _sse({"error": "the server is shutting down; try again later"})
+                done = True
             except Exception:
                 # The 200 and the headers are gone already: say so in the stream, and log the traceback.
                 logger.exception("generation failed")
@@ -266,11 +367,13 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        check_key(request)
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "nanochat"}]}
 
     @app.post("/v1/chat/completions")
     async def openai_chat_completions(request: Request):
+        check_key(request)
         chat, prompt, params = await prepare(request, "/v1/chat/completions", openai=True)
         replies = [Reply(tokenizer, tools="readable", stop=chat.stop) for _ in range(chat.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id,
@@ -283,9 +386,26 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
 
         if not chat.stream:
             t0 = time.perf_counter()
-            async for _ in run_replies(pool, prompt, params, replies):
-                pass
-            finished("/v1/chat/completions", chat, prompt, params, replies, False, t0)
+
+            async def generate():
+                async for _ in run_replies(pool, prompt, params, replies):
+                    pass
+
+            try:
+                # Nothing is sent until the reply is whole, so watch the connection: a client gone stops its rows.
+                disconnected, _ = await _unless_disconnected(request, generate())
+            except ServerStopping as e:
+                finished("/v1/chat/completions", chat, prompt, params, replies, False, t0)
+                return JSONResponse(_error_body(request.url.path, f"{e}; try again later", kind="server_error"),
+                                    status_code=503)
+            except Exception:
+                logger.exception("generation failed")
+                finished("/v1/chat/completions", chat, prompt, params, replies, False, t0)
+                return JSONResponse(_error_body(request.url.path, "generation failed on the server; see its log",
+                                                kind="server_error"), status_code=500)
+            finished("/v1/chat/completions", chat, prompt, params, replies, disconnected, t0)
+            if disconnected:
+                return Response(status_code=499)  # nobody reads it: the connection is gone
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
                         "finish_reason": r.finish_reason} for i, r in enumerate(replies)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage()}
@@ -313,6 +433,10 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
                     yield chunk([], usage=usage())
                 yield "data: [DONE]\n\n"
                 done = True
+            except ServerStopping:
+                yield _sse({"error": {"message": "the server is shutting down; try again later", "type": "server_error",
+                                      "param": None, "code": None}})
+                done = True
             except Exception:
                 logger.exception("generation failed")
                 yield _sse({"error": {"message": "generation failed on the server; see its log", "type": "server_error",
@@ -324,3 +448,82 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
         return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+# -----------------------------------------------------------------------------
+# The HTTP server
+
+
+class _TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed when a request's headers take longer than `header_timeout` seconds
+    to arrive (uvicorn times only the idle wait between requests, so a client sending a byte now and then would
+    hold a connection forever)."""
+
+    def __init__(self, *args, header_timeout, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout, self._header_timer = header_timeout, None
+
+    def _waiting_for_headers(self):
+        return self.conn.their_state is h11.IDLE
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def data_received(self, data):
+        if self._header_timer is None and self._waiting_for_headers():  # the first bytes of the next request
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+        super().data_received(data)
+        if self._header_timer is not None and not self._waiting_for_headers():
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_lost(self, exc):
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self):
+        self._header_timer = None
+        if self._waiting_for_headers() and not self.transport.is_closing():
+            logger.info("closed a connection whose request headers took over %g s", self.header_timeout)
+            self.transport.close()
+
+
+class ChatServer(uvicorn.Server):
+    """A uvicorn server that, asked to stop, first ends the running generations (their clients hear why), so
+    shutting down takes one model step rather than the longest reply."""
+
+    def __init__(self, config, pool):
+        super().__init__(config)
+        self.pool = pool
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        for server in self.servers:  # the address bound, port 0 resolved
+            for sock in server.sockets:
+                logger.info("%s", serving_line(*sock.getsockname()[:2]))
+
+    async def shutdown(self, sockets=None):
+        self.pool.stop_generating()
+        await super().shutdown(sockets)
+
+
+def serving_line(host, port):
+    """The startup line for a bound address: where to point a browser, and who else can connect."""
+    everywhere = host in ("0.0.0.0", "::")
+    local = "127.0.0.1" if everywhere else host
+    where = (f"listening on every network interface ({host}): other machines can connect" if everywhere
+             else f"listening on {host} only")
+    return f"Chat in a browser at http://{local}:{port}, or point an OpenAI client at http://{local}:{port}/v1 ({where})"
+
+
+def make_server(app, host="127.0.0.1", port=8000, client_timeout=30.0, max_connections=2048, shutdown_timeout=10.0):
+    """A ChatServer for the app of create_app (not yet running). client_timeout: seconds a client has to send its
+    request headers (its body is timed by the app); max_connections: open connections before new requests get 503;
+    shutdown_timeout: seconds a stopping server waits for responses to finish before it cancels them."""
+    protocol = functools.partial(_TimedH11Protocol, header_timeout=client_timeout)
+    # log_config=None: uvicorn's loggers go through the one logging setup of this process.
+    config = uvicorn.Config(app, host=host, port=port, http=protocol, log_config=None, limit_concurrency=max_connections,
+                            timeout_graceful_shutdown=shutdown_timeout)
+    return ChatServer(config, app.state.pool)

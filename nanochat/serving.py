@@ -38,6 +38,7 @@ MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 = no top-k filtering
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
 MAX_CHOICES = 8  # OpenAI's `n`: samples share one prefill, but each decodes its own tokens
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # per stop string: a stop longer than any sensible reply only costs the reply streamer time
 MAX_BODY_BYTES = 1 << 20  # 32,000 characters JSON-escaped as \uXXXX are ~200 KB; a bigger body is not a chat
 
 ROLES = ("system", "user", "assistant")
@@ -49,9 +50,9 @@ TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|outp
 class RequestError(ValueError):
     """A request that breaks a limit or is malformed; the message says which field and what is allowed."""
 
-    def __init__(self, message, param=None, status=400):
+    def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
 
 @dataclass(frozen=True)
@@ -94,17 +95,18 @@ def _is_int(value):
 
 
 def _is_number(value):
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    # An int is exact at any size (math.isfinite would overflow converting a 400-digit one to float).
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def decode_json_body(body):
     """The JSON object in a request body (bytes, at most MAX_BODY_BYTES); RequestError for anything else."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(f"Request body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError("Request body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers past Python's 4,300-digit limit
+        raise RequestError(f"Request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError(f"Request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -202,6 +204,8 @@ def parse_chat_request(data, defaults, openai=False):
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
             raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
                                param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise RequestError(f"stop strings must be at most {MAX_STOP_CHARS} characters each", param="stop")
         request.stop = tuple(stops)
     stream = data.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
@@ -299,6 +303,10 @@ def build_prompt(tokenizer, messages, context_len, reply_room):
             first = encode_message(tokenizer, "user", system + turns[k]["content"])
         if 1 + len(first) + suffix[k + 1] + 1 <= budget:
             return Prompt([bos, *first, *[t for ids in encoded[k + 1:] for t in ids], assistant_start], k, context_len)
+    if system is not None and 1 + len(encode_message(tokenizer, "user", system)) + 1 > budget:
+        raise ContextOverflowError(f"Message 0 (the system message) is too long for this model's context of "
+                                   f"{context_len} tokens (with {reply_room} kept free for the reply); shorten it",
+                                   param="messages[0].content")
     last = starts[-1] + (1 if system is not None else 0)
     raise ContextOverflowError(f"Message {last} is too long for this model's context of {context_len} tokens "
                                f"(with {reply_room} kept free for the reply); shorten it",
@@ -338,6 +346,10 @@ class Reply:
         self.done, self.finish_reason = False, None
         self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # text that might begin a stop string
+        # Per stop string: its KMP failure table, and how many of its first characters the text now ends with.
+        # Matching one character at a time keeps the check linear in the text, whatever the stop's length.
+        self._fail = [_failure_table(s) for s in self.stop]
+        self._matched = [0] * len(self.stop)
         self._tool = None  # readable mode: None, "python", "after_python" or "output"
 
     def push(self, token):
@@ -403,17 +415,46 @@ class Reply:
             self.text += text
             return text
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self._held = buffer[:min(hits)], ""
+        end = self._find_stop(text)
+        if end is not None:  # the reply ends before the first stop string to complete
+            out, self._held = buffer[:len(self._held) + end], ""
             self.done, self.finish_reason = True, "stop"
         elif final:
             out, self._held = buffer, ""
         else:
-            keep = max((k for s in self.stop for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0)
+            keep = max(self._matched)  # the longest tail that could still grow into a stop string
             out, self._held = buffer[:len(buffer) - keep], buffer[len(buffer) - keep:]
         self.text += out
         return out
+
+    def _find_stop(self, text):
+        """Feed `text` to the stop matchers; where in it the first stop string to complete starts (it may start
+        in the held-back text: a negative offset), or None."""
+        for at, char in enumerate(text):
+            ends = []
+            for i, (stop, fail) in enumerate(zip(self.stop, self._fail, strict=True)):
+                k = self._matched[i]
+                while k and stop[k] != char:
+                    k = fail[k - 1]
+                k += stop[k] == char
+                if k == len(stop):
+                    ends.append(at + 1 - k)
+                    k = fail[k - 1]
+                self._matched[i] = k
+            if ends:
+                return min(ends)
+        return None
+
+
+def _failure_table(s):
+    """KMP: fail[i] = the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        k += s[i] == s[k]
+        fail[i] = k
+    return fail
 
 
 def advance(replies, column):

@@ -22,6 +22,15 @@ from nanochat.serving import (ContextOverflowError, Reply, SamplingParams, add_m
 log = logging.getLogger("nanochat.chat_cli")
 
 RULE = "-" * 50
+MAX_SEED = 2**63 - 1  # as the API's seed: reply i's seed + i then stays far inside torch's 64-bit generator seed
+
+
+def seed_flag(text):
+    """--seed's type: an integer from -1 to MAX_SEED, checked as the flags are parsed."""
+    seed = int(text)  # a non-integer: argparse reports the ValueError as an invalid value
+    if not -1 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between -1 (a random one) and {MAX_SEED}, got {seed}")
+    return seed
 
 
 def build_parser():
@@ -31,15 +40,13 @@ def build_parser():
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
-    p.add_argument("--seed", type=int, default=-1,
+    p.add_argument("--seed", type=seed_flag, default=-1,
                    help="seed of the first reply; reply i uses seed + i (-1 = a random one, printed at startup)")
     return add_model_flags(p)
 
 
 def check_args(args):
     problems = sampling_flag_problems(args)
-    if args.seed < -1:
-        problems.append(f"--seed must be >= 0, or -1 for a random one, got {args.seed}")
     if problems:
         raise ConfigError("; ".join(problems))
 

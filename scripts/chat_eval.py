@@ -8,8 +8,9 @@ Some tasks:      python -m scripts.chat_eval -i rl -a GSM8K
                  python -m scripts.chat_eval -i sft -a 'ARC-Easy|MMLU' -x 200
 pass@8:          python -m scripts.chat_eval -i sft -a GSM8K -n 8 -t 1.0
 
-Writes the report section "Chat evaluation <source>": the arguments, each task's accuracy and, when
-every task ran, "ChatCORE metric". The evaluation itself lives in nanochat/chateval.py.
+Writes the report section "Chat evaluation <source>": the arguments (with the device used), each task's
+accuracy, each generative task's reply budget and how many replies it cut, and, when every task ran,
+"ChatCORE metric". The evaluation itself lives in nanochat/chateval.py.
 """
 
 import argparse
@@ -31,7 +32,8 @@ def build_parser():
     p.add_argument("-a", "--task-name", default=None,
                    help="one task or several separated by '|' (default: all; ChatCORE needs all)")
     p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("-m", "--max-new-tokens", type=int, default=512, help="generation limit per sample")
+    p.add_argument("-m", "--max-new-tokens", type=int, default=None,
+                   help="generation limit per sample; none = per task, 1.5x its longest reference answer")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 = off; ignored at temperature 0)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass for multiple-choice tasks")
@@ -52,7 +54,7 @@ def check_args(args):
         problems.append(f"--temperature must be >= 0, got {args.temperature}")
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples),
                         ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             problems.append(f"{flag} must be >= 1, got {value}")
     if args.top_k < 0:
         problems.append(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
@@ -90,14 +92,17 @@ def main(argv=None):
         # The default run (every task) evaluates what can be had offline, with GSM8K's synthetic stand-in;
         # a task asked for by name must be there.
         tasks = build_available_tasks(task_names) if not args.task_name else {name: build_task(name) for name in task_names}
-        accuracies = {}
+        accuracies, budgets = {}, {}
         for name, task in tasks.items():
-            t0 = time.time()
+            t0, details = time.time(), {}
             accuracies[name] = run_task_eval(task, model, tokenizer, engine, batch_size=args.batch_size,
                                              num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                                              temperature=args.temperature, top_k=args.top_k,
-                                             max_problems=args.max_problems, name=name)
+                                             max_problems=args.max_problems, name=name, details=details)
             log.info("%s accuracy: %.2f%% (%.1fs)", name, 100 * accuracies[name], time.time() - t0)
+            if details:
+                budgets[f"{name} replies cut at the limit"] = (f"{details['cut']}/{details['replies']} "
+                                                               f"(limit {details['max_new_tokens']} tokens)")
 
         # Only a full run is comparable across models: a partial one would average a different task set.
         score = chatcore(accuracies) if set(task_names) == set(CHATCORE_TASKS) else None
@@ -107,8 +112,10 @@ def main(argv=None):
             log.info("ChatCORE metric: n/a (not every task could be evaluated: %s missing)",
                      ", ".join(sorted(set(CHATCORE_TASKS) - set(accuracies))))
         stand_ins = {"Offline stand-ins": "; ".join(fallbacks_used())} if fallbacks_used() else None
+        settings = {**vars(args), "device_type": device_type}  # the device used, not the flag (empty = autodetect)
         get_report().log(section=f"Chat evaluation {args.source}",
-                         data=[vars(args), accuracies, {"ChatCORE metric": score} if score is not None else None, stand_ins])
+                         data=[settings, accuracies, {"ChatCORE metric": score} if score is not None else None,
+                               budgets or None, stand_ins])
         return {"accuracies": accuracies, "chatcore": score}
     finally:
         compute_cleanup()

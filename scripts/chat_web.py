@@ -1,23 +1,26 @@
 """
 Serve a chat model: a web UI, nanochat's streaming endpoint and an OpenAI-compatible API, run by uvicorn.
 
-    python -m scripts.chat_web -i sft --host 127.0.0.1 --port 8000   # then open http://127.0.0.1:8000
+    python -m scripts.chat_web -i sft --port 8000                    # then open http://127.0.0.1:8000
     python -m scripts.chat_web -i sft -n 8                           # one replica per GPU on an 8-GPU node
+    NANOCHAT_API_KEY=... python -m scripts.chat_web --host 0.0.0.0   # serve other machines, /v1 behind a key
     python -m scripts.chat_web --log-conversations chats.jsonl       # one JSON line per request
     python -m scripts.chat_web --max-batch 1                         # one request at a time per replica
 
 From Python, with the `openai` package:
 
     from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")  # or the server's --api-key
     client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi!"}])
 
 The endpoints are listed in nanochat/server.py, the request limits in nanochat/serving.py. Requests that leave out
-temperature / top_k / max_tokens get the values of -t / -k / -m.
+temperature / top_k / max_tokens get the values of -t / -k / -m. By default only this machine can connect, and no
+other web page may call the API from a browser (--cors-origins names the ones that may).
 """
 
 import argparse
 import logging
+import os
 
 import torch
 
@@ -37,10 +40,22 @@ def build_parser():
     p.add_argument("--max-batch", type=int, default=16,
                    help="rows (samples of concurrent requests) that share each forward pass of a replica; 1 = one request "
                         "at a time")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1: this machine only)")
-    p.add_argument("-p", "--port", type=int, default=8000, help="TCP port (0 = any free one)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on: 127.0.0.1 = this machine only, 0.0.0.0 = every network interface")
+    net.add_argument("-p", "--port", type=int, default=8000, help="TCP port (0 = any free one)")
+    net.add_argument("--api-key", default=None,
+                     help="bearer token the /v1 endpoints require; none = $NANOCHAT_API_KEY, and without it no check")
+    net.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
+                     help="web origins (https://host:port) whose pages may call the API from a browser; none = no "
+                          "other site's page may")
+    net.add_argument("--client-timeout", type=float, default=30.0,
+                     help="seconds a client has to send its request headers, and again its body")
+    net.add_argument("--max-connections", type=int, default=2048, help="open connections before new requests get 503")
+    net.add_argument("--shutdown-timeout", type=float, default=10.0,
+                     help="seconds a stopping server waits for replies to end before it cuts them")
     p.add_argument("--log-conversations", default=None, metavar="PATH",
-                   help="append every request and its reply to this JSONL file; none = no log")
+                   help="append every request and its reply to this JSONL file (created 0600); none = no log")
     return add_model_flags(p)
 
 
@@ -48,6 +63,15 @@ def check_args(args, device_type):
     problems = sampling_flag_problems(args)
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be between 0 and 65535, got {args.port}")
+    for flag, value in (("--client-timeout", args.client_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
+        if not value > 0:
+            problems.append(f"{flag} must be > 0 seconds, got {value}")
+    if args.max_connections < 1:
+        problems.append(f"--max-connections must be >= 1, got {args.max_connections}")
+    if args.api_key is None:
+        args.api_key = os.environ.get("NANOCHAT_API_KEY") or None  # read here, so --help never prints it
+    if args.api_key is not None and not args.api_key.strip():
+        problems.append("--api-key is blank; give a key or leave it out")
     if args.max_batch < 1:
         problems.append(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.num_gpus < 1:
@@ -62,10 +86,8 @@ def check_args(args, device_type):
 
 def build_server(args):
     """Load one replica per GPU (or one on CPU/MPS) and return a uvicorn.Server for the app, not yet running."""
-    import uvicorn
-
     from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir
-    from nanochat.server import ConversationLog, ReplicaPool, create_app
+    from nanochat.server import ConversationLog, ReplicaPool, create_app, make_server
 
     device_type = args.device_type or autodetect_device_type()
     check_args(args, device_type)
@@ -79,27 +101,29 @@ def build_server(args):
     tag = args.model_tag or find_largest_model(get_checkpoints_dir(args.source))
     model_id = f"nanochat-{args.source}-{tag}"
     defaults = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
-    conversation_log = ConversationLog(args.log_conversations) if args.log_conversations else None
+    try:
+        conversation_log = ConversationLog(args.log_conversations) if args.log_conversations else None
+    except OSError as e:
+        raise ConfigError(f"--log-conversations {args.log_conversations}: cannot create it ({e.strerror})") from None
     app = create_app(ReplicaPool(replicas), replicas[0].tokenizer, defaults, model_id=model_id,
-                     conversation_log=conversation_log)
+                     conversation_log=conversation_log, api_key=args.api_key, cors_origins=args.cors_origins,
+                     body_timeout=args.client_timeout)
     log.info("Serving %s (step %s, context %d tokens) with %d replica(s) of up to %d batched rows; defaults: "
              "temperature %g, top-k %d, max tokens %d", model_id, meta.get("step"), replicas[0].context_len, len(replicas),
              args.max_batch, args.temperature, args.top_k, args.max_tokens)
     if conversation_log is not None:
         log.info("Logging conversations to %s", conversation_log.path)
-    # log_config=None: uvicorn's loggers go through the one logging setup of this process.
-    return uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None))
+    log.info("/v1 endpoints %s; browser pages from %s may call the API", "need the API key" if args.api_key else
+             "are open (no --api-key)", ", ".join(args.cors_origins) if args.cors_origins else "no other origin")
+    return make_server(app, host=args.host, port=args.port, client_timeout=args.client_timeout,
+                       max_connections=args.max_connections, shutdown_timeout=args.shutdown_timeout)
 
 
 @script_main("chat_web")
 def main(argv=None):
     setup_default_logging()
     args = build_parser().parse_args(argv)
-    server = build_server(args)
-    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    log.info("Chat in a browser at http://%s:%d, or point an OpenAI client at http://%s:%d/v1", shown_host, args.port,
-             shown_host, args.port)
-    server.run()
+    build_server(args).run()  # its first line says where it listens, once it does
     return 0
 
 

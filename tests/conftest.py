@@ -7,10 +7,14 @@ rule (tests/nccl_rules.py).
         per_rank = run_on_ranks(_worker, str(base_dir))  # _worker(rank, world_size, base) at module level
 
 Whole scripts under torchrun go through tests/dist_harness.py instead. The chat front ends (CLI, web server, UI)
-share `chat_model_dir`, a base dir holding a micro chat model, and `chat_server`, that model served on loopback.
+share `chat_model_dir`, a base dir holding a micro chat model, and `chat_server`, that model served on loopback;
+`serve_chat` starts more such servers with their own flags.
 """
 
+import contextlib
+
 import datetime
+import functools
 import os
 import pickle
 import sys
@@ -150,17 +154,15 @@ def chat_model_dir(tmp_path_factory, byte_tokenizer):
     return base
 
 
-@pytest.fixture(scope="session")
-def chat_server(chat_model_dir, tmp_path_factory):
-    """`scripts.chat_web` serving the micro chat model on 127.0.0.1 (a port the OS picks), in a thread of this
-    process, with a conversation log; shut down after the session. Yields .url, .log_path and .app."""
+@contextlib.contextmanager
+def _serving(base, *argv):
+    """`scripts.chat_web` with `argv` serving the micro chat model from `base` on a port the OS picks, in a thread
+    of this process. Yields .url, .app, .server (the uvicorn server) and .thread; stopped on exit."""
     from scripts import chat_web
 
-    log_path = tmp_path_factory.mktemp("chat_log") / "conversations.jsonl"
-    argv = ["--device-type", "cpu", "--host", "127.0.0.1", "--port", "0", "--log-conversations", str(log_path)]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NANOCHAT_BASE_DIR", str(chat_model_dir))
-        server = chat_web.build_server(chat_web.build_parser().parse_args(argv))
+        patch.setenv("NANOCHAT_BASE_DIR", str(base))
+        server = chat_web.build_server(chat_web.build_parser().parse_args(["--device-type", "cpu", "--port", "0", *argv]))
     thread = threading.Thread(target=server.run, name="chat-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -168,12 +170,30 @@ def chat_server(chat_model_dir, tmp_path_factory):
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the chat server did not start")
         time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
     try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", log_path=log_path, app=server.config.app)
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=server.config.app, server=server, thread=thread,
+                              host=host)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def chat_server(chat_model_dir, tmp_path_factory):
+    """`scripts.chat_web` serving the micro chat model on 127.0.0.1, with a conversation log; shut down after the
+    session. Yields .url, .log_path and .app."""
+    log_path = tmp_path_factory.mktemp("chat_log") / "conversations.jsonl"
+    with _serving(chat_model_dir, "--host", "127.0.0.1", "--log-conversations", str(log_path)) as served:
+        served.log_path = log_path
+        yield served
+
+
+@pytest.fixture
+def serve_chat(chat_model_dir):
+    """Start another chat server for this test: `with serve_chat("--api-key", "k") as served:` (see _serving);
+    no --host given means the script's default address."""
+    return functools.partial(_serving, chat_model_dir)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """scripts/chat_cli.py on the micro chat model: the real script driven through a pipe, and main() in-process."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -55,3 +56,18 @@ def test_bad_flags_are_one_line_errors(chat_env):
         chat_cli.main(["--device-type", "cpu", "-t", "-1", "-m", "0"])
     assert exc.value.code == (
         "chat_cli: error: --temperature must be between 0.0 and 2.0, got -1.0; --max-tokens must be between 1 and 4096, got 0")
+
+
+@pytest.mark.parametrize("seed", [str(2**64 - 1), str(2**64), str(2**63), "-2"])
+def test_a_seed_out_of_range_is_refused_as_the_flags_are_parsed(seed, capsys):
+    with pytest.raises(SystemExit) as exc:
+        chat_cli.build_parser().parse_args(["--seed", seed])
+    assert exc.value.code == 2
+    assert f"argument --seed: must be between -1 (a random one) and {2**63 - 1}, got {seed}" in capsys.readouterr().err
+
+
+def test_the_largest_seed_lasts_a_whole_session(chat_env, monkeypatch, capsys):
+    lines = iter(["one", "two", "three", "quit"])
+    monkeypatch.setattr(chat_cli, "chat_loop", functools.partial(chat_cli.chat_loop, read=lambda prompt: next(lines)))
+    assert chat_cli.main(["--device-type", "cpu", "--seed", str(2**63 - 1), "-m", "4"]) == 0
+    assert capsys.readouterr().out.count("Assistant: ") == 3  # reply i is sampled with seed + i

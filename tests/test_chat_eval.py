@@ -6,6 +6,7 @@ whose logits the test scripts per prompt, so every accuracy below is known exact
 """
 
 import json
+import math
 import os
 import sys
 import types
@@ -287,6 +288,29 @@ def test_humaneval_generative_runs_the_tests(env, tok):
     assert run_generative_eval(task, tok, engine, max_new_tokens=300) == 1 / 2
 
 
+def test_each_task_gets_a_budget_its_answers_fit_and_cut_replies_are_counted(env, tok, caplog):
+    # The oracle answers SpellingBee with the task's own reference answers (spelled out, counted, checked with the
+    # calculator): hundreds of tokens here. A fixed budget of 96 cut every one before its "#### n".
+    from tasks.spellingbee import SpellingBee
+
+    task = SpellingBee(size=4, split="test")
+    answers, longest = {}, 0
+    for i in range(len(task)):
+        prompt = tok.render_for_completion(task[i])
+        whole, _ = tok.render_conversation(task[i], max_tokens=1 << 20)
+        answers[tuple(prompt)] = whole[len(prompt) - 1:]  # the reply, after <|assistant_start|>, with its end token
+        longest = max(longest, len(answers[tuple(prompt)]))
+    engine = Engine(oracle(tok, answers), tok)
+    assert chateval.reply_budget(task, tok, len(task)) == math.ceil(1.5 * longest) and longest > 96
+    details = {}
+    assert run_generative_eval(task, tok, engine, details=details) == 1.0
+    assert details == {"max_new_tokens": math.ceil(1.5 * longest), "replies": 4, "cut": 0}
+    with caplog.at_level("WARNING", logger="nanochat"):
+        assert run_generative_eval(task, tok, engine, max_new_tokens=96, details=details) == 0.0
+    assert details == {"max_new_tokens": 96, "replies": 4, "cut": 4}
+    assert "SpellingBee: 4 of 4 replies were cut at the 96-token limit before they ended" in caplog.text
+
+
 class FakeEngine:
     """generate_batch that returns scripted completions per (prompt, sample); records its kwargs."""
 
@@ -449,7 +473,18 @@ def test_cli_all_tasks_writes_report_with_chatcore(env, tok, monkeypatch):
     assert report.startswith("## Chat evaluation sft\n")
     assert "- source: sft\n" in report and "- max_problems: 4\n" in report and "- task_name: None\n" in report
     assert "- MMLU: 0.3333\n" in report and "- SpellingBee: 1.0000\n" in report
+    assert "- SpellingBee replies cut at the limit: 0/4 (limit " in report
     assert f"- ChatCORE metric: {out['chatcore']:.4f}\n" in report
+
+
+def test_the_report_names_the_device_used_when_it_was_autodetected(env, tok, monkeypatch):
+    from scripts import chat_eval
+
+    install_fake_loader(monkeypatch, oracle(tok, build_full_oracle(tok)), tok, [])
+    monkeypatch.setattr(chat_eval, "autodetect_device_type", lambda: "cpu")
+    chat_eval.main(["-i", "mid", "-a", "GSM8K", "-x", "2"])  # no --device-type
+    report = (env / "base" / "report" / "chat-evaluation-mid.md").read_text()
+    assert "- device_type: cpu\n" in report
 
 
 def test_cli_subset_has_no_chatcore(env, tok, monkeypatch):

@@ -97,6 +97,8 @@ USER = {"role": "user", "content": "hi"}
     ({"messages": [USER], "max_tokens": True}, 400, "max_tokens must be between 1 and 4096"),
     ({"messages": [{"role": "user", "content": "z" * 7000}]}, 400,
      f"Message 0 is too long for this model's context of {CHAT_CONTEXT} tokens"),
+    ({"messages": [{"role": "system", "content": "s" * 200}, USER]}, 400,
+     f"Message 0 (the system message) is too long for this model's context of {CHAT_CONTEXT} tokens"),
     (json.dumps({"messages": [{"role": "user", "content": "w" * 8000}] * 200}).encode(), 413, "Request body is too large"),
 ])
 def test_refused_requests_get_a_4xx_and_a_json_message(chat_server, body, status, message):

@@ -5,6 +5,7 @@ so that these tests exercise the checkpoint logic alone), and the save barrier a
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 import types
@@ -354,3 +355,30 @@ def test_eval_models_take_the_inference_dtype_and_train_models_the_compute_dtype
     trained, _, _ = load_model("base", "cpu", phase="train")
     assert evaluated.compute_dtype == torch.float32 and trained.compute_dtype == torch.bfloat16
     assert Engine(evaluated).kv_dtype == torch.float32 and Engine(trained).kv_dtype == torch.bfloat16
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys, torch
+from nanochat.checkpoint_manager import save_checkpoint
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed once the weights are in the temp file
+save_checkpoint(sys.argv[1], 7, {"w": torch.ones(1000)}, None, {"step": 7})
+"""
+
+
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path, caplog):
+    ckpt = tmp_path / "d2"
+    save_checkpoint(str(ckpt), 5, {"w": torch.zeros(3)}, None, {"step": 5})
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(ckpt)], timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert killed.returncode == -9
+    stale = [name for name in os.listdir(ckpt) if name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".model_000007.pt.")
+    (ckpt / "notes.tmp").write_text("not ours")  # only the save's own temp files go
+    cm._swept_dirs.discard(str(ckpt))  # as in a new process
+    with caplog.at_level("INFO", logger="nanochat.checkpoint_manager"):
+        save_checkpoint(str(ckpt), 6, {"w": torch.ones(3)}, None, {"step": 6})
+    assert sorted(os.listdir(ckpt)) == ["meta_000005.json", "meta_000006.json", "model_000005.pt", "model_000006.pt",
+                                        "notes.tmp"]
+    lines = [r.getMessage() for r in caplog.records if "interrupted save" in r.getMessage()]
+    assert lines == [f"Removed 1 temporary file(s) (0.00 GB) left by an interrupted save in {ckpt}"]
+    assert find_last_step(str(ckpt)) == 6

@@ -418,3 +418,54 @@ def test_docstrings_of_collects_every_level_and_survives_bad_code():
     source = '"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n'
     assert docstrings_of(source) == "Module doc.\n\nClass doc.\n\nMethod doc."
     assert docstrings_of("print 'python 2'") == ""
+
+
+def _damaged_parquet(path):
+    # Four row groups of text; bytes in the middle overwritten: the footer still reads, the pages do not.
+    pq.write_table(pa.table({"text": [f"document {i} " * 50 for i in range(4000)]}), path, row_group_size=1000,
+                   compression="none")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = os.urandom(4096)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, write, problem", [
+    ("binary.jsonl", lambda p: p.write_bytes(b'{"text": "ok"}\n' + bytes(range(256)) * 8), "binary.jsonl: not UTF-8 text"),
+    ("deep.jsonl", lambda p: p.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n"),
+     "deep.jsonl:2: not usable JSON (nested too deeply)"),
+    ("digits.jsonl", lambda p: p.write_text('{"text": "ok", "n": ' + "9" * 5000 + "}\n"),
+     "digits.jsonl:1: not usable JSON (Exceeds the limit"),
+    ("damaged.parquet", _damaged_parquet, "damaged.parquet: damaged parquet data"),
+])
+def test_ingest_of_a_bad_input_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, caplog, name, write, problem):
+    write(tmp_path / name)
+    out = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        assert dataset.main(["ingest", str(tmp_path / name), "--out-dir", str(out), "--txt-split", "line"]) == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None and "\n" not in errors[0].getMessage()
+    assert errors[0].getMessage().startswith(str(tmp_path / problem.split(":")[0]))
+    assert problem in errors[0].getMessage(), errors[0].getMessage()
+    assert os.listdir(out) == []  # no partial shard, no staging dir
+
+
+KILLED_MID_INGEST = """
+import os, signal, sys
+from nanochat import dataset
+dataset.ShardSetWriter.finish = lambda self, manifest: os.kill(os.getpid(), signal.SIGKILL)
+dataset.ingest([sys.argv[1]], out_dir=sys.argv[2], txt_split="line")
+"""
+
+
+def test_the_next_ingest_removes_the_staging_dir_of_a_killed_one(tmp_path, caplog):
+    (tmp_path / "t.txt").write_text("a\nb\nc\n")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_INGEST, str(tmp_path / "t.txt"), str(out)], cwd=REPO_ROOT,
+                            timeout=120)
+    assert killed.returncode == -9
+    assert [name.startswith(".staging-") for name in os.listdir(out)] == [True]
+    with caplog.at_level("INFO", logger="nanochat.dataset"):
+        ingest([str(tmp_path / "t.txt")], out_dir=str(out), txt_split="line")
+    assert not [name for name in os.listdir(out) if name.startswith(".staging-")]
+    assert f"Removed 1 staging dir(s) left by an interrupted ingest in {out}" in caplog.text

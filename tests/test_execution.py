@@ -366,3 +366,48 @@ def test_missing_layers_are_warned_about_once(caplog):
 def test_sandbox_layers_reports_every_layer(layers):
     assert set(layers) == {"rlimits", "landlock", "capabilities", "seccomp", "python_guard"}
     assert layers["python_guard"] == "on" and layers["rlimits"] == "on"
+
+
+# -----------------------------------------------------------------------------
+# Reads, disk and namespaces
+
+
+def test_files_outside_the_sandbox_cannot_be_read(layers, tmp_path):
+    require(layers, "landlock")  # Landlock's read rights are in every ABI (Linux >= 5.13)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the launch codes")
+    result = execute_code(f"print(open({str(secret)!r}).read())")
+    assert not result.success and "PermissionError" in result.error and "launch codes" not in result.stdout
+    # Through libc directly, around Python's open(): refused by the kernel all the same.
+    result = execute_code(f"import ctypes\nprint(ctypes.CDLL(None).open({str(secret).encode()!r}, 0))")
+    assert result.success and result.stdout == "-1\n"
+    # What programs need still reads: the standard library, installed packages, their own files.
+    result = execute_code("import json, numpy, sqlite3, decimal\nopen('mine.txt', 'w').write('hi')\n"
+                          "print(open('mine.txt').read(), numpy.arange(3).sum())")
+    assert result.success and result.stdout == "hi 3\n", result
+
+
+def test_the_total_written_is_capped():
+    # Each file under the per-file cap, together four times the total: the program is killed and fails.
+    code = "for i in range(32):\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\nprint('wrote 256 MiB')"
+    result = execute_code(code, timeout=20)  # the default total: 64 MiB
+    assert not result.success and result.error.startswith("Disk limit exceeded (more than 67108864 bytes")
+    result = execute_code("open('f', 'wb').write(b'x' * (4 << 20))\nprint('ok')", maximum_disk_bytes=8 << 20)
+    assert result.success and result.stdout == "ok\n"
+    result = execute_code("open('f', 'wb').write(b'x' * (4 << 20))\nprint('ok')", maximum_disk_bytes=2 << 20)
+    assert not result.success  # one file past the total: the per-file rlimit stops it at once
+    result = execute_code("for i in range(20_000):\n    open(f'f{i}', 'w').close()", timeout=20)
+    assert not result.success and "10000 files" in result.error
+
+
+def test_new_namespaces_are_refused(layers):
+    require(layers, "seccomp")
+    code = textwrap.dedent("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        for flag in (0x10000000, 0x20000, 0x40000000):  # CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWNET
+            print(libc.unshare(flag), os.strerror(ctypes.get_errno()))
+        print(libc.setns(0, 0), os.strerror(ctypes.get_errno()))
+    """)
+    result = execute_code(code)
+    assert result.success and result.stdout == "-1 Operation not permitted\n" * 4, result

@@ -3,6 +3,8 @@ renderer), context trimming, streaming text (UTF-8, tool calls, stop strings), t
 
 import asyncio
 import contextlib
+import random
+import time
 
 import pytest
 import torch
@@ -170,6 +172,38 @@ def test_stop_strings_hold_back_what_might_start_one(byte_tokenizer):
     assert _push_all(reply, tok.encode("ENx EN")) == "ENx EN" and reply.finish_reason == "length"
 
 
+def _first_stop_reference(text, stops):
+    """What a reply with these stop strings shows of `text`: everything before the stop string that is complete
+    first (earliest end; at the same end, the longest), or all of it."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(s) for s in stops if end >= len(s) and text[end - len(s):end] == s]
+        if starts:
+            return text[:min(starts)], "stop"
+    return text, "length"
+
+
+def test_stop_strings_match_a_reference_however_the_text_is_cut(byte_tokenizer):
+    tok, rng = byte_tokenizer, random.Random(0)
+    for _ in range(300):
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3)))
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 25)))
+        reply = Reply(tok, stop=stops)
+        shown = _push_all(reply, tok.encode(text))
+        assert (shown, reply.finish_reason) == _first_stop_reference(text, stops), (text, stops)
+
+
+def test_a_long_stop_string_costs_time_linear_in_the_text(byte_tokenizer):
+    # A 100,000-character stop whose prefix the reply keeps matching: comparing every prefix of the stop with the
+    # held text at every token (what this once did) took 0.3 s a token here; matching character by character, not.
+    tok = byte_tokenizer
+    t0 = time.perf_counter()
+    reply = Reply(tok, stop=("a" * 99_999 + "b",))
+    shown = [reply.push(t) for t in tok.encode("a" * 20)]
+    assert shown == [""] * 20 and not reply.done  # all of it might still become the stop string
+    assert reply.finish() == "a" * 20
+    assert time.perf_counter() - t0 < 1.5
+
+
 # -----------------------------------------------------------------------------
 # Sampling and the replica
 
@@ -182,6 +216,7 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     assert kept(0.95) == [True, True, True, False]
     assert kept(1.0) == [True] * 4
     assert kept(0.6, t=100.0) == [True, True, True, False]  # a high temperature flattens the distribution first
+    assert kept(5e-324) == [True, False, False, False]  # the smallest top_p allowed: 0 in float32, greedy still
 
 
 @pytest.mark.usefixtures("one_thread")

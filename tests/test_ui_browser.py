@@ -219,3 +219,44 @@ def test_the_send_button_stops_a_reply_and_a_notice_tells_of_dropped_turns(page)
     _send(page, "b" * 40)
     assert page.locator(".message.notice").inner_text().endswith(
         f"oldest messages were left out to fit the model's context of {CHAT_CONTEXT} tokens.")
+
+
+def test_a_long_chat_keeps_working_past_the_request_limits(page):
+    # Ten turns of 7,000 characters each way add up to 140,000 characters, far past what one request may carry
+    # (MAX_TOTAL_CHARS). The micro model's context could not hold a single such turn, so a scripted server answers,
+    # checking each request with the real server's parser and refusing it as the real server would.
+    from nanochat.serving import MAX_TOTAL_CHARS, RequestError, SamplingParams, parse_chat_request
+
+    sent = []
+
+    def answer(route):
+        body = route.request.post_data_json
+        sent.append(body)
+        try:
+            parse_chat_request(body, SamplingParams())
+        except RequestError as err:
+            return route.fulfill(status=400, content_type="application/json", body=json.dumps({"detail": str(err)}))
+        reply = f"reply {len(sent)} " + "r" * 7000
+        route.fulfill(status=200, content_type="text/event-stream",
+                      body=f"data: {json.dumps({'token': reply, 'gpu': 0})}\n\ndata: {json.dumps({'done': True})}\n\n")
+
+    page.route("**/chat/completions", answer)
+    for turn in range(1, 11):
+        text = f"turn {turn} " + "u" * 7000
+        page.evaluate("text => { document.getElementById('input').value = text; }", text)
+        page.press("#input", "Enter")
+        page.wait_for_function(IDLE)
+        assert page.locator(".error").count() == 0, page.locator(".error").first.inner_text()
+        assert sent[-1]["messages"][-1] == {"role": "user", "content": text}  # the new message always goes
+        assert _reply(page).startswith(f"reply {turn} ")
+    assert len(sent) == 10 and page.locator(".message.assistant").count() == 10
+    assert all(sum(len(m["content"]) for m in body["messages"]) <= MAX_TOTAL_CHARS for body in sent)
+    assert all(body["messages"][0]["role"] == "user" for body in sent)  # whole turns left out
+    assert len(sent[-1]["messages"]) >= 3  # and as much of the chat as fits is still sent
+    assert "oldest messages were not sent" in page.locator(".message.notice").last.inner_text()
+    # A message the server refuses is named by its place in the whole conversation, not in what was sent.
+    page.evaluate("text => { document.getElementById('input').value = text; }", "x" * 8001)
+    page.press("#input", "Enter")
+    page.wait_for_function(IDLE)
+    assert page.locator(".error").inner_text() == "Error: Message 20 is too long. Maximum 8000 characters allowed per message"
+    assert len(sent[-1]["messages"]) < 21  # (the older turns were left out of this request too)
