@@ -6,7 +6,8 @@ model replicas. `python -m scripts.chat_web` loads the replicas and runs this ap
     GET  /logo.svg             the logo (favicon)
     POST /chat/completions     {"messages": [...], "temperature", "top_k", "max_tokens"} -> server-sent events
                                data: {"token": "...", "gpu": 0} ... data: {"done": true}
-    GET  /health, GET /stats   readiness, worker counts, rows in the running batches and requests waiting
+    GET  /health, GET /stats   readiness, worker counts, rows in the running batches and requests waiting (open even
+                               with a key: counts and device names only)
     POST /v1/chat/completions  OpenAI chat completions, streaming or not
     GET  /v1/models            the one model served
 
@@ -14,10 +15,10 @@ model replicas. `python -m scripts.chat_web` loads the replicas and runs this ap
                      model_id="nanochat-sft-d20")
 
 Every request is checked against the limits in nanochat/serving.py before it waits for a replica; a bad one gets a
-4xx with a JSON message ({"detail": ...}, or OpenAI's {"error": {...}} under /v1). With an api_key, the /v1
-endpoints want it as a bearer token (401 otherwise); the UI's own endpoint stays open, so serve others only behind
-a key and on a network you trust. make_server wraps the app in a uvicorn server that drops clients too slow to send
-their request, refuses connections past a limit, and ends running generations when it stops.
+4xx with a JSON message ({"detail": ...}, or OpenAI's {"error": {...}} under /v1). With an api_key, both chat
+endpoints and /v1/models want it as a bearer token (401 otherwise; the UI asks its user for the key on a 401).
+make_server wraps the app in a uvicorn server that drops clients too slow to send their request, refuses
+connections past a limit, and ends running generations when it stops.
 """
 
 import asyncio
@@ -257,9 +258,9 @@ def _ui_limits():
 def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=None, api_key=None, cors_origins=(),
                body_timeout=30.0):
     """The FastAPI app. defaults: SamplingParams whose temperature / top_k / max_tokens fill what a request omits;
-    conversation_log: a ConversationLog, or None for no log; api_key: the bearer token the /v1 endpoints want
-    (None = open); cors_origins: web origins whose pages may call the API (none: only pages this server serves);
-    body_timeout: seconds a client has to send its request body."""
+    conversation_log: a ConversationLog, or None for no log; api_key: the bearer token the chat endpoints and
+    /v1/models want (None = open); cors_origins: web origins whose pages may call the API (none: only pages this
+    server serves); body_timeout: seconds a client has to send its request body."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -339,6 +340,7 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
+        check_key(request)  # the UI's endpoint drives the model as /v1 does: the key guards both or neither
         chat, prompt, params = await prepare(request, "/chat/completions", openai=False)
 
         async def events():

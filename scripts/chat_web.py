@@ -3,7 +3,7 @@ Serve a chat model: a web UI, nanochat's streaming endpoint and an OpenAI-compat
 
     python -m scripts.chat_web -i sft --port 8000                    # then open http://127.0.0.1:8000
     python -m scripts.chat_web -i sft -n 8                           # one replica per GPU on an 8-GPU node
-    NANOCHAT_API_KEY=... python -m scripts.chat_web --host 0.0.0.0   # serve other machines, /v1 behind a key
+    NANOCHAT_API_KEY=... python -m scripts.chat_web --host 0.0.0.0   # serve other machines, behind a key
     python -m scripts.chat_web --log-conversations chats.jsonl       # one JSON line per request
     python -m scripts.chat_web --max-batch 1                         # one request at a time per replica
 
@@ -45,7 +45,8 @@ def build_parser():
                      help="address to listen on: 127.0.0.1 = this machine only, 0.0.0.0 = every network interface")
     net.add_argument("-p", "--port", type=int, default=8000, help="TCP port (0 = any free one)")
     net.add_argument("--api-key", default=None,
-                     help="bearer token the /v1 endpoints require; none = $NANOCHAT_API_KEY, and without it no check")
+                     help="bearer token the UI's and the /v1 endpoints require (the UI asks for it); none = "
+                          "$NANOCHAT_API_KEY, and without it no check")
     net.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
                      help="web origins (https://host:port) whose pages may call the API from a browser; none = no "
                           "other site's page may")
@@ -113,8 +114,9 @@ def build_server(args):
              args.max_batch, args.temperature, args.top_k, args.max_tokens)
     if conversation_log is not None:
         log.info("Logging conversations to %s", conversation_log.path)
-    log.info("/v1 endpoints %s; browser pages from %s may call the API", "need the API key" if args.api_key else
-             "are open (no --api-key)", ", ".join(args.cors_origins) if args.cors_origins else "no other origin")
+    log.info("The chat endpoints (UI and /v1) %s; browser pages from %s may call the API",
+             "need the API key" if args.api_key else "are open (no --api-key)",
+             ", ".join(args.cors_origins) if args.cors_origins else "no other origin")
     return make_server(app, host=args.host, port=args.port, client_timeout=args.client_timeout,
                        max_connections=args.max_connections, shutdown_timeout=args.shutdown_timeout)
 

@@ -218,6 +218,24 @@ def test_an_api_key_guards_the_openai_endpoints(serve_chat, monkeypatch):
             assert httpx.get(served.url + "/health", timeout=10).status_code == 200
 
 
+def test_an_api_key_guards_the_ui_endpoint_too(serve_chat):
+    body = {"messages": [USER], "max_tokens": 2}
+    with serve_chat("--api-key", "s3cret") as served:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+            refused = httpx.post(served.url + "/chat/completions", json=body, headers=headers, timeout=20)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            assert "API key" in refused.json()["detail"]
+        ok = httpx.post(served.url + "/chat/completions", json=body, headers={"authorization": "Bearer s3cret"},
+                        timeout=20)
+        assert ok.status_code == 200 and 'data: {"done": true}' in ok.text
+        # What stays open to all holds nothing secret: the page, readiness and load (counts and device names).
+        for path in ("/", "/health", "/stats"):
+            page = httpx.get(served.url + path, timeout=10)
+            assert page.status_code == 200 and "s3cret" not in page.text
+        assert set(_stats(served.url)["workers"][0]) == {"gpu_id", "device", "max_batch", "active_rows",
+                                                          "running_requests", "queued_requests"}
+
+
 # -----------------------------------------------------------------------------
 # 6. Slow clients, too many connections, shutting down
 

@@ -260,3 +260,36 @@ def test_a_long_chat_keeps_working_past_the_request_limits(page):
     page.wait_for_function(IDLE)
     assert page.locator(".error").inner_text() == "Error: Message 20 is too long. Maximum 8000 characters allowed per message"
     assert len(sent[-1]["messages"]) < 21  # (the older turns were left out of this request too)
+
+
+def test_the_ui_asks_for_the_api_key_and_keeps_it_for_the_tab(browser, serve_chat):
+    answers = ["", "wrong", "s3cret"]  # refused, mistyped, right
+    asked = []
+
+    def on_dialog(dialog):
+        asked.append(dialog.message)
+        answer = answers.pop(0)
+        dialog.accept(answer) if answer else dialog.dismiss()
+
+    with serve_chat("--api-key", "s3cret") as served:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.on("dialog", on_dialog)
+        page.goto(served.url + "/")
+        _send(page, "hello")  # no key yet: asked, and dismissed, so the message comes back to the input
+        assert page.locator(".error").inner_text() == "Error: This server needs its API key; send again to enter it."
+        assert page.input_value("#input") == "hello" and page.locator(".message.user").count() == 0
+        page.fill("#input", "")
+        _send(page, "hello")  # asked again: a wrong key, then the right one
+        assert len(asked) == 3 and "refused" in asked[2]
+        assert page.locator(".message.user").inner_text() == "hello" and page.locator(".message.assistant").count() == 1
+        assert page.locator(".message.assistant .error").count() == 0
+        _send(page, "and again")  # the key is kept: no more asking
+        assert len(asked) == 3 and page.locator(".message.user").count() == 2
+        assert page.evaluate("sessionStorage.getItem('nanochat-api-key')") == "s3cret"
+        assert page.evaluate("localStorage.length") == 0 and "s3cret" not in page.url
+        context.close()
+        assert errors == [], errors
