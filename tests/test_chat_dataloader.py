@@ -284,15 +284,15 @@ def _record_host_to_cuda_copies(monkeypatch):
 
 
 def test_cuda_batches_are_copied_from_pinned_memory_without_blocking(byte_tokenizer, monkeypatch):
-    """On CUDA both tensors of a batch go through pinned host memory and an asynchronous copy; on CPU neither is
-    pinned (pinning needs CUDA) and the batch is the same."""
+    """On CUDA a batch (inputs and targets in one buffer) goes through pinned host memory and one asynchronous
+    copy; on CPU nothing is pinned (pinning needs CUDA) and the batch is the same."""
     task = TinyChat()
     want = take(make(task, byte_tokenizer, "assistant"), 2)
     calls = _record_host_to_cuda_copies(monkeypatch)
     cpu = take(make(task, byte_tokenizer, "assistant"), 2)
     assert calls == []
     got = take(make(task, byte_tokenizer, "assistant", device="cuda"), 2)
-    assert calls == [("pin",), ("to", torch.device("cuda"), True)] * 4  # inputs and targets of 2 batches
+    assert calls == [("pin",), ("to", torch.device("cuda"), True)] * 2  # one copy per batch, 2 batches
     assert_same(got, want)
     assert_same(cpu, want)
 
