@@ -572,8 +572,11 @@ def get_peak_bandwidth(device_name):
 
 def measure_matmul_flops(device, dtype, n=1024, seconds=0.5):
     """Measured square-matmul FLOP/s on `device` in `dtype`: the CPU's practical peak, for a CPU MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: training scripts measure between seeding and init_weights(), and drawing from the
+    # global one shifted every init, so `--seed 42` did not give the weights that seed gives everywhere else.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(3):
         a @ b
     iters, t0 = 0, time.perf_counter()

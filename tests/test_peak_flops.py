@@ -150,3 +150,15 @@ def test_bandwidth_uses_the_same_exact_matching():
     assert get_peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
     assert get_peak_bandwidth("NVIDIA RTX A4000") == 448e9  # not the A40's
     assert get_peak_bandwidth("NVIDIA GeForce RTX 4070 Ti SUPER") == 672e9  # not the 4070's
+
+
+def test_measuring_the_matmul_rate_leaves_the_global_generator_alone():
+    # start_run measures between seeding and init_weights(): a draw from the global generator there would
+    # shift every initialisation away from the one its seed gives everywhere else (upstream included).
+    import torch
+
+    torch.manual_seed(42)
+    expected = torch.rand(4)
+    torch.manual_seed(42)
+    common.measure_matmul_flops(torch.device("cpu"), torch.float32, n=64, seconds=0.01)
+    assert torch.equal(torch.rand(4), expected)
