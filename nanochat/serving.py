@@ -25,6 +25,7 @@ from nanochat.batching import BatchScheduler
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import add_debug_flag
 from nanochat.engine import model_device
+from nanochat.tokenizer import fold_system
 
 # -----------------------------------------------------------------------------
 # Request limits. They bound what one request can cost a public server (characters to tokenize, tokens to
@@ -42,9 +43,6 @@ MAX_STOP_CHARS = 256  # per stop string: a stop longer than any sensible reply o
 MAX_BODY_BYTES = 1 << 20  # 32,000 characters JSON-escaped as \uXXXX are ~200 KB; a bigger body is not a chat
 
 ROLES = ("system", "user", "assistant")
-# The calculator's four tokens may appear, as their literal names, in assistant text a client sends back
-# (the web UI keeps them so that a reply round-trips exactly); they become special tokens again in the prompt.
-TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 
 
 class RequestError(ValueError):
@@ -156,7 +154,7 @@ def _check_messages(messages, text_parts):
         raise RequestError(f"Total conversation is too long. Maximum {MAX_TOTAL_CHARS} characters allowed",
                            param="messages")
     if checked[0]["role"] == "system" and (len(checked) < 2 or checked[1]["role"] != "user"):
-        # As in training (render_conversation), the system text goes in front of the first user message.
+        # fold_system puts the system text in front of the first user message, in training and here.
         raise RequestError("A system message must be followed by a user message", param="messages")
     return checked
 
@@ -230,35 +228,6 @@ class ContextOverflowError(RequestError):
     """The newest message alone does not leave room for a reply in the model's context."""
 
 
-def encode_message(tokenizer, role, content):
-    """Token ids of one turn in the chat format: <|user_start|> text <|user_end|>, or for the assistant
-    <|assistant_start|> text <|assistant_end|> with the calculator's literal token names turned back into
-    special tokens (as the model wrote them)."""
-    special = tokenizer.encode_special
-    if role == "user":
-        return [special("<|user_start|>"), *tokenizer.encode(content), special("<|user_end|>")]
-    ids = [special("<|assistant_start|>")]
-    for piece in _split_tool_tokens(content):
-        ids.extend([special(piece)] if piece in TOOL_TOKENS else tokenizer.encode(piece))
-    ids.append(special("<|assistant_end|>"))
-    return ids
-
-
-def _split_tool_tokens(text):
-    """Text pieces and tool-token names, in order: "a<|python_start|>1+1" -> ["a", "<|python_start|>", "1+1"]."""
-    pieces, start = [], 0
-    while True:
-        hits = [(text.find(name, start), name) for name in TOOL_TOKENS]
-        hits = [(at, name) for at, name in hits if at >= 0]
-        if not hits:
-            break
-        at, name = min(hits)
-        pieces.extend([text[start:at], name])
-        start = at + len(name)
-    pieces.append(text[start:])
-    return [p for p in pieces if p]
-
-
 @dataclass
 class Prompt:
     """Prompt ids for the next assistant turn, how many leading messages had to go, and the context size."""
@@ -283,15 +252,20 @@ def build_prompt(tokenizer, messages, context_len, reply_room):
     oldest turns dropped until it leaves `reply_room` tokens of `context_len` free.
 
     A turn is dropped whole: messages go from the front up to the next user message, so the kept conversation
-    still starts with the user. A leading system message is never dropped; like render_conversation in training,
-    its text and a blank line are put in front of the first (kept) user message. Raises ContextOverflowError
-    when even the last user message and what follows it do not fit.
+    still starts with the user. A leading system message is never dropped: fold_system puts it in front of the
+    first kept user message, as in training. Each turn is the tokenizer's render_message, the one chat renderer
+    (assistant text may carry the calculator's token names, see Reply). Raises ContextOverflowError when even the
+    last user message and what follows it do not fit.
     """
-    system = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else None
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
     turns = messages[1:] if system is not None else list(messages)
     budget = context_len - reply_room
     bos, assistant_start = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_start|>")
-    encoded = [encode_message(tokenizer, m["role"], m["content"]) for m in turns]
+
+    def render(role, content):
+        return tokenizer.render_message(role, content, tool_names=True)[0]
+
+    encoded = [render(m["role"], m["content"]) for m in turns]
     # suffix[k]: tokens of turns k..end, so every cut point is tried in O(1) after one pass.
     suffix = [0] * (len(turns) + 1)
     for k in range(len(turns) - 1, -1, -1):
@@ -300,10 +274,10 @@ def build_prompt(tokenizer, messages, context_len, reply_room):
     for k in starts:
         first = encoded[k]
         if system is not None and turns[k]["role"] == "user":
-            first = encode_message(tokenizer, "user", system + turns[k]["content"])
+            first = render("user", fold_system(system, turns[k]["content"]))
         if 1 + len(first) + suffix[k + 1] + 1 <= budget:
             return Prompt([bos, *first, *[t for ids in encoded[k + 1:] for t in ids], assistant_start], k, context_len)
-    if system is not None and 1 + len(encode_message(tokenizer, "user", system)) + 1 > budget:
+    if system is not None and 1 + len(render("user", fold_system(system, ""))) + 1 > budget:
         raise ContextOverflowError(f"Message 0 (the system message) is too long for this model's context of "
                                    f"{context_len} tokens (with {reply_room} kept free for the reply); shorten it",
                                    param="messages[0].content")
@@ -329,7 +303,7 @@ class Reply:
 
     Bytes are decoded incrementally, so a character split across tokens appears once it is complete, never as
     replacement characters in between. tools="readable" shows a calculator call as "[calculator: 12/60 = 0.2]";
-    tools="raw" keeps the literal token names, which encode_message turns back into the same tokens. Text never
+    tools="raw" keeps the literal token names, which build_prompt turns back into the same tokens. Text never
     reaches past a stop string: what could be the start of one is held back until it is decided.
 
     done / finish_reason ("stop" or "length"), tokens (every generated token, the final one included) and text

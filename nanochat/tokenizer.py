@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import tempfile
 
 import tiktoken
@@ -219,10 +220,25 @@ class RustBPETokenizer:
 
         mask[i] = 1 where the assistant is trained to produce ids[i]: its text, its python tool calls
         and <|assistant_end|>. Everything else (BOS, user turns, the tool's output) is 0.
-        A leading system message is folded into the first user message (its content + a blank line).
+        A leading system message is folded into the first user message (fold_system).
         """
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        ids, mask = [self.encode_special("<|bos|>")], [0]
+        for role, content in _checked_messages(conversation):
+            turn_ids, turn_mask = self.render_message(role, content)
+            ids.extend(turn_ids)
+            mask.extend(turn_mask)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_message(self, role, content, tool_names=False):
+        """(ids, mask) of one user or assistant turn in the chat format; the server builds its prompts from these.
+
+        content: a str, or for the assistant a list of (part_type, text) as _checked_part gives.
+        tool_names: the calculator's token names written literally in an assistant's str content become the
+        special tokens again (a reply a client sends back, as Reply(tools="raw") showed it). Never for user text,
+        so nobody can type a tool token into a place the model never saw one.
+        """
         ids, mask = [], []
 
         def add(tokens, value):
@@ -231,32 +247,31 @@ class RustBPETokenizer:
             mask.extend([value] * len(tokens))
 
         special = self.encode_special
-        add(special("<|bos|>"), 0)
-        for index, role, content in _checked_messages(conversation):
-            if role == "user":
-                add(special("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(special("<|user_end|>"), 0)
-                continue
-            add(special("<|assistant_start|>"), 0)
-            if isinstance(content, str):
-                add(self.encode(content), 1)
-            else:
-                # Parts are encoded one by one, so no BPE merge crosses a part boundary: the model
-                # sees the same tokens at training time as the engine produces at inference time.
-                for part_type, text in content:
-                    if part_type == "text":
-                        add(self.encode(text), 1)
-                    elif part_type == "python":
-                        add(special("<|python_start|>"), 1)
-                        add(self.encode(text), 1)
-                        add(special("<|python_end|>"), 1)
-                    else:  # python_output: written by the interpreter at inference, so never a target
-                        add(special("<|output_start|>"), 0)
-                        add(self.encode(text), 0)
-                        add(special("<|output_end|>"), 0)
-            add(special("<|assistant_end|>"), 1)
-        return ids[:max_tokens], mask[:max_tokens]
+        if role == "user":
+            add(special("<|user_start|>"), 0)
+            add(self.encode(content), 0)
+            add(special("<|user_end|>"), 0)
+            return ids, mask
+        if isinstance(content, str):
+            content = _tool_parts(content) if tool_names else [("text", content)]
+        add(special("<|assistant_start|>"), 0)
+        # Parts are encoded one by one, so no BPE merge crosses a part boundary: the model
+        # sees the same tokens at training time as the engine produces at inference time.
+        for part_type, text in content:
+            if part_type == "text":
+                add(self.encode(text), 1)
+            elif part_type == "python":
+                add(special("<|python_start|>"), 1)
+                add(self.encode(text), 1)
+                add(special("<|python_end|>"), 1)
+            elif part_type == "python_output":  # written by the interpreter at inference, so never a target
+                add(special("<|output_start|>"), 0)
+                add(self.encode(text), 0)
+                add(special("<|output_end|>"), 0)
+            else:  # "token": a tool token without its pair, as in a reply cut off inside a calculator call
+                add(special(text), 0 if text.startswith("<|output") else 1)
+        add(special("<|assistant_end|>"), 1)
+        return ids, mask
 
     def render_for_completion(self, conversation):
         """Prompt ids for sampling the final assistant turn: drop that turn, render, add <|assistant_start|>."""
@@ -281,6 +296,37 @@ class RustBPETokenizer:
         return "|".join(pieces)
 
 
+def fold_system(system, user):
+    """The first user message's text with a leading system message in front: the format has no system turn,
+    so training and serving both put the system text and a blank line before what the user wrote."""
+    return system + "\n\n" + user
+
+
+TOOL_TOKENS = SPECIAL_TOKENS[5:]  # the calculator's four: python_start/end, output_start/end
+_TOOL_NAME = re.compile("(" + "|".join(re.escape(name) for name in TOOL_TOKENS) + ")")
+_TOOL_PAIRS = {"<|python_start|>": ("<|python_end|>", "python"), "<|output_start|>": ("<|output_end|>", "python_output")}
+
+
+def _tool_parts(text):
+    """Assistant text with literal tool-token names -> render_message's parts: "a<|python_start|>1+1<|python_end|>"
+    -> [("text", "a"), ("python", "1+1")]. A name without its pair stays one ("token", name) part."""
+    pieces = [piece for piece in _TOOL_NAME.split(text) if piece]
+    parts, i = [], 0
+    while i < len(pieces):
+        piece = pieces[i]
+        if piece in _TOOL_PAIRS:
+            end, kind = _TOOL_PAIRS[piece]
+            body = pieces[i + 1] if i + 1 < len(pieces) and pieces[i + 1] not in TOOL_TOKENS else ""
+            close = i + 1 + (body != "")
+            if close < len(pieces) and pieces[close] == end:
+                parts.append((kind, body))
+                i = close + 1
+                continue
+        parts.append(("token" if piece in TOOL_TOKENS else "text", piece))
+        i += 1
+    return parts
+
+
 def _messages_of(conversation):
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
         raise ValueError(f"a conversation is a dict with a 'messages' list, got {type(conversation).__name__}"
@@ -289,7 +335,7 @@ def _messages_of(conversation):
 
 
 def _checked_messages(conversation):
-    """Validate a conversation and yield (original_index, role, content) after the system-message merge.
+    """Validate a conversation and yield (role, content) after the system-message merge.
 
     Assistant content comes out either as a str or as a list of (part_type, text) tuples.
     The caller's conversation is never modified.
@@ -303,13 +349,13 @@ def _checked_messages(conversation):
         if message["role"] not in ("system", "user", "assistant"):
             raise ValueError(f"Message {i} has unknown role {message['role']!r} (expected system, user or assistant)")
 
-    start, prefix = 0, ""
+    start, system = 0, None
     if messages[0]["role"] == "system":
         if not isinstance(messages[0]["content"], str):
             raise ValueError(f"Unknown content type for the system message: {type(messages[0]['content']).__name__} (expected str)")
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ValueError("System message must be followed by a user message")
-        start, prefix = 1, messages[0]["content"] + "\n\n"
+        start, system = 1, messages[0]["content"]
 
     for i in range(start, len(messages)):
         role, content = messages[i]["role"], messages[i]["content"]
@@ -321,11 +367,11 @@ def _checked_messages(conversation):
         if role == "user":
             if not isinstance(content, str):
                 raise ValueError(f"Unknown content type for user message {i}: {type(content).__name__} (expected str)")
-            yield i, role, (prefix + content if i == start else content)
+            yield role, (fold_system(system, content) if i == start and system is not None else content)
         elif isinstance(content, str):
-            yield i, role, content
+            yield role, content
         elif isinstance(content, list):
-            yield i, role, [_checked_part(i, j, part) for j, part in enumerate(content)]
+            yield role, [_checked_part(i, j, part) for j, part in enumerate(content)]
         else:
             raise ValueError(f"Unknown content type for assistant message {i}: {type(content).__name__} (expected str or list of parts)")
 

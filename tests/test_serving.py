@@ -3,6 +3,8 @@ renderer), context trimming, streaming text (UTF-8, tool calls, stop strings), t
 
 import asyncio
 import contextlib
+import json
+import os
 import random
 import time
 
@@ -11,9 +13,10 @@ import torch
 
 from conftest import SlowModel
 from nanochat.batching import top_p_filter
+from nanochat.common import atomic_write
 from nanochat.server import ReplicaPool
 from nanochat.serving import (ContextOverflowError, Prompt, Replica, Reply, RequestError, SamplingParams, build_prompt,
-                              decode_json_body, encode_message, parse_chat_request, reply_room)
+                              decode_json_body, parse_chat_request, reply_room)
 
 DEFAULTS = SamplingParams(temperature=0.8, top_k=50, max_tokens=512)
 
@@ -98,9 +101,49 @@ def test_tool_call_text_round_trips_to_the_tokens_training_uses(byte_tokenizer):
     parts = [{"type": "text", "text": "12/60 = $"}, {"type": "python", "text": "12/60"},
              {"type": "python_output", "text": "0.2"}, {"type": "text", "text": "0.2 a minute"}]
     trained, _ = tok.render_conversation({"messages": [_user("q"), _assistant(parts)]})
-    assert [tok.get_bos_token_id()] + encode_message(tok, "user", "q") + encode_message(tok, "assistant", raw) == trained
+    assert build_prompt(tok, [_user("q"), _assistant(raw)], 1000, 0).tokens == trained + [_ids(tok, "<|assistant_start|>")]
     # In the user's text the same names stay plain text: nobody can inject tokens the model never saw there.
-    assert _ids(tok, "<|python_start|>") not in encode_message(tok, "user", raw)
+    assert _ids(tok, "<|python_start|>") not in build_prompt(tok, [_user(raw)], 1000, 0).tokens
+
+
+@pytest.mark.parametrize("tokenizer", ["byte_tokenizer", "bpe_tokenizer"])
+def test_training_and_serving_render_the_same_ids(tokenizer, request):
+    """One chat format: the server's prompt for a conversation is training's render of it, token for token, with
+    a system message, several turns and calculator calls (which reach the server as the raw text Reply shows),
+    also after the oldest turns are dropped. A real BPE tokenizer checks that no merge crosses a different
+    boundary in the two."""
+    tok = request.getfixturevalue(tokenizer)
+    system = {"role": "system", "content": "You are terse. Numbers: 12 345."}
+    call = [{"type": "text", "text": "It's $"}, {"type": "python", "text": "12/60"},
+            {"type": "python_output", "text": "0.2"}, {"type": "text", "text": "0.2 a minute, we'll see."}]
+    trained_turns = [_user("How fast is 12 per hour?"), _assistant(call), _user("And a second?"),
+                     _assistant("I don't know.\n"), _user("Try again: they're here.")]
+    # What a client sends back: each assistant turn as Reply(tools="raw") streamed the model's tokens of it.
+    served_turns = []
+    for message in trained_turns:
+        if message["role"] == "assistant":
+            ids, _ = tok.render_conversation({"messages": [_user("q"), message]})
+            reply = Reply(tok, tools="raw")
+            raw = "".join(reply.push(t) for t in ids[ids.index(_ids(tok, "<|assistant_start|>")) + 1:])
+            message = _assistant(raw + reply.finish())
+        served_turns.append(message)
+    for kept in (0, 2, 4):  # the whole conversation, then with the oldest one and two turns dropped
+        expected = tok.render_for_completion({"messages": [system, *trained_turns[kept:], _assistant("")]})
+        full = build_prompt(tok, [system, *served_turns[kept:]], 1000, 0)
+        assert full == Prompt(expected, 0, 1000)
+        trimmed = build_prompt(tok, [system, *served_turns], len(expected) + 10, 10)
+        assert trimmed == Prompt(expected, kept, len(expected) + 10)
+
+
+def test_tool_token_names_without_their_pair_stay_tokens(byte_tokenizer):
+    """A reply cut off inside a calculator call comes back with a name but not its pair: every name is still
+    its token, in order, and the text between is text."""
+    tok = byte_tokenizer
+    raw = "cut <|output_end|>x<|python_start|><|python_start|>1+<|python_end|><|output_start|>"
+    names = ["<|output_end|>", "<|python_start|>", "<|python_start|>", "<|python_end|>", "<|output_start|>"]
+    tokens = build_prompt(tok, [_user("q"), _assistant(raw)], 1000, 0).tokens
+    assert [t for t in tokens if t in {_ids(tok, n) for n in names}] == [_ids(tok, n) for n in names]
+    assert tok.decode(tokens).endswith("<|assistant_start|>" + raw + "<|assistant_end|><|assistant_start|>")
 
 
 def test_oldest_turns_go_first_and_the_system_message_stays(byte_tokenizer):
@@ -270,3 +313,48 @@ def test_a_generation_error_reaches_the_request_and_the_replica_serves_on(tiny_g
         assert asyncio.run(scenario()) == (3, 1)
     finally:
         pool.close()
+
+
+# -----------------------------------------------------------------------------
+# Golden prompts and greedy replies: what the serving path produced before its chat renderer was merged into
+# the tokenizer's. After a deliberate format or model change, regenerate with
+#     NANOCHAT_UPDATE_GOLDEN=1 uv run pytest tests/test_serving.py -k golden
+
+GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden", "serving_greedy.json")
+_SYSTEM = {"role": "system", "content": "You are terse. Answer briefly."}
+GOLDEN_CHATS = [
+    [_user("hello")],
+    [_SYSTEM, _user("What is 2+2?"), _assistant("4"), _user("And 3+3?")],
+    [_SYSTEM, _user("a" * 20), _assistant("b" * 20), _user("c" * 20), _assistant("d" * 20), _user("e" * 20)],
+    [_user("q"), _assistant("12/60 = $<|python_start|>12/60<|python_end|><|output_start|>0.2<|output_end|>0.2"),
+     _user("more")],
+    [_user("q"), _assistant("cut <|python_start|>1+"), _user("and <|python_end|> lone")],
+    [_user("one"), _user("two"), _assistant("three"), _assistant("four")],  # the server takes turns as they come
+    [_SYSTEM, _user("x" * 30), _assistant("y" * 30), _user("z" * 30)],
+]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_golden_prompts_and_greedy_replies(byte_tokenizer, bpe_tokenizer, tiny_gpt):
+    got = {}
+    for name, tok in (("byte", byte_tokenizer), ("bpe", bpe_tokenizer)):
+        for i, messages in enumerate(GOLDEN_CHATS):
+            for context_len, room in ((1000, 10), (81, 10), (60, 8), (40, 5)):  # the smaller ones drop turns
+                try:
+                    prompt = build_prompt(tok, messages, context_len, room)
+                    got[f"{name} {i} {context_len} {room}"] = [prompt.dropped, prompt.tokens]
+                except ContextOverflowError as e:
+                    got[f"{name} {i} {context_len} {room}"] = [e.param, str(e)]
+    replica = Replica(tiny_gpt(sequence_len=128, scrambled=True), byte_tokenizer)
+    for i, messages in enumerate(GOLDEN_CHATS):
+        prompt = build_prompt(byte_tokenizer, messages, replica.context_len, 16)
+        reply = Reply(byte_tokenizer, tools="raw")
+        for column in replica.generate(prompt.tokens, SamplingParams(temperature=0.0, max_tokens=16)):
+            reply.push(column[0])
+        got[f"greedy {i}"] = reply.tokens
+    replica.close()
+    if os.environ.get("NANOCHAT_UPDATE_GOLDEN") == "1":
+        atomic_write(GOLDEN_PATH, json.dumps(got) + "\n")
+    with open(GOLDEN_PATH) as f:
+        expected = json.load(f)
+    assert got == expected, "serving's prompts or greedy replies changed; if deliberate, regenerate (see above)"
