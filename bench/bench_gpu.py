@@ -16,7 +16,7 @@ records its error, and the run goes on either way):
                  bpb against that bf16 row (same seed, same synthetic token stream, same schedule)
   attention      attention alone, forward + backward on d20-shaped q/k/v, per kernel: fa3, flex (compiled),
                  sdpa, and FlashAttention-4 if `flash_attn.cute` imports (timed only, not wired into the model)
-  decode         scripts/infer_bench on a random-init d20: decode tok/s at batch 1, 8 and 32
+  decode         bench/infer_bench on a random-init d20: decode tok/s at batch 1, 8 and 32
   recipe_12gb    the single-GPU 12 GB recipe: d12, device batch 8 x grad accum 4, window L, bf16, SDPA, with
                  the process limited to 12 GiB (torch.cuda.set_per_process_memory_fraction)
   train_d12      the train_d20 grid at d12
@@ -438,8 +438,8 @@ def time_attention(call, base, device, reps):
 
 
 def part_decode(cfg, env, budget, seed):
-    """scripts/infer_bench on a random-init d20 (its own measurement code): decode tok/s at batch 1, 8, 32."""
-    from scripts import infer_bench
+    """bench/infer_bench on a random-init d20 (its own measurement code): decode tok/s at batch 1, 8, 32."""
+    from bench import infer_bench
 
     depth = cfg["depths"]["d20"]
     argv = ["--random-init", "--depth", str(depth), "--vocab-size", str(cfg["vocab"]), "--max-seq-len", str(cfg["seq_len"]),
@@ -514,7 +514,7 @@ def markdown(report):
                   for r in att["rows"]]
     dec = report["results"].get("decode", {})
     if dec.get("sweep"):
-        lines += ["", f"Decode (scripts/infer_bench, attention {dec['attention']}), prefill {dec['prefill_tok_per_s']:,.0f} tok/s:", "",
+        lines += ["", f"Decode (bench/infer_bench, attention {dec['attention']}), prefill {dec['prefill_tok_per_s']:,.0f} tok/s:", "",
                   "| batch | tok/s | TPOT ms | MBU % |", "|---|---|---|---|"]
         lines += [f"| {r['batch_size']} | {r['tok_per_sec']:,.1f} | {1e3 * r['tpot_sec']:.2f} | {_f(r['mbu_percent'], '.1f')} |" for r in dec["sweep"]]
     lines += ["", "Targets:", ""]

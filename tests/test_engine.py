@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bench import infer_bench
 from conftest import SmallVocabTokenizer
 from nanochat import engine as engine_module
 from nanochat.engine import (Engine, KVCache, argmax_rows, compare_with_reference, last_logits, sample_next_token,
                              use_calculator)
-from scripts import infer_bench
 
 VOCAB = 262
 PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END, ASSISTANT_END, BOS = range(256, 262)
@@ -635,7 +635,7 @@ def test_engine_greedy_matches_naive_recompute_with_a_wide_vocab(scrambled_gpt):
 
 
 # -----------------------------------------------------------------------------
-# scripts/infer_bench.py
+# bench/infer_bench.py
 
 
 def test_infer_bench_random_init_end_to_end(capsys):

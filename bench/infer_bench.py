@@ -1,9 +1,9 @@
 """
 Inference benchmark: what prefill and decoding cost through the Engine, swept over decode batch sizes.
 
-    python -m scripts.infer_bench                                   # base checkpoint: largest tag, last step
-    python -m scripts.infer_bench -i sft -g d20 --batch-sizes 1,8,32,128 --json
-    python -m scripts.infer_bench --random-init --depth 4 --prompt-tokens 128 --decode-tokens 128   # no checkpoint
+    python -m bench.infer_bench                                   # base checkpoint: largest tag, last step
+    python -m bench.infer_bench -i sft -g d20 --batch-sizes 1,8,32,128 --json
+    python -m bench.infer_bench --random-init --depth 4 --prompt-tokens 128 --decode-tokens 128   # no checkpoint
 
 For each batch size it streams one Engine generation: the first next() (prefill at batch 1, the cache
 copied to every row, the first sample) is the time to first token (TTFT), every further next() is one
@@ -481,7 +481,7 @@ def _bench(args):
     device_type = args.device_type or autodetect_device_type()
     ddp, _, _, _, device = compute_init(device_type, seed=args.seed)
     if ddp:
-        raise ConfigError("infer_bench measures one device: run it with `python -m scripts.infer_bench`, not torchrun")
+        raise ConfigError("infer_bench measures one device: run it with `python -m bench.infer_bench`, not torchrun")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model, engine_tokenizer, prompt_tokenizer, described = load(args, device)
