@@ -483,18 +483,18 @@ def _rank1_state_in(layout_dir, monkeypatch, pq_idx):
     raise AssertionError(f"rank 1 never stood in file {pq_idx}")
 
 
-def test_an_old_state_in_a_file_split_by_row_groups_still_resumes_exactly(layout_dir, monkeypatch, caplog):
+def test_a_state_of_another_format_resumes_approximately(layout_dir, monkeypatch, caplog):
+    # The pre-release format "bestfit-exact-1" is no longer read: nothing writes it, so it is a foreign state.
     tok = TinyTokenizer()
     as_rank(monkeypatch, 1, 2)
     full = take(make(tok), 12)
     k = max(k for k in range(1, 12) if full[k - 1][2]["pq_idx"] == 0)  # file 0 has 3 row groups >= 2 ranks
-    old = dict(full[k - 1][2], format="bestfit-exact-1")
-    assert_same(take(make(tok, resume_state_dict=old), 12 - k), full[k:])
-    assert "approximately" not in caplog.text
+    next(make(tok, resume_state_dict=dict(full[k - 1][2], format="bestfit-exact-1")))
+    assert "Resuming the data loader approximately: it has format 'bestfit-exact-1'" in caplog.text
 
 
-@pytest.mark.parametrize("kind", ["bestfit-exact-1", "upstream"])
-def test_an_old_state_in_a_document_strided_file_resumes_at_its_next_row_group(layout_dir, monkeypatch, caplog, kind):
+@pytest.mark.parametrize("kind", ["another format", "upstream"])
+def test_a_foreign_state_in_a_document_strided_file_resumes_at_its_next_row_group(layout_dir, monkeypatch, caplog, kind):
     state = _rank1_state_in(layout_dir, monkeypatch, 1)  # file 1: one row group, split by documents for 2 ranks
     state = dict(state, format="bestfit-exact-1") if kind != "upstream" else {k: state[k] for k in ("epoch", "pq_idx", "rg_idx")}
     tok = RecordingTokenizer()
@@ -503,3 +503,18 @@ def test_an_old_state_in_a_document_strided_file_resumes_at_its_next_row_group(l
     # The rest of file 1 is skipped: reading restarts with rank 1's first row group of file 2 (2 row groups, 2 ranks).
     file2 = pq.ParquetFile(split_files(layout_dir, "train")[2]).read_row_group(1).column("text").to_pylist()
     assert tok.seen[:len(file2)] == file2
+
+
+@pytest.mark.parametrize("shards, split", [(0, "train"), (1, "train"), (1, "val"), (2, "test")])
+def test_the_loader_and_the_text_iterator_refuse_the_same_shard_dirs(tmp_path, shards, split):
+    # Both read their files through dataset.split_files: neither may accept a dir the other refuses.
+    from nanochat.dataset import parquets_iter_batched
+
+    d = str(tmp_path / "shards")
+    if shards:
+        write_shards(d, num_files=shards)
+    with pytest.raises((ValueError, DatasetError)) as from_loader:
+        make(TinyTokenizer(), split=split, data_dir=d)
+    with pytest.raises((ValueError, DatasetError)) as from_iterator:
+        next(parquets_iter_batched(split, data_dir=d))
+    assert str(from_loader.value) == str(from_iterator.value)
