@@ -222,8 +222,9 @@ class _Prefetcher:
 # 3. Packing
 
 
-class _DocBuffer:
-    """The packer's document pool with O(log n) best-fit queries.
+class BestFitBuffer:
+    """The document pool of both best-fit packers, with O(log n) queries: pretraining crops the shortest
+    document when none fits the row, the chat loader pads the row instead.
 
     Equivalent to a list scanned linearly (documents in arrival order; "largest that fits" and
     "shortest" both break ties by the earliest arrival), which is what the spec and the reference
@@ -231,17 +232,20 @@ class _DocBuffer:
     """
 
     def __init__(self):
-        self._docs = {}  # seq -> (ref, tokens); dicts keep insertion order, i.e. arrival order
-        self._by_len = {}  # true length -> deque of seq, oldest first
-        self._lengths = []  # sorted distinct true lengths present
+        self._docs = {}  # seq -> document; dicts keep insertion order, i.e. arrival order
+        self._by_len = {}  # length -> deque of seq, oldest first
+        self._lengths = []  # sorted distinct lengths present
         self._seq = 0
 
     def __len__(self):
         return len(self._docs)
 
-    def add(self, ref, tokens):
-        n = ref[3]
-        self._docs[self._seq] = (ref, tokens)
+    def __iter__(self):
+        return iter(self._docs.values())  # arrival order
+
+    def add(self, doc, n):
+        """Buffer `doc`, of length n tokens."""
+        self._docs[self._seq] = doc
         same = self._by_len.get(n)
         if same is None:
             same = self._by_len[n] = collections.deque()
@@ -249,8 +253,11 @@ class _DocBuffer:
         same.append(self._seq)
         self._seq += 1
 
+    def shortest(self):
+        return self._lengths[0]
+
     def pop(self, remaining):
-        """(ref, tokens, fits): the largest document of length <= remaining, else the shortest one."""
+        """(doc, fits): the largest document of length <= remaining, else the shortest one."""
         i = bisect.bisect_right(self._lengths, remaining) - 1
         fits = i >= 0
         if not fits:
@@ -261,11 +268,7 @@ class _DocBuffer:
         if not same:
             del self._by_len[n]
             del self._lengths[i]
-        ref, tokens = self._docs.pop(seq)
-        return ref, tokens, fits
-
-    def refs(self):
-        return [ref for ref, _ in self._docs.values()]
+        return self._docs.pop(seq), fits
 
 
 def _encode_refs(refs):
@@ -306,7 +309,7 @@ class BestFitLoader:
 
         cursor, refs = self._resume_plan(resume_state_dict)
         self._cursor = cursor  # (epoch, pq_idx, rg_idx, next_row) after the last text batch taken
-        self._buffer = _DocBuffer()
+        self._buffer = BestFitBuffer()  # (ref, tokens) by true length: a document longer than a row never fits
         if refs:
             self._restore_buffer(refs)
 
@@ -411,7 +414,7 @@ class BestFitLoader:
                 raise ResumeError(f"document {ref[2]} of row group {ref[1]} in {self._files[ref[0]]} now encodes to "
                                   f"{len(tokens)} tokens, the checkpoint saw {ref[3]}: the shard or the tokenizer "
                                   f"changed since the checkpoint was saved")
-            self._buffer.add(list(ref), _as_doc(tokens, self._cap))
+            self._buffer.add((list(ref), _as_doc(tokens, self._cap)), ref[3])
         log.info("Data loader resumed exactly: %d buffered documents rebuilt from %d row groups", len(refs), len(wanted))
 
     # -- iteration
@@ -422,7 +425,7 @@ class BestFitLoader:
     def _refill(self):
         batch, docs = self._next_tokenized()
         for ref, tokens in docs:
-            self._buffer.add(ref, tokens)
+            self._buffer.add((ref, tokens), ref[3])
         self._cursor = (batch.epoch, batch.pq_idx, batch.rg_idx, batch.next_row)
 
     def state_dict(self):
@@ -430,7 +433,7 @@ class BestFitLoader:
         epoch, pq_idx, rg_idx, row_idx = self._cursor
         return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx, "row_idx": row_idx,
-                "buffer": _encode_refs(self._buffer.refs())}
+                "buffer": _encode_refs([ref for ref, _ in self._buffer])}
 
     def __next__(self):
         buf, cap, rows = self._buffer, self._cap, self._rows
@@ -441,7 +444,7 @@ class BestFitLoader:
                 while len(buf) < self.buffer_size:
                     self._refill()
                 remaining = cap - pos
-                _, tokens, fits = buf.pop(remaining)
+                (_, tokens), fits = buf.pop(remaining)
                 if fits:
                     row[pos:pos + len(tokens)] = tokens
                     pos += len(tokens)

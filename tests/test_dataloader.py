@@ -518,3 +518,25 @@ def test_the_loader_and_the_text_iterator_refuse_the_same_shard_dirs(tmp_path, s
     with pytest.raises((ValueError, DatasetError)) as from_iterator:
         next(parquets_iter_batched(split, data_dir=d))
     assert str(from_loader.value) == str(from_iterator.value)
+
+
+def test_the_best_fit_buffer_of_both_packers_equals_a_linear_scan():
+    # Pretraining and chat packing share BestFitBuffer; this pins it to the list rule the spec states:
+    # the largest document that fits (earliest on ties), else the shortest (earliest on ties).
+    from nanochat.dataloader import BestFitBuffer
+
+    rng = random.Random(0)
+    buf, scan = BestFitBuffer(), []
+    for step in range(2000):
+        if len(scan) < 8 or rng.random() < 0.5:
+            doc = (step, rng.randint(1, 20))
+            buf.add(doc, doc[1])
+            scan.append(doc)
+            continue
+        remaining = rng.randint(1, 20)
+        fitting = [d for d in scan if d[1] <= remaining]
+        want = max(fitting, key=lambda d: d[1]) if fitting else min(scan, key=lambda d: d[1])  # first of equals
+        assert buf.shortest() == min(d[1] for d in scan)
+        assert buf.pop(remaining) == (want, bool(fitting))
+        scan.remove(want)
+        assert list(buf) == scan  # arrival order, which the loader states save
