@@ -52,10 +52,6 @@ def build_parser():
     return p
 
 
-def _cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def measure_matmul_rates(sizes, seconds):
     """{dtype name: best FLOP/s over `sizes`} for fp32 and bf16 square matmuls on this CPU."""
     import torch
@@ -188,6 +184,7 @@ def main(argv=None):
         raise SystemExit(f"--matmul-sizes must be comma-separated integers, got {args.matmul_sizes!r}") from None
     import torch
 
+    from nanochat.common import usable_cores
     from nanochat.training import configure_cpu_threads
 
     configure_cpu_threads(args.threads or None)
@@ -204,7 +201,7 @@ def main(argv=None):
         r["vs_bf16_matmul"] = r["model_flops"] / rates["bfloat16"]
     load = os.getloadavg()
     print(f"CPU training step: depth {args.depth} (d={result['n_embd']}), T={args.seq_len}, B={args.batch}, V={args.vocab:,}, "
-          f"threads {result['threads']} of {_cores()} cores, torch {torch.__version__}, load avg {load[0]:.2f}")
+          f"threads {result['threads']} of {usable_cores()} cores, torch {torch.__version__}, load avg {load[0]:.2f}")
     print(f"model FLOPs/token {result['flops_per_token']:.3e}; measured matmul rates (best of n={args.matmul_sizes}): "
           f"fp32 {rates['float32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:.1f} GFLOP/s")
     if result["compile_warmup_s"] is not None:

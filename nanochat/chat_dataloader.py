@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from nanochat.common import get_dist_info
-from nanochat.dataloader import ResumeError, gather_loader_states
+from nanochat.dataloader import BestFitBuffer, ResumeError, gather_loader_states
 from nanochat.training import batch_views
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class ConversationLoader:
         # consumed / dataset_size estimates the fraction of the epoch all ranks together have trained on.
         self.cursor, self.epoch, self.consumed = self.rank, 1, self.rank
         self.batches, self.truncated = 0, 0
-        self._buffer = []  # _Rendered, in arrival order; best-fit ties go to the earliest
+        self._buffer = BestFitBuffer()  # _Rendered, by their length after the cut to a row
         if resume_state_dict is not None:
             self._restore(resume_state_dict)
 
@@ -115,23 +115,11 @@ class ConversationLoader:
                 logger.warning("%d conversation(s) so far on rank %d were longer than a row (%d tokens) and were "
                                "truncated to it (latest: #%d, %d tokens); a larger --max-seq-len keeps them whole",
                                self.truncated, self.rank, self._cap, item.index, item.length)
-        self._buffer.append(item)
+        self._buffer.add(item, len(item.ids))
         self.cursor += self.world_size
         if self.cursor >= self.dataset_size:
             self.cursor -= self.dataset_size  # keeps the rank interleaving going across the epoch boundary
             self.epoch += 1
-
-    def _pop_best_fit(self, remaining):
-        """Remove and return the longest buffered conversation of at most `remaining` tokens (the
-        earliest on ties), or None when none fits."""
-        best, best_len = -1, 0
-        for i, item in enumerate(self._buffer):
-            n = len(item.ids)
-            if best_len < n <= remaining:
-                best, best_len = i, n
-                if n == remaining:
-                    break
-        return self._buffer.pop(best) if best >= 0 else None
 
     # -- resume
 
@@ -184,7 +172,7 @@ class ConversationLoader:
             if item.length != length:
                 raise ResumeError(f"conversation #{index} now renders to {item.length} tokens, the checkpoint saw "
                                   f"{length}: the dataset or the tokenizer changed since the checkpoint was saved")
-            self._buffer.append(item)
+            self._buffer.add(item, len(item.ids))
         logger.info("Chat loader resumed%s on rank %d: %d buffered conversations re-rendered, cursor %d, epoch %d",
                     "" if changed else " exactly", self.rank, len(self._buffer), self.cursor, self.epoch)
 
@@ -203,9 +191,9 @@ class ConversationLoader:
             while pos < cap:
                 while len(self._buffer) < self.buffer_size:
                     self._fetch()
-                item = self._pop_best_fit(cap - pos)
-                if item is None:
-                    break  # nothing fits: the rest of the row stays padding
+                if self._buffer.shortest() > cap - pos:
+                    break  # nothing fits: the rest of the row stays padding (conversations are never cropped)
+                item, _ = self._buffer.pop(cap - pos)
                 n = len(item.ids)
                 ids[r, pos:pos + n] = item.ids
                 keep[r, pos:pos + n] = item.keep

@@ -25,7 +25,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_dist_info, is_ddp_initialized
+from nanochat.common import dist_world_size, get_dist_info
+from nanochat.core_eval import centered_accuracy
 from nanochat.engine import model_device
 
 logger = logging.getLogger("nanochat")
@@ -87,7 +88,7 @@ def _num_problems(task, max_problems):
 
 def _reduce_counts(passed, total, device):
     """(passed, total) summed over all ranks (unchanged in a single process)."""
-    if is_ddp_initialized():
+    if dist_world_size() > 1:
         counts = torch.tensor([passed, total], dtype=torch.long, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         passed, total = (int(v) for v in counts.tolist())
@@ -305,13 +306,6 @@ def evaluate_available_chatcore(model, tokenizer, engine, **kwargs):
 
 # -----------------------------------------------------------------------------
 # ChatCORE
-
-
-def centered_accuracy(accuracy, baseline):
-    """Accuracy rescaled so that random guessing scores 0 and a perfect score 1 (below chance is negative)."""
-    if not 0 <= baseline < 1:
-        raise ValueError(f"baseline must be in [0, 1), got {baseline}")
-    return (accuracy - baseline) / (1 - baseline)
 
 
 def chatcore(accuracies, tasks=CHATCORE_TASKS, baselines=None):

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (UserError, atomic_torch_save, atomic_write, get_base_dir, get_compute_dtype, get_inference_dtype,
-                             is_ddp_initialized, strict_json)
+                             dist_world_size, strict_json)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _how_to_make(path):
 
 
 def _barrier():
-    if is_ddp_initialized() and dist.get_world_size() > 1:
+    if dist_world_size() > 1:
         dist.barrier()
 
 

@@ -404,6 +404,18 @@ def is_ddp_initialized():
     return dist.is_available() and dist.is_initialized()
 
 
+def dist_world_size():
+    """Ranks in the initialised process group; 1 without one, so `if dist_world_size() > 1:` guards every collective."""
+    return dist.get_world_size() if is_ddp_initialized() else 1
+
+
+def usable_cores():
+    """Cores this process may run on: its affinity mask (os.cpu_count() ignores taskset/cgroups), else the CPU count."""
+    if hasattr(os, "sched_getaffinity"):  # Linux only
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def get_dist_info():
     """(ddp, rank, local_rank, world_size) from the torchrun environment; (False, 0, 0, 1) without it."""
     if is_ddp_requested():

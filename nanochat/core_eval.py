@@ -39,9 +39,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import UserError, download_file_with_lock, get_base_dir, is_ddp_initialized
+from nanochat.common import UserError, dist_world_size, download_file_with_lock, get_base_dir
 
 log = logging.getLogger(__name__)
 
@@ -502,10 +503,10 @@ def evaluate_task(model, tokenizer, data, device, spec, num_examples=None, max_s
     full_logits=True scores from model(idx)'s logits at every position (the reference; see score_batch).
     """
     n = len(data) if num_examples is None else min(num_examples, len(data))
-    reduce = rank is None and world_size is None and is_ddp_initialized()
+    reduce = rank is None and world_size is None
     if rank is None or world_size is None:
-        import torch.distributed as dist
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if reduce else (0, 1)
+        world_size = dist_world_size() if reduce else 1
+        rank = dist.get_rank() if world_size > 1 else 0
     if batch_tokens is None:
         batch_tokens = default_batch_tokens(device)
     correct = [0.0] * n
@@ -518,15 +519,18 @@ def evaluate_task(model, tokenizer, data, device, spec, num_examples=None, max_s
                 correct[ex.index] = float(ok)
     correct = torch.tensor(correct, dtype=torch.float32, device=device)
     if reduce and world_size > 1:
-        import torch.distributed as dist
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
     return correct
 
 
-def centered_accuracy(accuracy, random_baseline_percent):
-    """Rescale so that random guessing scores 0 and a perfect model 1."""
-    rb = 0.01 * random_baseline_percent
-    return (accuracy - rb) / (1.0 - rb)
+def centered_accuracy(accuracy, baseline):
+    """Accuracy rescaled so that random guessing scores 0 and a perfect score 1 (below chance is negative).
+
+    Both are fractions in [0, 1]; CORE and ChatCORE both center with this one function.
+    """
+    if not 0 <= baseline < 1:
+        raise ValueError(f"baseline must be a fraction in [0, 1), got {baseline}")
+    return (accuracy - baseline) / (1 - baseline)
 
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, max_seq_len=None, batch_tokens=None,
@@ -557,7 +561,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ma
                                 batch_tokens=batch_tokens, full_logits=full_logits)
         accuracy = correct.mean().item() if n else float("nan")
         results[spec.label] = accuracy
-        centered[spec.label] = centered_accuracy(accuracy, spec.random_baseline)
+        centered[spec.label] = centered_accuracy(accuracy, 0.01 * spec.random_baseline)  # the bundle gives percent
         log.info("Evaluating: %s (%d-shot, type: %s)... accuracy: %.4f | centered: %.4f | time: %.2fs",
                  spec.label, spec.num_fewshot, spec.task_type, accuracy, centered[spec.label], time.time() - t0)
     core = sum(centered.values()) / len(centered) if centered else float("nan")

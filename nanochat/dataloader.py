@@ -32,7 +32,6 @@ import base64
 import bisect
 import collections
 import logging
-import os
 import queue
 import threading
 import weakref
@@ -42,15 +41,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError, get_dist_info, is_ddp_initialized
+from nanochat.common import UserError, dist_world_size, get_dist_info, usable_cores
+from nanochat.dataset import DatasetError, split_files
 from nanochat.training import batch_views
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "bestfit-exact-2"  # bump when the meaning of the state fields changes
-# Format 1 predates document striding; its states mean the same as ours in every file with at least as many
-# row groups as ranks (so always in one process), and they still resume exactly there.
-OLD_STATE_FORMATS = ("bestfit-exact-1",)
 _REF_FIELDS = 4  # a buffered document is referenced as (pq_idx, rg_idx, row, token count incl. BOS)
 
 
@@ -66,11 +63,7 @@ def default_tokenizer_threads(device):
     """
     if torch.device(device).type == "cuda":
         return 4
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores // 2))
+    return max(1, min(4, usable_cores() // 2))
 
 
 def _uses_cuda(device):
@@ -91,21 +84,6 @@ class _TextBatch:
     def __init__(self, texts, rows, epoch, pq_idx, rg_idx, next_row):
         self.texts, self.rows = texts, rows
         self.epoch, self.pq_idx, self.rg_idx, self.next_row = epoch, pq_idx, rg_idx, next_row
-
-
-def _split_files(split, data_dir, warn_on_legacy):
-    from nanochat.dataset import DatasetError, get_data_dir, list_parquet_files
-
-    files = list_parquet_files(data_dir, warn_on_legacy=warn_on_legacy) if data_dir is None else list_parquet_files(data_dir)
-    where = data_dir or get_data_dir()
-    how = ("get shards with `python -m nanochat.dataset -n 8` (download), `python -m nanochat.dataset offline` "
-           "(no network) or `python -m nanochat.dataset ingest PATH` (your own text)")
-    if not files:
-        raise DatasetError(f"no pretraining shards (*.parquet) in {where}; {how}")
-    if split == "train" and len(files) == 1:
-        raise DatasetError(f"only one shard in {where} ({os.path.basename(files[0])}), and the last shard is the "
-                           f"validation split, so there is no training data; {how}")
-    return files[:-1] if split == "train" else files[-1:]
 
 
 def _read_texts(parquet_file, rg_idx):
@@ -159,7 +137,6 @@ def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, spl
                     yield _TextBatch([texts[j] for j in rows], rows, epoch, pq_idx, rg_idx, chunk[-1] + 1)
                 rg_idx += rg_step
         if not first_pass and not produced:
-            from nanochat.dataset import DatasetError
             raise DatasetError(f"rank {rank} of {world_size} got no documents from the {split} split ({len(files)} "
                                f"file(s)): it holds fewer documents than there are ranks, or none at all; "
                                f"add data or launch fewer processes")
@@ -245,8 +222,9 @@ class _Prefetcher:
 # 3. Packing
 
 
-class _DocBuffer:
-    """The packer's document pool with O(log n) best-fit queries.
+class BestFitBuffer:
+    """The document pool of both best-fit packers, with O(log n) queries: pretraining crops the shortest
+    document when none fits the row, the chat loader pads the row instead.
 
     Equivalent to a list scanned linearly (documents in arrival order; "largest that fits" and
     "shortest" both break ties by the earliest arrival), which is what the spec and the reference
@@ -254,17 +232,20 @@ class _DocBuffer:
     """
 
     def __init__(self):
-        self._docs = {}  # seq -> (ref, tokens); dicts keep insertion order, i.e. arrival order
-        self._by_len = {}  # true length -> deque of seq, oldest first
-        self._lengths = []  # sorted distinct true lengths present
+        self._docs = {}  # seq -> document; dicts keep insertion order, i.e. arrival order
+        self._by_len = {}  # length -> deque of seq, oldest first
+        self._lengths = []  # sorted distinct lengths present
         self._seq = 0
 
     def __len__(self):
         return len(self._docs)
 
-    def add(self, ref, tokens):
-        n = ref[3]
-        self._docs[self._seq] = (ref, tokens)
+    def __iter__(self):
+        return iter(self._docs.values())  # arrival order
+
+    def add(self, doc, n):
+        """Buffer `doc`, of length n tokens."""
+        self._docs[self._seq] = doc
         same = self._by_len.get(n)
         if same is None:
             same = self._by_len[n] = collections.deque()
@@ -272,8 +253,11 @@ class _DocBuffer:
         same.append(self._seq)
         self._seq += 1
 
+    def shortest(self):
+        return self._lengths[0]
+
     def pop(self, remaining):
-        """(ref, tokens, fits): the largest document of length <= remaining, else the shortest one."""
+        """(doc, fits): the largest document of length <= remaining, else the shortest one."""
         i = bisect.bisect_right(self._lengths, remaining) - 1
         fits = i >= 0
         if not fits:
@@ -284,11 +268,7 @@ class _DocBuffer:
         if not same:
             del self._by_len[n]
             del self._lengths[i]
-        ref, tokens = self._docs.pop(seq)
-        return ref, tokens, fits
-
-    def refs(self):
-        return [ref for ref, _ in self._docs.values()]
+        return self._docs.pop(seq), fits
 
 
 def _encode_refs(refs):
@@ -312,8 +292,6 @@ class BestFitLoader:
 
     def __init__(self, tokenizer, B, T, split, tokenizer_threads=None, tokenizer_batch_size=128, device=None,
                  resume_state_dict=None, buffer_size=1000, data_dir=None, prefetch=None):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         for name, value in (("B", B), ("T", T), ("tokenizer_batch_size", tokenizer_batch_size), ("buffer_size", buffer_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -327,11 +305,11 @@ class BestFitLoader:
         self._tokenizer = tokenizer
         self._bos = tokenizer.get_bos_token_id()
         self._cap = T + 1  # row capacity: T inputs plus the one-token shift for the targets
-        self._files = _split_files(split, data_dir, warn_on_legacy=self.rank == 0 and split == "train")
+        self._files = split_files(split, data_dir, warn_on_legacy=self.rank == 0 and split == "train")
 
         cursor, refs = self._resume_plan(resume_state_dict)
         self._cursor = cursor  # (epoch, pq_idx, rg_idx, next_row) after the last text batch taken
-        self._buffer = _DocBuffer()
+        self._buffer = BestFitBuffer()  # (ref, tokens) by true length: a document longer than a row never fits
         if refs:
             self._restore_buffer(refs)
 
@@ -379,23 +357,16 @@ class BestFitLoader:
                 state = states[0]
         if state.get("split", self.split) != self.split:
             raise ResumeError(f"the loader state is for the {state['split']!r} split, not {self.split!r}")
-        fmt = state.get("format")
-        ours = fmt == STATE_FORMAT or fmt in OLD_STATE_FORMATS
+        ours = state.get("format") == STATE_FORMAT
         pq_idx, rg_idx = state["pq_idx"], state["rg_idx"]
-        # Only the cursor's file matters for an old state: its buffered refs name documents, whatever the scheme.
-        same_meaning = (fmt == STATE_FORMAT or pq_idx >= len(self._files)
-                        or not strides_documents(self._num_row_groups(pq_idx), W))
-        if ours and state["world_size"] == W and state["rank"] == rank and same_meaning:
+        if ours and state["world_size"] == W and state["rank"] == rank:
             cursor = (state["epoch"], pq_idx, rg_idx, state["row_idx"])
             return cursor, _decode_refs(state["buffer"])
-        if ours and (state["world_size"] != W or state["rank"] != rank):
+        if ours:
             why = (f"it was saved by rank {state['rank']} of {state['world_size']} (this is rank {rank} of {W}); "
                    f"save every rank's state (gather_loader_states) for an exact multi-process resume")
-        elif ours:
-            why = (f"it has format {fmt!r}, from before ranks split files with fewer row groups than ranks by "
-                   f"documents, and it stands in such a file")
         else:
-            why = "it has no buffer contents (an upstream-format state)"
+            why = f"it has format {state.get('format')!r}, not {STATE_FORMAT!r} (an upstream state has none)"
         log.warning("Resuming the data loader approximately: %s. Documents still buffered at save time and the "
                     "rest of the current row-group round are skipped.", why)
         if strides_documents(self._num_row_groups(pq_idx), W):
@@ -443,7 +414,7 @@ class BestFitLoader:
                 raise ResumeError(f"document {ref[2]} of row group {ref[1]} in {self._files[ref[0]]} now encodes to "
                                   f"{len(tokens)} tokens, the checkpoint saw {ref[3]}: the shard or the tokenizer "
                                   f"changed since the checkpoint was saved")
-            self._buffer.add(list(ref), _as_doc(tokens, self._cap))
+            self._buffer.add((list(ref), _as_doc(tokens, self._cap)), ref[3])
         log.info("Data loader resumed exactly: %d buffered documents rebuilt from %d row groups", len(refs), len(wanted))
 
     # -- iteration
@@ -454,7 +425,7 @@ class BestFitLoader:
     def _refill(self):
         batch, docs = self._next_tokenized()
         for ref, tokens in docs:
-            self._buffer.add(ref, tokens)
+            self._buffer.add((ref, tokens), ref[3])
         self._cursor = (batch.epoch, batch.pq_idx, batch.rg_idx, batch.next_row)
 
     def state_dict(self):
@@ -462,7 +433,7 @@ class BestFitLoader:
         epoch, pq_idx, rg_idx, row_idx = self._cursor
         return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx, "row_idx": row_idx,
-                "buffer": _encode_refs(self._buffer.refs())}
+                "buffer": _encode_refs([ref for ref, _ in self._buffer])}
 
     def __next__(self):
         buf, cap, rows = self._buffer, self._cap, self._rows
@@ -473,7 +444,7 @@ class BestFitLoader:
                 while len(buf) < self.buffer_size:
                     self._refill()
                 remaining = cap - pos
-                _, tokens, fits = buf.pop(remaining)
+                (_, tokens), fits = buf.pop(remaining)
                 if fits:
                     row[pos:pos + len(tokens)] = tokens
                     pos += len(tokens)
@@ -536,9 +507,6 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, B, T, s
     checkpoint so that every rank can resume exactly. A state from another rank, another world size
     or upstream's format falls back to upstream's approximate rule (with a warning): restart at the
     next round of row groups (the next row group, in a file split by documents) with an empty buffer.
-    A "bestfit-exact-1" state (before document striding) resumes exactly when its cursor stands in a
-    file split by row groups, where both formats mean the same (always so in one process), and
-    approximately otherwise.
     """
     return BestFitLoader(tokenizer, B, T, split, tokenizer_threads=tokenizer_threads,
                          tokenizer_batch_size=tokenizer_batch_size, device=device,
@@ -558,9 +526,10 @@ def gather_loader_states(state_dict):
     Only rank 0 writes the checkpoint meta, but each rank's packing buffer is different. Returns the
     state unchanged in a single process. The top-level epoch/pq_idx/rg_idx are rank 0's, for logs.
     """
-    if not is_ddp_initialized() or dist.get_world_size() == 1:
+    world_size = dist_world_size()
+    if world_size == 1:
         return state_dict
-    states = [None] * dist.get_world_size()
+    states = [None] * world_size
     dist.all_gather_object(states, state_dict)
     merged = {k: states[0][k] for k in ("epoch", "pq_idx", "rg_idx") if k in states[0]}
     merged["ranks"] = states

@@ -119,17 +119,21 @@ def list_parquet_files(data_dir=None, warn_on_legacy=False):
     return [os.path.join(data_dir, n) for n in names]
 
 
-def _split_files(split, data_dir):
+def split_files(split, data_dir=None, warn_on_legacy=False):
+    """The shards of `split`: train = every shard but the last, val = the last one.
+
+    Both splits need at least two shards, so that the train and val documents never overlap.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    files = list_parquet_files(data_dir)
+    files = list_parquet_files(data_dir, warn_on_legacy=warn_on_legacy)
     where = data_dir or get_data_dir()
-    how = ("get some with `python -m nanochat.dataset -n 8` (download), `python -m nanochat.dataset offline` "
+    how = ("get shards with `python -m nanochat.dataset -n 8` (download), `python -m nanochat.dataset offline` "
            "(no network) or `python -m nanochat.dataset ingest PATH` (your own text)")
     if not files:
-        raise DatasetError(f"no pretraining shards in {where}; {how}")
+        raise DatasetError(f"no pretraining shards (*.parquet) in {where}; {how}")
     if len(files) == 1:
-        raise DatasetError(f"only one shard in {where} ({os.path.basename(files[0])}): the last shard is the "
+        raise DatasetError(f"only one shard in {where} ({os.path.basename(files[0])}), and the last shard is the "
                            f"validation split, so there is no training data; {how}")
     return files[:-1] if split == "train" else files[-1:]
 
@@ -144,7 +148,7 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
 
     if start < 0 or step < 1:
         raise ValueError(f"need start >= 0 and step >= 1, got start={start}, step={step}")
-    for path in _split_files(split, data_dir):
+    for path in split_files(split, data_dir):
         pf = pq.ParquetFile(path)
         for rg in range(start, pf.num_row_groups, step):
             yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 # What a flag left at None inherits from the source checkpoint (SFT), and the value when the source has none.
 INHERITED = {"max_seq_len": 2048, "device_batch_size": "auto", "total_batch_size": 524288,
              "embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}
-CPU_DEVICE_BATCH_SIZE = 32  # what --device-batch-size auto means where no memory probe runs
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,8 @@ class Stage:
 
 
 def add_flags(p, stage, defaults):
-    """The flags both stages share; `defaults` holds the stage's values (None = inherit from the source)."""
+    """The flags both stages share; `defaults` holds the stage's values (None = inherit from the source), its LRs
+    come from training.STAGE_LRS."""
     g = p.add_argument_group("logging and runtime")
     add_runtime_flags(g, seed_help="seed of torch's generators (the data order is fixed by the mixture)")
     g.add_argument("--dry-run", action="store_true", help="train and evaluate but write no checkpoint and no report section")
@@ -72,12 +72,9 @@ def add_flags(p, stage, defaults):
     g = p.add_argument_group("optimization" + inherit)
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
     g.add_argument("--max-seq-len", type=int, default=defaults["max_seq_len"], help="row length in tokens")
-    g.add_argument("--device-batch-size", type=training.device_batch_size_arg, default=defaults["device_batch_size"],
-                   help=f"rows per micro-batch per rank; auto = the largest that fits (probed on CUDA), {CPU_DEVICE_BATCH_SIZE} elsewhere")
+    training.add_device_batch_size_flag(g, defaults["device_batch_size"])
     g.add_argument("--total-batch-size", type=int, default=defaults["total_batch_size"], help="tokens per optimizer step, all ranks")
-    g.add_argument("--embedding-lr", type=float, default=defaults["embedding_lr"], help="AdamW LR of the embeddings")
-    g.add_argument("--unembedding-lr", type=float, default=defaults["unembedding_lr"], help="AdamW LR of lm_head")
-    g.add_argument("--matrix-lr", type=float, default=defaults["matrix_lr"], help="Muon LR of the transformer matrices")
+    training.add_lr_flags(g, stage.name)
     g.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
     g.add_argument("--init-lr-frac", type=float, default=defaults["init_lr_frac"], help="every LR is this fraction of the above")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of progress in linear LR warmup")
@@ -192,7 +189,7 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
             log.warning("The source checkpoint has no optimizer state for rank %d: starting with fresh moments (slightly worse)", run.rank)
     optimizer = make_optimizer(orig_model, hp, args.weight_decay, args.init_lr_frac, warm_start=warm)
     T = hp["max_seq_len"]
-    B = training.resolve_device_batch_size(hp["device_batch_size"], CPU_DEVICE_BATCH_SIZE, model, optimizer, hp["total_batch_size"],
+    B = training.resolve_device_batch_size(hp["device_batch_size"], training.CPU_DEVICE_BATCH_SIZE, model, optimizer, hp["total_batch_size"],
                                            T, run.world_size, tokenizer.get_vocab_size(), device, log=log.info)
     hp["device_batch_size"] = B
     grad_accum_steps = training.grad_accum_steps_for(hp["total_batch_size"], B, T, run.world_size)

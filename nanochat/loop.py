@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import get_dist_info, is_ddp_initialized
+from nanochat.common import dist_world_size, get_dist_info
 from nanochat.training import apply_schedule
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class DataHorizon:
 
     def __call__(self, step, state):
         progress, last = self.progress_fn(state)
-        if is_ddp_initialized() and dist.get_world_size() > 1:
+        if dist_world_size() > 1:
             flag = torch.tensor(int(last), device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             last = bool(flag.item())
@@ -331,13 +331,13 @@ def start_run(device_type, seed, wandb_project, run_name, user_config):
     threads only thrash. MFU's peak is the GPU's datasheet bf16 number, or this CPU's measured rate.
     """
     from nanochat.common import (DummyWandb, autodetect_device_type, compute_init, get_compute_dtype, get_peak_flops,
-                                 measure_matmul_flops, print_banner)
+                                 measure_matmul_flops, print_banner, usable_cores)
     from nanochat.training import configure_cpu_threads, mfu_label
 
     ddp, rank, _, world_size, device = compute_init(device_type or autodetect_device_type(), seed=seed)
     if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        log.info("CPU: %d torch threads per rank, denormals flushed to zero", configure_cpu_threads(max(1, cores // world_size)))
+        threads = configure_cpu_threads(max(1, usable_cores() // world_size))
+        log.info("CPU: %d torch threads per rank, denormals flushed to zero", threads)
     if rank == 0:
         print_banner()
     compute_dtype, reason = get_compute_dtype()

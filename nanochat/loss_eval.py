@@ -13,7 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized
+from nanochat.common import dist_world_size
 
 log = logging.getLogger("nanochat.loss_eval")
 
@@ -52,7 +52,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         # where() rather than a multiply: a masked position's loss may be inf/nan and must not leak in.
         total_nats += torch.where(counted, loss.to(device, acc_dtype), 0).sum()
         total_bytes += num_bytes.sum(dtype=torch.int64)
-    if is_ddp_initialized() and dist.get_world_size() > 1:
+    if dist_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     nats, num_bytes = total_nats.item(), total_bytes.item()

@@ -210,9 +210,8 @@ _warned_replicated = set()
 
 def _dist_info():
     """(rank, world_size) of the default process group, or (0, 1) when torch.distributed is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    world_size = common.dist_world_size()
+    return (dist.get_rank() if world_size > 1 else 0), world_size
 
 
 def _validate_group(group):

@@ -23,7 +23,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_dist_info, is_ddp_initialized
+from nanochat.common import dist_world_size, get_dist_info
 from nanochat.engine import model_device
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def policy_gradient_loss(model, inputs, targets_and_advantages):
 def mean_over_ranks(values, device):
     """Average a list of floats over ranks (every rank must call it)."""
     t = torch.tensor(values, dtype=torch.float32, device=device)
-    if is_ddp_initialized() and dist.get_world_size() > 1:
+    if dist_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.AVG)
     return t.tolist()
 
@@ -180,7 +180,7 @@ def evaluate_pass_at_k(task, tokenizer, engine, num_examples, num_samples, max_n
         for k in range(1, num_samples + 1):
             passed[k - 1] += float(any(correct[:k]))
         count += 1
-    if is_ddp_initialized() and dist.get_world_size() > 1:
+    if dist_world_size() > 1:
         dist.all_reduce(passed, op=dist.ReduceOp.SUM)
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
     total = max(count.item(), 1.0)

@@ -9,14 +9,13 @@ Everything here is a plain function or a small class; nanochat/loop.py runs them
 """
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import ConfigError, UserError, is_ddp_initialized
+from nanochat.common import ConfigError, UserError, dist_world_size, usable_cores
 
 # Reference batch for the LR / WD scaling rules: 2^19 tokens, the batch the base LRs were tuned at.
 B_REF = 2**19
@@ -29,13 +28,12 @@ B_REF = 2**19
 def configure_cpu_threads(num_threads=None):
     """Thread and float settings for training on CPU; returns the intra-op thread count in use.
 
-    num_threads: torch intra-op threads; None = every core this process may run on (its affinity mask,
-    which os.cpu_count() ignores under taskset/cgroups). More threads than cores only adds context
+    num_threads: torch intra-op threads; None = usable_cores(). More threads than cores only adds context
     switches to every matmul. Denormals are flushed to zero: tiny gradients (e.g. of rarely seen
     embedding rows in the AdamW moments) otherwise take the slow microcode path on x86.
     """
     if num_threads is None:
-        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_threads = usable_cores()
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     torch.set_num_threads(num_threads)
@@ -223,7 +221,7 @@ def _default_loss(model, inputs, targets):
 
 
 def _all_reduce(tensor, op):
-    if is_ddp_initialized() and dist.get_world_size() > 1:
+    if dist_world_size() > 1:
         dist.all_reduce(tensor, op=op)
     return tensor
 
@@ -342,8 +340,7 @@ class TrainStep:
         else:
             self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        world = dist.get_world_size() if is_ddp_initialized() else 1
-        return StepResult(loss=loss_sum / count, tokens=tokens * world, skipped=skipped)
+        return StepResult(loss=loss_sum / count, tokens=tokens * dist_world_size(), skipped=skipped)
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +366,7 @@ def _memory_budget(device):
 
 def _everywhere(flag, device):
     """True when `flag` holds on every rank (a MIN all-reduce; the flag itself in a single process)."""
-    if not (is_ddp_initialized() and dist.get_world_size() > 1):
+    if dist_world_size() == 1:
         return flag
     return _all_reduce(torch.tensor(int(flag), device=device), dist.ReduceOp.MIN).item() == 1
 
@@ -480,6 +477,30 @@ def device_batch_size_arg(value):
 
         raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
     return rows
+
+
+CPU_DEVICE_BATCH_SIZE = 32  # what --device-batch-size auto means where no memory probe runs
+
+
+def add_device_batch_size_flag(group, default):
+    """--device-batch-size for the stages that probe it (base, mid, SFT); `default` None = inherit from the source."""
+    group.add_argument("--device-batch-size", type=device_batch_size_arg, default=default,
+                       help=f"rows per micro-batch per rank; auto = the largest that fits (probed on CUDA), {CPU_DEVICE_BATCH_SIZE} elsewhere")
+
+
+# Default LRs per stage: (embedding, unembedding, matrix). They differ on purpose. Pretraining starts from random
+# weights with the AdamW LRs tuned for that (0.3 / 0.008). Midtraining and RL continue a trained model with the
+# smaller AdamW LRs they were tuned with (0.2 / 0.004). SFT has none of its own: None inherits the LRs its source
+# checkpoint trained with (finetune.INHERITED holds the fallback for a checkpoint that records none).
+STAGE_LRS = {"base": (0.3, 0.008, 0.02), "mid": (0.2, 0.004, 0.02), "sft": (None, None, None), "rl": (0.2, 0.004, 0.02)}
+
+
+def add_lr_flags(group, stage):
+    """--embedding-lr, --unembedding-lr and --matrix-lr with `stage`'s defaults from STAGE_LRS."""
+    embedding, unembedding, matrix = STAGE_LRS[stage]
+    group.add_argument("--embedding-lr", type=float, default=embedding, help="AdamW LR of the token embedding (value embeddings get half)")
+    group.add_argument("--unembedding-lr", type=float, default=unembedding, help="AdamW LR of lm_head")
+    group.add_argument("--matrix-lr", type=float, default=matrix, help="Muon LR of the transformer matrices")
 
 
 def resolve_device_batch_size(value, fallback, model, optimizer, total_batch_size, seq_len, world_size, vocab_size,

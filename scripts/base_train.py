@@ -34,7 +34,6 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 log = logging.getLogger("nanochat.base_train")
 
-CPU_DEVICE_BATCH_SIZE = 32  # what --device-batch-size auto means where no memory probe runs
 
 
 def build_parser():
@@ -57,13 +56,10 @@ def build_parser():
     g.add_argument("--target-flops", type=float, default=-1.0, help="derive steps from a FLOPs budget (-1 = off)")
     g.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens = ratio * scaling params (-1 = off)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--device-batch-size", type=training.device_batch_size_arg, default="auto",
-                   help=f"rows per micro-batch per rank; auto = the largest that fits (probed on CUDA), {CPU_DEVICE_BATCH_SIZE} elsewhere")
+    training.add_device_batch_size_flag(g, "auto")
     g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto from depth)")
-    g.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of the token embedding (value embeddings get half)")
-    g.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR of lm_head")
+    training.add_lr_flags(g, "base")
     g.add_argument("--weight-decay", type=float, default=0.28, help="reference Muon weight decay (scaled with batch and horizon)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
     g.add_argument("--scalar-lr", type=float, default=0.5, help="LR of the x0 lambdas (resid lambdas get 0.01x)")
     g.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
     g.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps in the final linear LR warmdown")
@@ -141,7 +137,7 @@ def main(argv=None):
     optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr * s, embedding_lr=args.embedding_lr * s,
                                            scalar_lr=args.scalar_lr * s, matrix_lr=args.matrix_lr * s,
                                            weight_decay=plan.weight_decay)
-    B, T = training.resolve_device_batch_size(args.device_batch_size, CPU_DEVICE_BATCH_SIZE, model, optimizer, total_batch_size,
+    B, T = training.resolve_device_batch_size(args.device_batch_size, training.CPU_DEVICE_BATCH_SIZE, model, optimizer, total_batch_size,
                                               args.max_seq_len, run.world_size, vocab_size, device, log=log.info), args.max_seq_len
     grad_accum_steps = training.grad_accum_steps_for(total_batch_size, B, T, run.world_size)
     log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, T, f"{total_batch_size:,}", grad_accum_steps)

@@ -20,9 +20,8 @@ from tasks.mixtures import sft_mixture
 
 STAGE = Stage(name="sft", title="Chat SFT", wandb_project="nanochat-sft", mask_mode="assistant",
               mixture=lambda split, args: sft_mixture(split, args.mmlu_epochs, args.gsm8k_epochs), sources=("mid", "base"))
-DEFAULTS = dict(max_seq_len=None, device_batch_size=None, total_batch_size=None, embedding_lr=None,
-                unembedding_lr=None, matrix_lr=None, init_lr_frac=0.8, warmdown_ratio=0.5, eval_every=200,
-                eval_tokens=40 * 524288)
+DEFAULTS = dict(max_seq_len=None, device_batch_size=None, total_batch_size=None, init_lr_frac=0.8,
+                warmdown_ratio=0.5, eval_every=200, eval_tokens=40 * 524288)
 
 
 def build_parser():

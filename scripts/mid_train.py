@@ -18,9 +18,8 @@ from tasks.mixtures import midtraining_mixture
 
 STAGE = Stage(name="mid", title="Midtraining", wandb_project="nanochat-mid", mask_mode="all",
               mixture=lambda split, args: midtraining_mixture(split), sources=("base",))
-DEFAULTS = dict(max_seq_len=2048, device_batch_size="auto", total_batch_size=524288, embedding_lr=0.2,
-                unembedding_lr=0.004, matrix_lr=0.02, init_lr_frac=1.0, warmdown_ratio=0.2, eval_every=150,
-                eval_tokens=20 * 524288)
+DEFAULTS = dict(max_seq_len=2048, device_batch_size="auto", total_batch_size=524288, init_lr_frac=1.0,
+                warmdown_ratio=0.2, eval_every=150, eval_tokens=20 * 524288)
 
 
 def build_parser():

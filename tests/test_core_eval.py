@@ -431,3 +431,16 @@ def test_scored_positions_head_runs_lm_head_on_the_scored_rows_only(bundle, byte
     scored = sum(b - a for ex in examples for a, b in zip(ex.starts, ex.ends))
     assert full_rows == [len(seqs) * max(map(len, seqs))]  # every (row, position) of the padded batch
     assert head_rows == [scored] and 10 * scored < full_rows[0]
+
+
+def test_core_and_chatcore_center_with_one_function_in_fractions(bundle, byte_tokenizer):
+    from nanochat import chateval
+
+    assert chateval.centered_accuracy is core_eval.centered_accuracy
+    assert core_eval.centered_accuracy(0.625, 0.25) == 0.5
+    with pytest.raises(ValueError, match="fraction"):
+        core_eval.centered_accuracy(0.5, 25.0)  # a percent baseline is refused, not silently mis-scaled
+    out = evaluate_core(FakeLM(), byte_tokenizer, "cpu", bundle_dir=bundle)
+    for spec in load_task_specs(bundle):  # the bundle's baselines are percents, converted at the call
+        want = core_eval.centered_accuracy(out["results"][spec.label], spec.random_baseline / 100)
+        assert out["centered_results"][spec.label] == pytest.approx(want, abs=1e-12)

@@ -483,18 +483,18 @@ def _rank1_state_in(layout_dir, monkeypatch, pq_idx):
     raise AssertionError(f"rank 1 never stood in file {pq_idx}")
 
 
-def test_an_old_state_in_a_file_split_by_row_groups_still_resumes_exactly(layout_dir, monkeypatch, caplog):
+def test_a_state_of_another_format_resumes_approximately(layout_dir, monkeypatch, caplog):
+    # The pre-release format "bestfit-exact-1" is no longer read: nothing writes it, so it is a foreign state.
     tok = TinyTokenizer()
     as_rank(monkeypatch, 1, 2)
     full = take(make(tok), 12)
     k = max(k for k in range(1, 12) if full[k - 1][2]["pq_idx"] == 0)  # file 0 has 3 row groups >= 2 ranks
-    old = dict(full[k - 1][2], format="bestfit-exact-1")
-    assert_same(take(make(tok, resume_state_dict=old), 12 - k), full[k:])
-    assert "approximately" not in caplog.text
+    next(make(tok, resume_state_dict=dict(full[k - 1][2], format="bestfit-exact-1")))
+    assert "Resuming the data loader approximately: it has format 'bestfit-exact-1'" in caplog.text
 
 
-@pytest.mark.parametrize("kind", ["bestfit-exact-1", "upstream"])
-def test_an_old_state_in_a_document_strided_file_resumes_at_its_next_row_group(layout_dir, monkeypatch, caplog, kind):
+@pytest.mark.parametrize("kind", ["another format", "upstream"])
+def test_a_foreign_state_in_a_document_strided_file_resumes_at_its_next_row_group(layout_dir, monkeypatch, caplog, kind):
     state = _rank1_state_in(layout_dir, monkeypatch, 1)  # file 1: one row group, split by documents for 2 ranks
     state = dict(state, format="bestfit-exact-1") if kind != "upstream" else {k: state[k] for k in ("epoch", "pq_idx", "rg_idx")}
     tok = RecordingTokenizer()
@@ -503,3 +503,40 @@ def test_an_old_state_in_a_document_strided_file_resumes_at_its_next_row_group(l
     # The rest of file 1 is skipped: reading restarts with rank 1's first row group of file 2 (2 row groups, 2 ranks).
     file2 = pq.ParquetFile(split_files(layout_dir, "train")[2]).read_row_group(1).column("text").to_pylist()
     assert tok.seen[:len(file2)] == file2
+
+
+@pytest.mark.parametrize("shards, split", [(0, "train"), (1, "train"), (1, "val"), (2, "test")])
+def test_the_loader_and_the_text_iterator_refuse_the_same_shard_dirs(tmp_path, shards, split):
+    # Both read their files through dataset.split_files: neither may accept a dir the other refuses.
+    from nanochat.dataset import parquets_iter_batched
+
+    d = str(tmp_path / "shards")
+    if shards:
+        write_shards(d, num_files=shards)
+    with pytest.raises((ValueError, DatasetError)) as from_loader:
+        make(TinyTokenizer(), split=split, data_dir=d)
+    with pytest.raises((ValueError, DatasetError)) as from_iterator:
+        next(parquets_iter_batched(split, data_dir=d))
+    assert str(from_loader.value) == str(from_iterator.value)
+
+
+def test_the_best_fit_buffer_of_both_packers_equals_a_linear_scan():
+    # Pretraining and chat packing share BestFitBuffer; this pins it to the list rule the spec states:
+    # the largest document that fits (earliest on ties), else the shortest (earliest on ties).
+    from nanochat.dataloader import BestFitBuffer
+
+    rng = random.Random(0)
+    buf, scan = BestFitBuffer(), []
+    for step in range(2000):
+        if len(scan) < 8 or rng.random() < 0.5:
+            doc = (step, rng.randint(1, 20))
+            buf.add(doc, doc[1])
+            scan.append(doc)
+            continue
+        remaining = rng.randint(1, 20)
+        fitting = [d for d in scan if d[1] <= remaining]
+        want = max(fitting, key=lambda d: d[1]) if fitting else min(scan, key=lambda d: d[1])  # first of equals
+        assert buf.shortest() == min(d[1] for d in scan)
+        assert buf.pop(remaining) == (want, bool(fitting))
+        scan.remove(want)
+        assert list(buf) == scan  # arrival order, which the loader states save

@@ -1,10 +1,12 @@
 """Scaling rules, schedules and the shared train step (nanochat/training.py)."""
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from nanochat import training
 from nanochat.training import (NonFiniteLossError, OutOfMemory, StepMeter, TrainStep, grad_accum_steps_for,
@@ -449,3 +451,80 @@ def test_cpu_attention_runs_in_fp32_for_bf16_inputs():
     y.float().sum().backward()
     ref.sum().backward()
     assert torch.equal(q16.grad, q32.grad.bfloat16())
+
+
+# -----------------------------------------------------------------------------
+# One definition of what base, mid, SFT and RL share
+
+
+def test_usable_cores_is_the_affinity_mask_everywhere_it_is_counted(monkeypatch):
+    from nanochat.common import usable_cores
+    from nanochat.dataloader import default_tokenizer_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert usable_cores() == 6
+    assert default_tokenizer_threads("cpu") == 3  # half the usable cores
+    threads = torch.get_num_threads()
+    try:
+        assert training.configure_cpu_threads() == 6
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.delattr(os, "sched_getaffinity")  # not on Linux: the CPU count
+    monkeypatch.setattr(os, "cpu_count", lambda: 5)
+    assert usable_cores() == 5
+
+
+def _guarded_collectives():
+    """Every module's "more than one rank?" guard, called the way a single process calls it."""
+    from nanochat import chateval, checkpoint_manager, dataloader, rl
+    from nanochat.loop import DataHorizon
+
+    t = torch.ones(2)
+    assert training._all_reduce(t, dist.ReduceOp.SUM) is t
+    assert training._everywhere(True, torch.device("cpu")) is True
+    assert rl.mean_over_ranks([1.0, 2.0], torch.device("cpu")) == [1.0, 2.0]
+    assert chateval._reduce_counts(3, 4, torch.device("cpu")) == (3, 4)
+    checkpoint_manager._barrier()
+    assert dataloader.gather_loader_states({"epoch": 1}) == {"epoch": 1}
+    assert DataHorizon(lambda state: (0.5, True), torch.device("cpu"))(0, None) == (0.5, True)
+
+
+def test_a_world_of_one_enters_no_collective_with_or_without_a_process_group(monkeypatch):
+    from dist_harness import free_port
+
+    from nanochat.common import dist_world_size
+
+    assert dist_world_size() == 1
+    _guarded_collectives()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective ran in a world of one")
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        for name in ("all_reduce", "all_gather_object", "barrier"):
+            monkeypatch.setattr(dist, name, refuse)
+        assert dist_world_size() == 1
+        _guarded_collectives()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_device_batch_size_auto_means_one_cpu_fallback_in_every_stage(monkeypatch):
+    from scripts import base_train, chat_sft, mid_train
+
+    monkeypatch.setattr(training, "CPU_DEVICE_BATCH_SIZE", 7)
+    for script in (base_train, mid_train, chat_sft):
+        flag = next(a for a in script.build_parser()._actions if a.dest == "device_batch_size")
+        assert flag.help.endswith("(probed on CUDA), 7 elsewhere"), script.__name__
+
+
+def test_each_stage_declares_its_lr_defaults_from_one_table():
+    from scripts import base_train, chat_rl, chat_sft, mid_train
+
+    # The spec's defaults: base from scratch 0.3 / 0.008 / 0.02; mid and RL 0.2 / 0.004 / 0.02; SFT inherits.
+    assert training.STAGE_LRS == {"base": (0.3, 0.008, 0.02), "mid": (0.2, 0.004, 0.02), "sft": (None, None, None),
+                                  "rl": (0.2, 0.004, 0.02)}
+    for stage, script in (("base", base_train), ("mid", mid_train), ("sft", chat_sft), ("rl", chat_rl)):
+        args = script.build_parser().parse_args([])
+        assert (args.embedding_lr, args.unembedding_lr, args.matrix_lr) == training.STAGE_LRS[stage], stage
