@@ -10,6 +10,9 @@ packages named `nanochat`.
     NANOCHAT_BASE_DIR=... python -m bench.upstream_parity run --root . --steps 20 --out ours.pt --like ref.pt
     # 3. per-step losses, per-parameter gradient norms at step 0, parameter differences after step 0
     python -m bench.upstream_parity compare ref.pt ours.pt
+    # the two scripts themselves (their own init, schedules, loop): each param group's hyperparameters and
+    # gradient/parameter sums before each of the first K optimizer steps; diff the two outputs
+    NANOCHAT_BASE_DIR=... python -m bench.upstream_parity trace --root /path/to/checkout --steps 8 -- <base_train flags>
 
 TORCHDYNAMO_DISABLE=1 makes a reference whose optimizer kernels are decorated with torch.compile run them eagerly.
 """
@@ -113,6 +116,33 @@ def compare(args):
         print(f"  {name:40s} {d / (pa.float().abs().max().item() + 1e-30):.1e}")
 
 
+def trace(args):
+    """Run `scripts.base_train` of that checkout with its flags, printing one line per param group before each of
+    the first --steps optimizer steps (exact reprs, so two runs can be diffed), then exit."""
+    import runpy
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    count = [0]
+
+    def hook(opt, *_):
+        for i, g in enumerate(opt.param_groups):
+            hyper = {k: g[k] for k in ("lr", "momentum", "weight_decay", "betas", "eps", "ns_steps", "beta2") if k in g}
+            grads = sum(p.grad.double().abs().sum().item() for p in g["params"] if p.grad is not None)
+            values = sum(p.double().abs().sum().item() for p in g["params"])
+            print(f"TRACE step {count[0]} group {i} {hyper!r} |grad| {grads!r} |param| {values!r}", flush=True)
+        count[0] += 1
+        if count[0] >= args.steps:
+            os._exit(0)
+
+    register_optimizer_step_pre_hook(hook)
+    root = os.path.abspath(args.root)
+    sys.path.insert(0, root)
+    os.chdir(root)
+    sys.argv = ["base_train", *args.flags]
+    runpy.run_module("scripts.base_train", run_name="__main__")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -121,11 +151,17 @@ def main(argv=None):
     r.add_argument("--steps", type=int, default=20, help="training steps")
     r.add_argument("--out", required=True, help="output .pt")
     r.add_argument("--like", default=None, help="a reference's output: start from its init and batches")
+    t = sub.add_parser("trace", help="print each optimizer step's hyperparameters and sums from a checkout's base_train")
+    t.add_argument("--root", required=True, help="the nanochat checkout whose scripts.base_train runs")
+    t.add_argument("--steps", type=int, default=8, help="optimizer steps to trace")
+    t.add_argument("flags", nargs=argparse.REMAINDER, help="base_train flags (after --)")
     c = sub.add_parser("compare", help="print the differences of two runs")
     c.add_argument("a")
     c.add_argument("b")
     args = p.parse_args(argv)
-    (run if args.cmd == "run" else compare)(args)
+    if args.cmd == "trace" and args.flags[:1] == ["--"]:
+        args.flags = args.flags[1:]
+    {"run": run, "trace": trace, "compare": compare}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ The language-model loss: lm_head, logit soft-capping and cross-entropy, as one f
     loss = lm_loss(x, lm_head, targets, vocab_size)          # x: (N, d) normalised; targets (N,), -1 = ignored
 
 Two implementations compute the same numbers:
-* `reference_lm_loss`: full fp32 (N, V) logits, soft-capped, then F.cross_entropy. CUDA and compiled
-  models use it (torch.compile fuses it) and so does any lm_head that is not a plain weight-casting
+* `reference_lm_loss`: full fp32 (N, V) logits, soft-capped, then F.cross_entropy. fp32 models, CUDA and
+  compiled models use it (torch.compile fuses it) and so does any lm_head that is not a plain weight-casting
   Linear (an FP8 layer, say).
-* the chunked CPU kernel: the lm_head matmul fused with the loss, never holding fp32 (N, V) logits,
+* `chunked_lm_loss`, the bf16 CPU kernel: the lm_head matmul fused with the loss, never holding fp32 (N, V) logits,
   with the gradients computed in the forward pass chunk by chunk. On CPU the (N, V) fp32 passes cost
   more than the matmuls; this path cuts that traffic several-fold.
 
@@ -135,7 +135,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return grad_x * scale.to(grad_x.dtype), grad_w * scale, None, None, None, None
 
 
-def _chunked_lm_loss(x, lm_head, targets, vocab_size, reduction):
+def chunked_lm_loss(x, lm_head, targets, vocab_size, reduction):
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or lm_head.weight.requires_grad)
     if not needs_grad:
         with torch.no_grad():
@@ -151,15 +151,19 @@ def _chunked_lm_loss(x, lm_head, targets, vocab_size, reduction):
 def lm_loss(x, lm_head, targets, vocab_size, reduction="mean"):
     """Cross-entropy of soft-capped logits, lm_head included. x: (N, d) normalised; targets: (N,).
 
-    CPU/MPS take the chunked path (no fp32 (N, V) tensor, far less memory traffic) when lm_head is a
-    weight-casting Linear (`casts_weight`); CUDA keeps the plain path, which torch.compile fuses on its
-    own, and so does an FP8-converted lm_head.
+    Low-precision (bf16) CPU/MPS runs take the chunked path (no fp32 (N, V) tensor, far less memory traffic) when
+    lm_head is a weight-casting Linear (`casts_weight`); fp32 and CUDA keep the plain path (torch.compile fuses it
+    on CUDA), and so does an FP8-converted lm_head.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     # Under torch.compile the plain path is traced and fused; the hand-chunked loops with reused buffers aren't
     # traceable. (Checking is_compiling() instead of decorating with torch.compiler.disable keeps torch._dynamo,
     # seconds of imports, out of every script that never compiles.)
-    if x.is_cuda or torch.compiler.is_compiling() or not getattr(lm_head, "casts_weight", False) or lm_head.bias is not None:
+    # fp32 takes the plain path too: it rounds exactly as the reference does, so an fp32 CPU run follows the reference
+    # bit for bit. The chunked kernel's different last bits (only that) grew into a 1.5% val-bpb gap by step 100 of a
+    # d4 run, through the chaotic first steps (docs/performance.md, "Same curve as upstream").
+    if (x.is_cuda or x.dtype == torch.float32 or torch.compiler.is_compiling()
+            or not getattr(lm_head, "casts_weight", False) or lm_head.bias is not None):
         return reference_lm_loss(x, lm_head, targets, vocab_size, reduction)
-    return _chunked_lm_loss(x, lm_head, targets, vocab_size, reduction)
+    return chunked_lm_loss(x, lm_head, targets, vocab_size, reduction)

@@ -78,12 +78,16 @@ def adamw_step(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
     `step` counts from 1 and drives the bias correction.
     """
     g = grad.float()
-    p32 = p.float() * (1 - lr * wd)  # decoupled weight decay, first, scaled by the scheduled lr
-    m32 = exp_avg.float().lerp(g, 1 - beta1)
-    v32 = exp_avg_sq.float().lerp(g * g, 1 - beta2)
+    # The same operations in the same order as the reference, so an fp32 run rounds as it does.
+    # For fp32 storage .float() returns the tensor itself and the in-place ops update it directly.
+    p32, m32, v32 = p.float(), exp_avg.float(), exp_avg_sq.float()
+    p32.mul_(1 - lr * wd)  # decoupled weight decay, first, scaled by the scheduled lr
+    m32.lerp_(g, 1 - beta1)
+    v32.lerp_(g.square(), 1 - beta2)
     bias1 = 1 - beta1**step
     bias2 = 1 - beta2**step
-    p32 = p32 - (lr / bias1) * m32 / ((v32 / bias2).sqrt() + eps)
+    denom = (v32 / bias2).sqrt() + eps
+    p32.add_(m32 / denom, alpha=-(lr / bias1))
     p.copy_(p32)
     exp_avg.copy_(m32)
     exp_avg_sq.copy_(v32)
@@ -356,7 +360,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p_view)
                 state["exp_avg_sq"] = torch.zeros_like(p_view)
             state["step"] += 1
-            if not self.compile and p_view.device.type == "cpu" and grad.dtype == p_view.dtype:
+            # bf16 tables on CPU: the fused kernel (the eager one's fp32 temporaries cost ~0.1 s per table per step).
+            # fp32 keeps the eager kernel, which rounds exactly as the reference does (docs/performance.md).
+            if not self.compile and p_view.device.type == "cpu" and grad.dtype == p_view.dtype != torch.float32:
                 _fused_adamw_cpu(p_view, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1, beta2,
                                  group["eps"], group["weight_decay"])
             else:

@@ -264,6 +264,15 @@ def test_init_draw_order_starts_with_wte_then_lm_head():
     assert torch.equal(real_model(cfg, seed=42).state_dict()["value_embeds.2.weight"], model.value_embeds["2"].weight)
 
 
+def test_layer_lambdas_are_the_decimal_formula_rounded_once():
+    """resid 1.15 -> 1.05 and x0 0.20 -> 0.05 over the layers, each the fp32 rounding of the exact value: computed
+    in fp32 tensor arithmetic some land one ulp off, and an fp32 run no longer follows the reference's curve."""
+    model = real_model(dataclasses.replace(TINY, n_layer=12))
+    resid = torch.tensor([1.15 - 0.10 * i / 11 for i in range(12)])
+    x0 = torch.tensor([0.20 - 0.15 * i / 11 for i in range(12)])
+    assert torch.equal(model.resid_lambdas.detach(), resid) and torch.equal(model.x0_lambdas.detach(), x0)
+
+
 def test_single_layer_lambdas_do_not_divide_by_zero():
     model = real_model(dataclasses.replace(TINY, n_layer=1))
     assert model.resid_lambdas.tolist() == pytest.approx([1.15]) and model.x0_lambdas.tolist() == pytest.approx([0.2])

@@ -74,6 +74,25 @@ def test_adamw_matches_torch_adamw():
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref_opt.state[r]["exp_avg_sq"], rtol=1e-5, atol=1e-6)
 
 
+def test_fp32_adamw_rounds_as_the_reference_does():
+    """fp32 params on CPU: every step is bit-identical to the reference's order of operations with fp32 0-D
+    hyperparameters (decay, both lerps, bias corrections, denominator, one add). Another order or PyTorch's fused
+    kernel differs in the last bits, which the chaotic first steps of training grow into a different curve."""
+    p = param(64, 32, seed=5)
+    ref, m, v = p.detach().clone(), torch.zeros(64, 32), torch.zeros(64, 32)
+    opt = MuonAdamW([adamw([p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)])
+    for step in range(1, 6):
+        random_grads([p], seed=20 + step)
+        lr, wd, beta1, beta2, eps, t = (torch.tensor(x, dtype=F32) for x in (0.01, 0.1, 0.8, 0.95, 1e-10, step))
+        ref.mul_(1 - lr * wd)
+        m.lerp_(p.grad, 1 - beta1)
+        v.lerp_(p.grad.square(), 1 - beta2)
+        ref.add_(m / ((v / (1 - beta2**t)).sqrt() + eps), alpha=-(lr / (1 - beta1**t)))
+        opt.step()
+        assert torch.equal(p.detach(), ref), f"step {step}"
+    assert torch.equal(opt.state[p]["exp_avg"], m) and torch.equal(opt.state[p]["exp_avg_sq"], v)
+
+
 def test_adamw_bf16_storage_does_fp32_math_and_rounds_once():
     """A bf16 param (like wte on bf16 hardware) keeps bf16 moments; each step equals fp32 AdamW on the bf16 values,
     rounded to bf16 once at the end: at least 99% of elements bit-identical, the rest within one bf16 ulp (or

@@ -528,3 +528,21 @@ def test_each_stage_declares_its_lr_defaults_from_one_table():
     for stage, script in (("base", base_train), ("mid", mid_train), ("sft", chat_sft), ("rl", chat_rl)):
         args = script.build_parser().parse_args([])
         assert (args.embedding_lr, args.unembedding_lr, args.matrix_lr) == training.STAGE_LRS[stage], stage
+
+
+def test_cpu_training_keeps_freed_heap_memory(monkeypatch):
+    """configure_cpu_threads sets glibc up to keep freed memory (the fp32 (N, V) temporaries then reuse their pages
+    instead of page-faulting every step; the speed A/B is in docs/performance.md), and glibc accepts the settings."""
+    import platform
+
+    calls = []
+    monkeypatch.setattr(training, "keep_freed_heap_memory", lambda: calls.append(1))
+    threads = torch.get_num_threads()
+    try:
+        training.configure_cpu_threads(1)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [1]
+    monkeypatch.undo()
+    if platform.libc_ver()[0] == "glibc":
+        assert training.keep_freed_heap_memory() is True
