@@ -1,26 +1,18 @@
 """
-SyntheticArithmetic: short grade-school word problems (1 to 3 steps of + - * and exact division with
-small numbers), made up on the fly and solved the way GSM8K's references are: a line of text per step
-with a calculator tool call, then "#### N". It needs no download, so it stands in for GSM8K when GSM8K
-can't be had (tasks.common.gsm8k_or_synthetic), and a tiny model has a fair chance at it.
+SyntheticArithmetic: 1- to 3-step grade-school word problems (+ - * and exact division, small numbers) made up
+on the fly and solved as GSM8K's references are, with calculator tool calls and a final "#### N". It needs no
+download, so it stands in for GSM8K offline (tasks.common.gsm8k_or_synthetic), and a tiny model has a chance.
 
-    from tasks.arithmetic import SyntheticArithmetic
     task = SyntheticArithmetic(size=1000, split="test")
-    task[0]                            # {"messages": [question, assistant parts ending in "#### N"]}
     task.evaluate(task[0], "... #### 12")   # 1 or 0, exactly as GSM8K
-
-Example i of a split comes from random.Random seeded with (seed, split, i), so a task is the same on
-every machine. Which split a problem belongs to is decided by a hash of its template and numbers, the
-same for every seed, so no test problem ever appears in any train set (names and nouns aside).
 """
 
 import random
 import zlib
 
-from tasks.common import Task
-from tasks.gsm8k import evaluate_final_answer, solution_to_parts
+from tasks.common import FinalAnswerTask, GeneratedTask
+from tasks.gsm8k import solution_to_parts
 
-SPLITS = ("train", "test")
 TEST_SHARE = 10  # one problem (template + numbers) in TEST_SHARE belongs to the test split
 
 # Division is written // so that the calculator's result is an int: the engine writes str(result) as the
@@ -57,14 +49,13 @@ GET_VERBS = ["finds", "buys", "is given", "wins", "picks up"]
 
 
 class _Solution:
-    """Builds a GSM8K-style reference: one line per calculation, annotated <<expr=result>>."""
+    """A GSM8K-style reference: one line per calculation, annotated <<expr=result>>."""
 
     def __init__(self):
         self.lines = []
         self.operands = []  # every number that enters a calculation: what makes the problem itself
 
-    def step(self, before, a, op, b, after):
-        """Append the line `before` + "a op b = <<a op b=r>>r" + `after`; return r."""
+    def step(self, before, a, op, b, after):  # appends `before` + "a op b = <<a op b=r>>r" + `after`; returns r
         if op == "//" and (b == 0 or a % b):
             raise ValueError(f"{a}//{b} is not an exact division")
         result = _OPS[op](a, b)
@@ -272,26 +263,18 @@ TEMPLATES = (_gain, _give_away, _groups, _share, _packs_and_loose, _change, _wag
 
 
 def split_of(template_name, operands):
-    """The split a problem belongs to, from its template and numbers alone (a stable hash, not hash())."""
+    """The split of a problem, from its template and numbers alone (a stable hash, not hash()): the same for
+    every seed, so no test problem is in any train set (names and nouns aside)."""
     key = f"{template_name}:{','.join(map(str, operands))}".encode()
     return "test" if zlib.crc32(key) % TEST_SHARE == 0 else "train"
 
 
-class SyntheticArithmetic(Task):
+class SyntheticArithmetic(GeneratedTask, FinalAnswerTask):
     """`size` generated arithmetic word problems of one split, shaped and scored like GSM8K."""
 
-    eval_type = "generative"
-
     def __init__(self, size=1000, split="train", seed=0, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(size, int) or size < 0:
-            raise ValueError(f"size must be an int >= 0, got {size!r}")
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.size, self.split, self.seed = size, split, seed
-
-    def num_examples(self):
-        return self.size
+        super().__init__(size, split, **kwargs)
+        self.seed = seed
 
     def get_example(self, index):
         # A string seed: random.Random hashes it (sha512), the same on every machine and Python run.
@@ -302,17 +285,5 @@ class SyntheticArithmetic(Task):
             question, answer = template(rng, solution)
             if split_of(template.__name__, solution.operands) == self.split:
                 break
-        return {
-            "messages": [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": solution_to_parts(solution.text(answer))},
-            ]
-        }
-
-    def evaluate(self, conversation, response):
-        """1 if the response's '#### n' equals the reference answer, else 0 (as GSM8K)."""
-        return evaluate_final_answer(conversation, response)
-
-    def reward(self, conversation, response):
-        """RL reward: 1.0 for the right final answer, else 0.0."""
-        return float(self.evaluate(conversation, response))
+        return {"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": solution_to_parts(solution.text(answer))}]}

@@ -1,17 +1,11 @@
 """
-Synthetic spelling tasks that teach a tokenized model to see letters (Oct 2025 - Jul 2026 upstream).
+Synthetic spelling tasks that teach a tokenized model to see letters, generated from an English word list
+(downloaded once to <base_dir>/words_alpha.txt; offline, words from the offline corpus stand in).
 
-SpellingBee: "How many r are in strawberry?" The assistant spells the word, walks it letter by letter
-keeping a running count, checks with a python tool call ('strawberry'.count('r')) and ends with
-"#### 3"; evaluated like GSM8K. SimpleSpelling: "Spell the word: cat" -> "cat:c,a,t".
+SpellingBee: "How many r are in strawberry?" The assistant spells the word, walks it letter by letter keeping
+a running count, checks with a python tool call ('strawberry'.count('r')) and ends with "#### 3".
+SimpleSpelling: "Spell the word: cat" -> "cat:c,a,t".
 
-Examples are generated on the fly from an English word list (downloaded once to
-<base_dir>/words_alpha.txt); example i of the train split uses random.Random(i), of the test split
-random.Random(10_000_000 + i), so both are reproducible and never overlap. When the list can't be
-downloaded, words from the offline corpus (text that ships with Python) are used instead, built once
-into <base_dir>/words_offline.txt; the log and tasks.common.fallbacks_used() say so.
-
-    from tasks.spellingbee import SpellingBee, SimpleSpelling
     SpellingBee(size=256, split="test")[0]
 """
 
@@ -22,8 +16,7 @@ import random
 import re
 import string
 
-from tasks.common import Task, note_fallback
-from tasks.gsm8k import evaluate_final_answer
+from tasks.common import FinalAnswerTask, GeneratedTask, note_fallback
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +34,6 @@ VOWELS = frozenset("aeiouy")
 # Test seeds start far above any train index. (Upstream first used negative seeds, but
 # random.seed(-n) == random.seed(n), so test examples repeated train examples.)
 TEST_RANDOM_SEED_OFFSET = 10_000_000
-SPLITS = ("train", "test")
 
 USER_MSG_TEMPLATES = [
     "How many {letter} are in the word {word}",
@@ -114,13 +106,9 @@ def _read_words(path):
 
 
 def words_from_offline_corpus(max_chars=None):
-    """Distinct lowercase words of the offline corpus (see OFFLINE_WORD_RE), sorted, then shuffled with
-    random.Random(OFFLINE_SHUFFLE_SEED): the same list wherever the same Python and packages are installed.
-    Reads up to `max_chars` characters of the corpus (None: OFFLINE_MAX_CHARS).
-
-    The corpus is mostly code, so a few identifiers ("isinstance") come along; for spelling and letter
-    counting any string of letters is still a fair question.
-    """
+    """Distinct words (OFFLINE_WORD_RE) of the first `max_chars` (None: OFFLINE_MAX_CHARS) characters of the
+    offline corpus, in a fixed shuffled order: the same list wherever the same Python and packages are installed."""
+    # The corpus is mostly code, so identifiers ("isinstance") come along: still fair spelling questions.
     from nanochat.offline_corpus import iter_offline_documents
 
     max_chars = OFFLINE_MAX_CHARS if max_chars is None else max_chars
@@ -151,11 +139,8 @@ def offline_word_list(max_chars=None):
 
 
 def load_words(word_list_path=None):
-    """The word list: `word_list_path` if given, else <base_dir>/words_alpha.txt (downloaded on first use).
-
-    When the download fails, the offline corpus's words (offline_word_list) are used instead; that is
-    announced once and recorded in tasks.common.fallbacks_used().
-    """
+    """The words of `word_list_path`, else of <base_dir>/words_alpha.txt (downloaded on first use; where that
+    fails, offline_word_list()'s, noted in fallbacks_used())."""
     if word_list_path is None:
         from nanochat.common import download_file_with_lock, get_base_dir
 
@@ -178,13 +163,6 @@ def load_words(word_list_path=None):
     return words
 
 
-def _check_args(size, split):
-    if not isinstance(size, int) or size < 0:
-        raise ValueError(f"size must be an int >= 0, got {size!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-
-
 def _seed(split, index):
     return index if split == "train" else TEST_RANDOM_SEED_OFFSET + index
 
@@ -194,19 +172,12 @@ def spell(word):
     return ",".join(word)
 
 
-class SpellingBee(Task):
+class SpellingBee(GeneratedTask, FinalAnswerTask):
     """Count a letter in a word, by hand and then with a python tool call; `size` generated examples."""
 
-    eval_type = "generative"
-
     def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_args(size, split)
-        self.size, self.split = size, split
+        super().__init__(size, split, **kwargs)
         self.words = load_words(word_list_path)
-
-    def num_examples(self):
-        return self.size
 
     def get_example(self, index):
         # The order of rng calls is part of the data format: changing it changes every example.
@@ -245,38 +216,20 @@ class SpellingBee(Task):
         ]
         return {"messages": [{"role": "user", "content": user_msg}, {"role": "assistant", "content": parts}]}
 
-    def evaluate(self, conversation, response):
-        """1 if the response's '#### n' equals the true count, else 0 (as GSM8K)."""
-        return evaluate_final_answer(conversation, response)
 
-    def reward(self, conversation, response):
-        """RL reward: 1.0 for the right count, else 0.0."""
-        return float(self.evaluate(conversation, response))
-
-
-class SimpleSpelling(Task):
+class SimpleSpelling(GeneratedTask):
     """"Spell the word: cat" -> "cat:c,a,t"; `size` generated examples. Training only."""
 
     eval_type = "generative"
 
     def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_args(size, split)
-        self.size, self.split = size, split
+        super().__init__(size, split, **kwargs)
         # Its own fixed order (seed 42), so SimpleSpelling draws different words than SpellingBee for the same seed.
         words = list(load_words(word_list_path))
         random.Random(42).shuffle(words)
         self.words = words
 
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        rng = random.Random(_seed(self.split, index))
-        word = rng.choice(self.words)
-        return {
-            "messages": [
-                {"role": "user", "content": f"Spell the word: {word}"},
-                {"role": "assistant", "content": f"{word}:{spell(word)}"},
-            ]
-        }
+        word = random.Random(_seed(self.split, index)).choice(self.words)
+        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
+                             {"role": "assistant", "content": f"{word}:{spell(word)}"}]}
