@@ -189,26 +189,18 @@ class SpellingBee(GeneratedTask, FinalAnswerTask):
         if rng.random() < 0.3:
             template = template.lower()
         quotes = ["", "'", '"']
-        letter_quote = rng.choice(quotes)
-        word_quote = rng.choice(quotes)
+        letter_quote, word_quote = rng.choice(quotes), rng.choice(quotes)
         user_msg = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
         if rng.random() < 0.5:
             user_msg += "?"
-
         # The manual walk: "i:c" per character, no space after the colon, so the letter is the same
         # token as in the spelled-out "w,o,r,d" form.
-        manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first."
-                  f"\n\nFirst spell the word out:\n{word}:{spell(word)}\n\nThen count the occurrences of '{letter}':\n")
-        running = 0
-        for i, char in enumerate(word, start=1):
-            if char == letter:
-                running += 1
-                manual += f"{i}:{char} hit! count={running}\n"
-            else:
-                manual += f"{i}:{char}\n"
-        manual += f"\nThis gives us {running}."
+        walk = "".join(f"{i}:{c} hit! count={word[:i].count(letter)}\n" if c == letter else f"{i}:{c}\n"
+                       for i, c in enumerate(word, start=1))
         parts = [
-            {"type": "text", "text": manual},
+            {"type": "text", "text": f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual "
+                                     f"approach first.\n\nFirst spell the word out:\n{word}:{spell(word)}\n\nThen count "
+                                     f"the occurrences of '{letter}':\n{walk}\nThis gives us {count}."},
             {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
             {"type": "python", "text": f"'{word}'.count('{letter}')"},
             {"type": "python_output", "text": str(count)},
@@ -225,9 +217,8 @@ class SimpleSpelling(GeneratedTask):
     def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
         super().__init__(size, split, **kwargs)
         # Its own fixed order (seed 42), so SimpleSpelling draws different words than SpellingBee for the same seed.
-        words = list(load_words(word_list_path))
-        random.Random(42).shuffle(words)
-        self.words = words
+        self.words = list(load_words(word_list_path))
+        random.Random(42).shuffle(self.words)
 
     def get_example(self, index):
         word = random.Random(_seed(self.split, index)).choice(self.words)
