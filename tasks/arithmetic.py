@@ -78,7 +78,7 @@ def _person(rng, other_than=None):
 
 
 # -----------------------------------------------------------------------------
-# Templates: each takes (rng, solution), adds its steps and returns (question, answer).
+# Templates: each takes (rng, solution), adds its steps and returns (question, the last step's result).
 
 
 def _gain(rng, s):
@@ -86,8 +86,7 @@ def _gain(rng, s):
     a, b = rng.randint(2, 40), rng.randint(2, 30)
     verb = rng.choice(GET_VERBS)
     q = f"{name} has {a} {many}. Then {he} {verb} {b} more. How many {many} does {name} have now?"
-    n = s.step(f"{name} now has ", a, "+", b, f" {many}.")
-    return q, n
+    return q, s.step(f"{name} now has ", a, "+", b, f" {many}.")
 
 
 def _give_away(rng, s):
@@ -97,8 +96,7 @@ def _give_away(rng, s):
     b = rng.randint(2, a - 1)
     verb = rng.choice(["gave", "sold", "lent"])
     q = f"{name} had {a} {many} and {verb} {b} of them to {friend}. How many {many} does {name} have left?"
-    n = s.step(f"{name} has ", a, "-", b, f" {many} left.")
-    return q, n
+    return q, s.step(f"{name} has ", a, "-", b, f" {many} left.")
 
 
 def _groups(rng, s):
@@ -106,8 +104,7 @@ def _groups(rng, s):
     (box, boxes) = rng.choice(CONTAINERS)
     a, b = rng.randint(2, 9), rng.randint(2, 12)
     q = f"{name} buys {a} {boxes} of {many}. Each {box} holds {b} {many}. How many {many} did {name} buy?"
-    n = s.step(f"{name} bought ", a, "*", b, f" {many}.")
-    return q, n
+    return q, s.step(f"{name} bought ", a, "*", b, f" {many}.")
 
 
 def _share(rng, s):
@@ -116,8 +113,7 @@ def _share(rng, s):
     total = k * each
     q = (f"{name} has {total} {many} and shares them equally among {k} friends. "
          f"How many {many} does each friend get?")
-    n = s.step("Each friend gets ", total, "//", k, f" {many}.")
-    return q, n
+    return q, s.step("Each friend gets ", total, "//", k, f" {many}.")
 
 
 def _packs_and_loose(rng, s):
@@ -127,8 +123,7 @@ def _packs_and_loose(rng, s):
     q = (f"{name} has {a} {boxes} with {b} {many} in each {box}, and {c} more {many} that are not in a {box}. "
          f"How many {many} does {he} have in all?")
     inside = s.step(f"The {boxes} hold ", a, "*", b, f" {many}.")
-    n = s.step(f"In all {he} has ", inside, "+", c, f" {many}.")
-    return q, n
+    return q, s.step(f"In all {he} has ", inside, "+", c, f" {many}.")
 
 
 def _change(rng, s):
@@ -138,8 +133,7 @@ def _change(rng, s):
     q = (f"A {one} costs ${price}. {name} buys {count} {many} and pays with a ${bill} bill. "
          f"How much change does {he} get, in dollars?")
     cost = s.step(f"The {many} cost $", count, "*", price, ".")
-    n = s.step("The change is $", bill, "-", cost, ".")
-    return q, n
+    return q, s.step("The change is $", bill, "-", cost, ".")
 
 
 def _wage(rng, s):
@@ -149,8 +143,7 @@ def _wage(rng, s):
     q = (f"{name} earns ${rate} an hour {job}. {he.capitalize()} works {hours} hours a day for {days} days. "
          f"How many dollars does {he} earn in total?")
     per_day = s.step(f"Each day {he} earns $", rate, "*", hours, ".")
-    n = s.step(f"Over {days} days {he} earns $", per_day, "*", days, ".")
-    return q, n
+    return q, s.step(f"Over {days} days {he} earns $", per_day, "*", days, ".")
 
 
 def _reading(rng, s):
@@ -159,8 +152,7 @@ def _reading(rng, s):
     week_word = "week" if weeks == 1 else "weeks"
     q = f"{name} reads {pages} pages every day. How many pages does {he} read in {weeks} {week_word}?"
     days = s.step(f"{weeks} {week_word} is ", weeks, "*", 7, " days.")
-    n = s.step(f"{he.capitalize()} reads ", pages, "*", days, " pages.")
-    return q, n
+    return q, s.step(f"{he.capitalize()} reads ", pages, "*", days, " pages.")
 
 
 def _times_as_many(rng, s):
@@ -169,8 +161,7 @@ def _times_as_many(rng, s):
     a, k = rng.randint(2, 15), rng.randint(2, 5)
     q = f"{name} has {a} {many}. {friend} has {k} times as many. How many {many} do they have together?"
     theirs = s.step(f"{friend} has ", a, "*", k, f" {many}.")
-    n = s.step("Together they have ", a, "+", theirs, f" {many}.")
-    return q, n
+    return q, s.step("Together they have ", a, "+", theirs, f" {many}.")
 
 
 def _fill_jars(rng, s):
@@ -183,8 +174,7 @@ def _fill_jars(rng, s):
     q = (f"{name} collects {morning} {many} in the morning and {afternoon} in the afternoon. {he.capitalize()} "
          f"puts them into {k} {boxes} with the same number in each. How many {many} go in each {box}?")
     got = s.step(f"{he.capitalize()} collects ", morning, "+", afternoon, f" {many}.")
-    n = s.step(f"Each {box} gets ", got, "//", k, f" {many}.")
-    return q, n
+    return q, s.step(f"Each {box} gets ", got, "//", k, f" {many}.")
 
 
 def _fraction_left(rng, s):
@@ -193,8 +183,7 @@ def _fraction_left(rng, s):
     total = d * part
     q = f"{name} has {total} {many} and gives away {FRACTIONS[d]} of them. How many {many} does {he} keep?"
     given = s.step(f"{he.capitalize()} gives away ", total, "//", d, f" {many}.")
-    n = s.step(f"{he.capitalize()} keeps ", total, "-", given, f" {many}.")
-    return q, n
+    return q, s.step(f"{he.capitalize()} keeps ", total, "-", given, f" {many}.")
 
 
 def _garden(rng, s):
@@ -205,8 +194,7 @@ def _garden(rng, s):
     q = (f"{name} plants {rows} rows of {plant} with {per_row} in each row. Later {lost} of them are eaten by "
          f"rabbits. How many {plant} are left in {his} garden?")
     planted = s.step(f"{he.capitalize()} plants ", rows, "*", per_row, f" {plant}.")
-    n = s.step("There are ", planted, "-", lost, f" {plant} left.")
-    return q, n
+    return q, s.step("There are ", planted, "-", lost, f" {plant} left.")
 
 
 def _legs(rng, s):
@@ -216,8 +204,7 @@ def _legs(rng, s):
     q = f"{place} has {b} {birds} and {f} {beasts}. How many legs do these animals have altogether?"
     two = s.step(f"The {birds} have ", b, "*", 2, " legs.")
     four = s.step(f"The {beasts} have ", f, "*", 4, " legs.")
-    n = s.step("Altogether there are ", two, "+", four, " legs.")
-    return q, n
+    return q, s.step("Altogether there are ", two, "+", four, " legs.")
 
 
 def _shopping(rng, s):
@@ -229,8 +216,7 @@ def _shopping(rng, s):
          f"How many dollars does {he} have left?")
     cost = s.step(f"The {many} cost $", count, "*", price, ".")
     spent = s.step(f"In total {he} spends $", cost, "+", extra, ".")
-    n = s.step(f"{he.capitalize()} has $", money, "-", spent, " left.")
-    return q, n
+    return q, s.step(f"{he.capitalize()} has $", money, "-", spent, " left.")
 
 
 def _buy_then_give(rng, s):
@@ -243,8 +229,7 @@ def _buy_then_give(rng, s):
          f"then gives {give} {many} to {friend}. How many {many} does {name} have now?")
     bought = s.step(f"{he.capitalize()} buys ", packs, "*", per_pack, f" {many}.")
     had = s.step(f"Then {he} has ", start, "+", bought, f" {many}.")
-    n = s.step(f"After giving some away {he} has ", had, "-", give, f" {many}.")
-    return q, n
+    return q, s.step(f"After giving some away {he} has ", had, "-", give, f" {many}.")
 
 
 def _ages(rng, s):
@@ -254,8 +239,7 @@ def _ages(rng, s):
     q = (f"{name} is {age} years old. {friend} is {gap} years older than {name}. "
          f"How old will {friend} be in {years} years?")
     now = s.step(f"{friend} is ", age, "+", gap, " years old now.")
-    n = s.step(f"In {years} years {fhe} will be ", now, "+", years, ".")
-    return q, n
+    return q, s.step(f"In {years} years {fhe} will be ", now, "+", years, ".")
 
 
 TEMPLATES = (_gain, _give_away, _groups, _share, _packs_and_loose, _change, _wage, _reading, _times_as_many,

@@ -1,19 +1,12 @@
 """
-What every task shares: the `Task` view and its mixtures, the multiple-choice and "#### n" final-answer
-task kinds, the conversation checks, and `load_hf_dataset`, the one place rows come from.
+What every task shares: the `Task` view and its mixtures, the multiple-choice and "#### n" task kinds, the
+conversation check, `load_hf_dataset` (the one place rows come from), and the offline stand-ins, each logged
+once and listed by fallbacks_used() for the training report.
 
-A conversation is {"messages": [{"role": "user"|"assistant"|"system", "content": str | parts}], ...}; an
-assistant's parts are {"type": "text"|"python"|"python_output", "text": str}.
-
-Offline, rows (upstream row format, parquet or jsonl) are read from $NANOCHAT_TASKS_DIR (default
-<base_dir>/task_data) as <org>--<name>/<subset or "default">/<split>.parquet|.jsonl or a <split>/ folder of
-shards. On a machine with network, this writes every dataset nanochat uses there:
+Offline, rows (upstream row format) are read from $NANOCHAT_TASKS_DIR (default <base_dir>/task_data) as
+<org>--<name>/<subset or "default">/<split>.parquet|.jsonl or a <split>/ folder of shards, which this writes:
 
     python -m tasks.common [--out-dir /data/nanochat_tasks] [--only allenai/ai2_arc]
-
-Data that can't be had at all is replaced by a stand-in (synthetic arithmetic for GSM8K, the identity
-conversations shipped in nanochat/data/, a word list from the offline corpus), logged once and listed by
-fallbacks_used() for the training report.
 """
 
 import abc
@@ -21,14 +14,18 @@ import argparse
 import array
 import bisect
 import glob
+import io
+import itertools
 import logging
 import math
 import operator
 import os
 import random
 import re
+import socket
+import urllib.parse
 
-from nanochat.common import UserError
+from nanochat.common import UserError, atomic_write, get_base_dir, setup_default_logging
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +46,9 @@ def check_one_of(what, value, allowed):
 
 
 class Task(abc.ABC):
-    """A view over a task's examples: example i is physical example start + i*step.
-
-    Subclasses implement num_examples() and get_example(physical_index); evaluation tasks set eval_type
-    ("categorical" | "generative") and implement evaluate(conversation, response).
-    """
+    """Examples start, start+step, ... (< stop) of a task's data, each a conversation dict:
+    {"messages": [{"role": "user"|"assistant"|"system", "content": str | [{"type": "text"|"python"|"python_output",
+    "text": str}, ...]}], ...}. Evaluation tasks set eval_type ("categorical" | "generative") and implement evaluate()."""
 
     eval_type = None  # training-only tasks have none
 
@@ -104,9 +99,7 @@ class TaskSequence(Task):
     def __init__(self, tasks, **kwargs):
         super().__init__(**kwargs)
         self.tasks = list(tasks)
-        self.offsets = [0]
-        for task in self.tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
+        self.offsets = [0, *itertools.accumulate(len(task) for task in self.tasks)]  # offsets[k]: task k's first index
 
     def num_examples(self):
         return self.offsets[-1]
@@ -218,18 +211,17 @@ def validate_messages(messages, where, system_ok=False):
     then user and assistant alternating, at least one of each, string contents."""
     if not isinstance(messages, list):
         raise ValueError(f"{where}: expected a JSON array of messages, got {type(messages).__name__}")
+    first = 1 if system_ok and messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    if len(messages) - first < 2:
+        raise ValueError(f"{where}: need at least 2 messages (a user and an assistant one), got {len(messages) - first}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
+        expected = "system" if i < first else "user" if (i - first) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ValueError(f"{where}: message {i} is from {message['role']!r}, expected {expected!r}")
         if not isinstance(message["content"], str):
             raise ValueError(f"{where}: message {i} content must be a string, got {type(message['content']).__name__}")
-    first = 1 if system_ok and messages and messages[0]["role"] == "system" else 0
-    if len(messages) - first < 2:
-        raise ValueError(f"{where}: need at least 2 messages (a user and an assistant one), got {len(messages) - first}")
-    for i in range(first, len(messages)):
-        expected = "user" if (i - first) % 2 == 0 else "assistant"
-        if messages[i]["role"] != expected:
-            raise ValueError(f"{where}: message {i} is from {messages[i]['role']!r}, expected {expected!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -238,11 +230,7 @@ def validate_messages(messages, where, system_ok=False):
 
 def local_tasks_dir():
     """Where local copies of task datasets live: $NANOCHAT_TASKS_DIR, else <base_dir>/task_data."""
-    if env := os.environ.get("NANOCHAT_TASKS_DIR"):
-        return env
-    from nanochat.common import get_base_dir
-
-    return os.path.join(get_base_dir(), "task_data")
+    return os.environ.get("NANOCHAT_TASKS_DIR") or os.path.join(get_base_dir(), "task_data")
 
 
 def local_dataset_dir(path, name=None, root=None):
@@ -297,9 +285,6 @@ _hub_reachable = None  # None until checked: whether the hub's host answered, on
 
 def _check_hub(timeout=3.0):
     """Whether a TCP connection to the hub's host (HF_ENDPOINT, default huggingface.co) opens within `timeout`."""
-    import socket
-    import urllib.parse
-
     url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
@@ -396,7 +381,7 @@ def gsm8k_or_synthetic(split, subset="main", size=None, seed=0, **kwargs):
         return SyntheticArithmetic(size=size, split=split, seed=seed, **kwargs)
 
 
-# Every (path, subset, split) nanochat's stages read, for the offline export below.
+# Every (path, subset, split) nanochat's stages read: what `python -m tasks.common` exports.
 KNOWN_DATASETS = [
     *[("allenai/ai2_arc", subset, split) for subset in ("ARC-Easy", "ARC-Challenge") for split in ("train", "validation", "test")],
     *[("cais/mmlu", "all", split) for split in ("auxiliary_train", "validation", "dev", "test")],
@@ -404,23 +389,6 @@ KNOWN_DATASETS = [
     ("openai/openai_humaneval", "openai_humaneval", "test"),
     *[("HuggingFaceTB/smol-smoltalk", None, split) for split in ("train", "test")],
 ]
-
-
-def export_dataset(path, name, split, out_dir):
-    """Fetch one split from the hub (unshuffled) and write it as <out_dir>/<org>--<name>/<subset>/<split>.parquet."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from nanochat.common import atomic_write
-
-    ds = load_hf_dataset(path, name, split, shuffle_seed=None)
-    target = os.path.join(local_dataset_dir(path, name, root=out_dir), f"{split}.parquet")
-    buf = io.BytesIO()
-    pq.write_table(ds.data.table, buf)
-    atomic_write(target, buf.getvalue())
-    logger.info("wrote %d rows of %s/%s/%s to %s", len(ds), path, name or "default", split, target)
-    return target
 
 
 def build_parser():
@@ -431,7 +399,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from nanochat.common import setup_default_logging
+    import pyarrow.parquet as pq
 
     setup_default_logging()
     args = build_parser().parse_args(argv)
@@ -440,8 +408,13 @@ def main(argv=None):
     if not wanted:
         known = sorted({d[0] for d in KNOWN_DATASETS})
         raise SystemExit(f"--only matched no dataset; known: {', '.join(known)}")
-    for path, name, split in wanted:
-        export_dataset(path, name, split, out_dir)
+    for path, name, split in wanted:  # unshuffled, so the local copy is the hub's file order
+        ds = load_hf_dataset(path, name, split, shuffle_seed=None)
+        target = os.path.join(local_dataset_dir(path, name, root=out_dir), f"{split}.parquet")
+        buf = io.BytesIO()
+        pq.write_table(ds.data.table, buf)
+        atomic_write(target, buf.getvalue())
+        logger.info("wrote %d rows of %s/%s/%s to %s", len(ds), path, name or "default", split, target)
 
 
 if __name__ == "__main__":

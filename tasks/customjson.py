@@ -12,6 +12,7 @@ import logging
 import os
 
 import nanochat
+from nanochat.common import get_base_dir
 from tasks.common import Task, note_fallback, validate_messages
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,6 @@ SHIPPED_IDENTITY_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__
 
 def identity_conversations_path():
     """<base_dir>/identity_conversations.jsonl, where the run scripts download the identity data."""
-    from nanochat.common import get_base_dir
-
     return os.path.join(get_base_dir(), IDENTITY_FILENAME)
 
 

@@ -16,6 +16,10 @@ import random
 import re
 import string
 
+from filelock import FileLock
+
+import nanochat.common
+from nanochat.common import atomic_write, get_base_dir
 from tasks.common import FinalAnswerTask, GeneratedTask, note_fallback
 
 logger = logging.getLogger(__name__)
@@ -36,63 +40,35 @@ VOWELS = frozenset("aeiouy")
 TEST_RANDOM_SEED_OFFSET = 10_000_000
 
 USER_MSG_TEMPLATES = [
-    "How many {letter} are in the word {word}",
-    "How many {letter} are in {word}",
-    "Count the number of {letter} in {word}",
-    "How many times does {letter} appear in {word}",
-    "What's the count of {letter} in {word}",
-    "In the word {word}, how many {letter} are there",
-    "How many letter {letter} are in the word {word}",
-    "Count how many {letter} appear in {word}",
-    "Tell me the number of {letter} in {word}",
-    "How many occurrences of {letter} are in {word}",
-    "Find the count of {letter} in {word}",
-    "Can you count the {letter} letters in {word}",
-    "What is the frequency of {letter} in {word}",
-    "How many {letter}s are in {word}",
-    "How many {letter}'s are in {word}",
-    "Count all the {letter} in {word}",
-    "How many times is {letter} in {word}",
-    "Number of {letter} in {word}",
-    "Total count of {letter} in {word}",
-    "How many {letter} does {word} have",
-    "How many {letter} does {word} contain",
-    "What's the number of {letter} in {word}",
-    "{word} has how many {letter}",
-    "In {word}, count the {letter}",
-    "How many {letter} appear in {word}",
-    "Count the {letter} in {word}",
-    "Give me the count of {letter} in {word}",
-    "How many instances of {letter} in {word}",
-    "Show me how many {letter} are in {word}",
+    "How many {letter} are in the word {word}", "How many {letter} are in {word}",
+    "Count the number of {letter} in {word}", "How many times does {letter} appear in {word}",
+    "What's the count of {letter} in {word}", "In the word {word}, how many {letter} are there",
+    "How many letter {letter} are in the word {word}", "Count how many {letter} appear in {word}",
+    "Tell me the number of {letter} in {word}", "How many occurrences of {letter} are in {word}",
+    "Find the count of {letter} in {word}", "Can you count the {letter} letters in {word}",
+    "What is the frequency of {letter} in {word}", "How many {letter}s are in {word}",
+    "How many {letter}'s are in {word}", "Count all the {letter} in {word}", "How many times is {letter} in {word}",
+    "Number of {letter} in {word}", "Total count of {letter} in {word}", "How many {letter} does {word} have",
+    "How many {letter} does {word} contain", "What's the number of {letter} in {word}",
+    "{word} has how many {letter}", "In {word}, count the {letter}", "How many {letter} appear in {word}",
+    "Count the {letter} in {word}", "Give me the count of {letter} in {word}",
+    "How many instances of {letter} in {word}", "Show me how many {letter} are in {word}",
     "Calculate the number of {letter} in {word}",
     # Spanish
-    "¿Cuántas {letter} hay en {word}?",
-    "¿Cuántas veces aparece {letter} en {word}?",
-    "Cuenta las {letter} en {word}",
-    "¿Cuántas letras {letter} tiene {word}?",
+    "¿Cuántas {letter} hay en {word}?", "¿Cuántas veces aparece {letter} en {word}?",
+    "Cuenta las {letter} en {word}", "¿Cuántas letras {letter} tiene {word}?",
     # Chinese
-    "{word}中有多少个{letter}",
-    "{word}里有几个{letter}",
-    "数一下{word}中的{letter}",
-    "{word}这个词里有多少{letter}",
+    "{word}中有多少个{letter}", "{word}里有几个{letter}", "数一下{word}中的{letter}", "{word}这个词里有多少{letter}",
     # Korean
-    "{word}에 {letter}가 몇 개 있나요",
-    "{word}에서 {letter}의 개수는",
-    "{word}에 {letter}가 몇 번 나오나요",
+    "{word}에 {letter}가 몇 개 있나요", "{word}에서 {letter}의 개수는", "{word}에 {letter}가 몇 번 나오나요",
     "{word}라는 단어에 {letter}가 몇 개",
     # French
-    "Combien de {letter} dans {word}",
-    "Combien de fois {letter} apparaît dans {word}",
+    "Combien de {letter} dans {word}", "Combien de fois {letter} apparaît dans {word}",
     "Compte les {letter} dans {word}",
     # German
-    "Wie viele {letter} sind in {word}",
-    "Wie oft kommt {letter} in {word} vor",
-    "Zähle die {letter} in {word}",
+    "Wie viele {letter} sind in {word}", "Wie oft kommt {letter} in {word} vor", "Zähle die {letter} in {word}",
     # Japanese
-    "{word}に{letter}は何個ありますか",
-    "{word}の中に{letter}がいくつ",
-    "{word}に{letter}が何回出てくる",
+    "{word}に{letter}は何個ありますか", "{word}の中に{letter}がいくつ", "{word}に{letter}が何回出てくる",
 ]
 
 
@@ -105,32 +81,27 @@ def _read_words(path):
         return tuple(line.strip() for line in f)
 
 
-def words_from_offline_corpus(max_chars=None):
-    """Distinct words (OFFLINE_WORD_RE) of the first `max_chars` (None: OFFLINE_MAX_CHARS) characters of the
-    offline corpus, in a fixed shuffled order: the same list wherever the same Python and packages are installed."""
+def words_from_offline_corpus():
+    """Distinct words (OFFLINE_WORD_RE) of the offline corpus's first OFFLINE_MAX_CHARS characters, in a fixed
+    shuffled order: the same list wherever the same Python and packages are installed."""
     # The corpus is mostly code, so identifiers ("isinstance") come along: still fair spelling questions.
     from nanochat.offline_corpus import iter_offline_documents
 
-    max_chars = OFFLINE_MAX_CHARS if max_chars is None else max_chars
     found = set()
-    for text in iter_offline_documents(max_chars=max_chars):
+    for text in iter_offline_documents(max_chars=OFFLINE_MAX_CHARS):
         found.update(OFFLINE_WORD_RE.findall(text))
     words = sorted(w for w in found if not VOWELS.isdisjoint(w))
     random.Random(OFFLINE_SHUFFLE_SEED).shuffle(words)
     return words
 
 
-def offline_word_list(max_chars=None):
+def offline_word_list():
     """Path of <base_dir>/words_offline.txt, built from the offline corpus on first use (one rank builds it)."""
-    from filelock import FileLock
-
-    from nanochat.common import atomic_write, get_base_dir
-
     path = os.path.join(get_base_dir(), OFFLINE_WORD_LIST_FILENAME)
     with FileLock(path + ".lock"):
         if not os.path.exists(path):
             logger.info("Building a word list from the offline corpus...")
-            words = words_from_offline_corpus(max_chars)
+            words = words_from_offline_corpus()
             if not words:
                 raise ValueError("the offline corpus gave no words; place a word list at "
                                  f"{os.path.join(get_base_dir(), WORD_LIST_FILENAME)} (one word per line)")
@@ -142,12 +113,10 @@ def load_words(word_list_path=None):
     """The words of `word_list_path`, else of <base_dir>/words_alpha.txt (downloaded on first use; where that
     fails, offline_word_list()'s, noted in fallbacks_used())."""
     if word_list_path is None:
-        from nanochat.common import download_file_with_lock, get_base_dir
-
         try:
             if get_base_dir() in _DOWNLOAD_FAILED:  # one failed attempt per process is enough
                 raise RuntimeError(_DOWNLOAD_FAILED[get_base_dir()])
-            word_list_path = download_file_with_lock(WORD_LIST_URL, WORD_LIST_FILENAME, desc="word list")
+            word_list_path = nanochat.common.download_file_with_lock(WORD_LIST_URL, WORD_LIST_FILENAME, desc="word list")
         except RuntimeError as e:  # the one error the downloader raises: host unreachable or HTTP error
             _DOWNLOAD_FAILED[get_base_dir()] = str(e)
             word_list_path = offline_word_list()
