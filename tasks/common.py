@@ -314,11 +314,8 @@ def _settle_hub_mode():
 
 
 def load_hf_dataset(path, name=None, split="train", data_files=None, shuffle_seed=SHUFFLE_SEED):
-    """Rows of a task dataset as a datasets.Dataset, shuffled with `shuffle_seed` (None = file order).
-
-    From `data_files` if given, else the local tasks folder, else the hub; raises DatasetUnavailableError
-    naming the dataset and the fix when none has it.
-    """
+    """Rows of `data_files`, else of the local tasks folder's copy, else of the hub's dataset, as a datasets.Dataset
+    shuffled with `shuffle_seed` (None = file order); DatasetUnavailableError naming the fix when none has them."""
     if data_files is not None:
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         missing = [str(f) for f in files if not os.path.isfile(f)]

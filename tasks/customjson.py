@@ -1,10 +1,7 @@
 """Conversations from a JSONL file, one JSON array of messages per line (user first, alternating, no system
-message); used for nanochat's identity ("who are you?") conversations in SFT.
+message); used for nanochat's identity ("who are you?") conversations in SFT:
 
     CustomJSON(identity_conversations_path())
-
-A missing file gives an empty task and a warning saying how to get it, except the identity file in the base
-dir: then the identity conversations shipped in nanochat/data/ stand in (noted in fallbacks_used()).
 """
 
 import json
@@ -30,7 +27,8 @@ def identity_conversations_path():
 
 
 class CustomJSON(Task):
-    """Conversations loaded from `filepath` (JSONL of message arrays)."""
+    """Conversations of `filepath`. A missing file gives an empty task and a warning saying how to get it, except
+    the base dir's identity file: then the identity conversations shipped in nanochat/data/ stand in."""
 
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)

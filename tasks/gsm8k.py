@@ -14,11 +14,8 @@ CALC_RE = re.compile(r"(<<[^>]+>>)")
 
 
 def solution_to_parts(solution):
-    """Text / python / python_output parts of a reference solution.
-
-    Each <<48/2=24>> annotation becomes a tool call: the expression as a `python` part, its result as a
-    `python_output` part, which is how the engine runs the calculator at inference.
-    """
+    """Text parts of a reference solution, each <<48/2=24>> annotation made a tool call as the engine runs the
+    calculator at inference: the expression a `python` part, its result a `python_output` part."""
     parts = []
     for piece in CALC_RE.split(solution):
         if piece.startswith("<<") and piece.endswith(">>"):

@@ -5,6 +5,7 @@ evaluate() runs the model's code and the tests in the sandbox of nanochat/execut
     task.evaluate(task[0], "```python\ndef f(x):\n    return x\n```")  # True / False
 """
 
+import itertools
 import re
 
 from nanochat.execution import execute_code
@@ -15,15 +16,9 @@ CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 
 def extract_imports(prompt):
     """The import lines at the top of a prompt (blank and comment lines skipped), joined by newlines."""
-    imports = []
-    for line in prompt.split("\n"):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if not (stripped.startswith("import ") or stripped.startswith("from ")):
-            break
-        imports.append(stripped)
-    return "\n".join(imports)
+    lines = [line.strip() for line in prompt.split("\n")]
+    code = [line for line in lines if line and not line.startswith("#")]
+    return "\n".join(itertools.takewhile(lambda line: line.startswith(("import ", "from ")), code))
 
 
 def extract_program(completion):

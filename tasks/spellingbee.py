@@ -5,8 +5,6 @@ Synthetic spelling tasks that teach a tokenized model to see letters, generated 
 SpellingBee: "How many r are in strawberry?" The assistant spells the word, walks it letter by letter keeping
 a running count, checks with a python tool call ('strawberry'.count('r')) and ends with "#### 3".
 SimpleSpelling: "Spell the word: cat" -> "cat:c,a,t".
-
-    SpellingBee(size=256, split="test")[0]
 """
 
 import functools
