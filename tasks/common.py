@@ -359,9 +359,6 @@ def fallbacks_used():
     return list(_fallbacks.values())
 
 
-GSM8K_SIZES = {"train": 7473, "test": 1319}  # so the synthetic stand-in keeps a mixture's proportions
-
-
 def gsm8k_or_synthetic(split, subset="main", size=None, seed=0, **kwargs):
     """GSM8K(subset, split, **kwargs), or where it can't be had SyntheticArithmetic(size or GSM8K's size, split, seed)."""
     from tasks.arithmetic import SyntheticArithmetic
@@ -370,7 +367,7 @@ def gsm8k_or_synthetic(split, subset="main", size=None, seed=0, **kwargs):
     try:
         return GSM8K(subset, split, **kwargs)
     except DatasetUnavailableError as e:
-        size = GSM8K_SIZES[split] if size is None else size
+        size = {"train": 7473, "test": 1319}[split] if size is None else size  # GSM8K's: a mixture keeps its proportions
         note_fallback(f"gsm8k/{subset}/{split}",
                       f"GSM8K {subset}/{split} unavailable offline: {size:,} synthetic arithmetic problems "
                       f"(tasks/arithmetic.py) used instead",

@@ -14,15 +14,6 @@ from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-# Row counts of the validation mixture's slices (as upstream): MMLU test's first 5,200, GSM8K test's first 420.
-VAL_MMLU_ROWS = 5200
-VAL_GSM8K_ROWS = 420
-# Spelling tasks are generated: their sizes are choices, not dataset sizes.
-SIMPLE_SPELLING_ROWS = 200_000
-SPELLING_BEE_ROWS = 80_000
-VAL_SPELLING_ROWS = 256
-
-
 def _optional(name, make):
     """make() -> task, or None (noted once) when the hub dataset can't be had and nothing stands in for it."""
     try:
@@ -36,11 +27,11 @@ def sft_mixture(split, mmlu_epochs=3, gsm8k_epochs=4):
     """The SFT mixture of `split` ("train" or "val"), with MMLU x mmlu_epochs and GSM8K x gsm8k_epochs."""
     if split == "val":
         tasks = [_optional("SmolTalk test", lambda: SmolTalk("test")),
-                 _optional("MMLU test", lambda: MMLU("all", "test", stop=VAL_MMLU_ROWS)),
-                 gsm8k_or_synthetic("test", stop=VAL_GSM8K_ROWS),
+                 _optional("MMLU test", lambda: MMLU("all", "test", stop=5200)),  # slice sizes as upstream
+                 gsm8k_or_synthetic("test", stop=420),
                  # Generated, so a held-out slice costs nothing and keeps the mixture non-empty offline.
-                 SimpleSpelling(size=VAL_SPELLING_ROWS, split="test"),
-                 SpellingBee(size=VAL_SPELLING_ROWS, split="test")]
+                 SimpleSpelling(size=256, split="test"),
+                 SpellingBee(size=256, split="test")]
     else:
         identity = identity_conversations_path()
         mmlu = _optional("MMLU auxiliary_train", lambda: MMLU("auxiliary_train", "train"))
@@ -48,8 +39,8 @@ def sft_mixture(split, mmlu_epochs=3, gsm8k_epochs=4):
         tasks = [_optional("SmolTalk train", lambda: SmolTalk("train")),
                  *[mmlu] * mmlu_epochs, *[gsm8k] * gsm8k_epochs,
                  CustomJSON(identity), CustomJSON(identity),  # two epochs of identity
-                 SimpleSpelling(size=SIMPLE_SPELLING_ROWS, split="train"),
-                 SpellingBee(size=SPELLING_BEE_ROWS, split="train")]
+                 SimpleSpelling(size=200_000, split="train"),  # generated: sizes are choices, not dataset sizes
+                 SpellingBee(size=80_000, split="train")]
     tasks = [t for t in tasks if t is not None and len(t) > 0]
     if not tasks:
         raise DatasetUnavailableError(f"no task of the {split} mixture is available; export the task datasets "

@@ -28,11 +28,9 @@ OFFLINE_WORD_LIST_FILENAME = "words_offline.txt"
 # Enough text for about 20k distinct words: on CPython 3.11 this is the standard library alone, read in
 # a few seconds (the installed packages after it take minutes to walk and add few new words).
 OFFLINE_MAX_CHARS = 32_000_000
-OFFLINE_SHUFFLE_SEED = 42
 # A word: 2-20 lowercase letters with a vowel, not glued to other identifier characters, a backslash
 # (the "n" of "\nfoo") or a dot (attribute names), and not a call ("print(").
 OFFLINE_WORD_RE = re.compile(r"(?<![A-Za-z0-9_\\.])[a-z]{2,20}(?![A-Za-z0-9_(])")
-VOWELS = frozenset("aeiouy")
 # Test seeds start far above any train index. (Upstream first used negative seeds, but
 # random.seed(-n) == random.seed(n), so test examples repeated train examples.)
 TEST_RANDOM_SEED_OFFSET = 10_000_000
@@ -88,8 +86,8 @@ def words_from_offline_corpus():
     found = set()
     for text in iter_offline_documents(max_chars=OFFLINE_MAX_CHARS):
         found.update(OFFLINE_WORD_RE.findall(text))
-    words = sorted(w for w in found if not VOWELS.isdisjoint(w))
-    random.Random(OFFLINE_SHUFFLE_SEED).shuffle(words)
+    words = sorted(w for w in found if not set(w).isdisjoint("aeiouy"))  # sorted first: set order varies by run
+    random.Random(42).shuffle(words)
     return words
 
 
