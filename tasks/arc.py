@@ -1,50 +1,22 @@
-"""
-ARC (AI2 Reasoning Challenge), grade-school science multiple choice: HF `allenai/ai2_arc`,
-subsets ARC-Easy / ARC-Challenge, splits train / validation / test.
+"""ARC (AI2 Reasoning Challenge), grade-school science multiple choice: HF `allenai/ai2_arc`.
 
-    from tasks.arc import ARC
-    task = ARC("ARC-Easy", "test")
-    task[0]  # {"messages": [user: render_mc(...), assistant: "B"], "letters": ["A", "B", "C", "D"]}
+    ARC("ARC-Easy", "test")[0]  # {"messages": [user: render_mc(...), assistant: "B"], "letters": ["A", "B", "C", "D"]}
 """
 
-from tasks.common import Task, load_hf_dataset, render_mc
-
-SUBSETS = ("ARC-Easy", "ARC-Challenge")
-SPLITS = ("train", "validation", "test")
+from tasks.common import MultipleChoiceTask, check_one_of, load_hf_dataset
 
 
-class ARC(Task):
-    """One ARC subset/split. Labels come from the row: usually A-D, sometimes 1-4, 3 to 5 options."""
-
-    eval_type = "categorical"
+class ARC(MultipleChoiceTask):
+    """One subset (ARC-Easy, ARC-Challenge) and split (train, validation, test)."""
 
     def __init__(self, subset, split, data_files=None, **kwargs):
         super().__init__(**kwargs)
-        if subset not in SUBSETS:
-            raise ValueError(f"ARC subset must be one of {SUBSETS}, got {subset!r}")
-        if split not in SPLITS:
-            raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
+        check_one_of("ARC subset", subset, ("ARC-Easy", "ARC-Challenge"))
+        check_one_of("ARC split", split, ("train", "validation", "test"))
         self.ds = load_hf_dataset("allenai/ai2_arc", subset, split, data_files=data_files)
 
-    def num_examples(self):
-        return len(self.ds)
-
-    def get_example(self, index):
-        row = self.ds[index]
-        letters = list(row["choices"]["label"])
-        answer = row["answerKey"]
-        if answer not in letters:
-            raise ValueError(f"ARC row {index}: answerKey {answer!r} is not one of the labels {letters}")
-        return {
-            "messages": [
-                {"role": "user", "content": render_mc(row["question"], letters, row["choices"]["text"])},
-                {"role": "assistant", "content": answer},
-            ],
-            "letters": letters,
-        }
-
-    def evaluate(self, conversation, response):
-        """True when the chosen letter is the reference answer; the caller must pick among the letters."""
-        if response not in conversation["letters"]:
-            raise ValueError(f"response {response!r} is not one of the letters {conversation['letters']}")
-        return response == conversation["messages"][-1]["content"]
+    def mc_row(self, row, index):
+        letters = list(row["choices"]["label"])  # usually A-D, sometimes 1-4, 3 to 5 options
+        if row["answerKey"] not in letters:
+            raise ValueError(f"ARC row {index}: answerKey {row['answerKey']!r} is not one of the labels {letters}")
+        return row["question"], letters, row["choices"]["text"], row["answerKey"], {}

@@ -1,26 +1,18 @@
 """
-SyntheticArithmetic: short grade-school word problems (1 to 3 steps of + - * and exact division with
-small numbers), made up on the fly and solved the way GSM8K's references are: a line of text per step
-with a calculator tool call, then "#### N". It needs no download, so it stands in for GSM8K when GSM8K
-can't be had (tasks.common.gsm8k_or_synthetic), and a tiny model has a fair chance at it.
+SyntheticArithmetic: 1- to 3-step grade-school word problems (+ - * and exact division, small numbers) made up
+on the fly and solved as GSM8K's references are, with calculator tool calls and a final "#### N". It needs no
+download, so it stands in for GSM8K offline (tasks.common.gsm8k_or_synthetic), and a tiny model has a chance.
 
-    from tasks.arithmetic import SyntheticArithmetic
     task = SyntheticArithmetic(size=1000, split="test")
-    task[0]                            # {"messages": [question, assistant parts ending in "#### N"]}
     task.evaluate(task[0], "... #### 12")   # 1 or 0, exactly as GSM8K
-
-Example i of a split comes from random.Random seeded with (seed, split, i), so a task is the same on
-every machine. Which split a problem belongs to is decided by a hash of its template and numbers, the
-same for every seed, so no test problem ever appears in any train set (names and nouns aside).
 """
 
 import random
 import zlib
 
-from tasks.common import Task
-from tasks.gsm8k import evaluate_final_answer, solution_to_parts
+from tasks.common import FinalAnswerTask, GeneratedTask
+from tasks.gsm8k import solution_to_parts
 
-SPLITS = ("train", "test")
 TEST_SHARE = 10  # one problem (template + numbers) in TEST_SHARE belongs to the test split
 
 # Division is written // so that the calculator's result is an int: the engine writes str(result) as the
@@ -57,14 +49,13 @@ GET_VERBS = ["finds", "buys", "is given", "wins", "picks up"]
 
 
 class _Solution:
-    """Builds a GSM8K-style reference: one line per calculation, annotated <<expr=result>>."""
+    """A GSM8K-style reference: one line per calculation, annotated <<expr=result>>."""
 
     def __init__(self):
         self.lines = []
         self.operands = []  # every number that enters a calculation: what makes the problem itself
 
-    def step(self, before, a, op, b, after):
-        """Append the line `before` + "a op b = <<a op b=r>>r" + `after`; return r."""
+    def step(self, before, a, op, b, after):  # appends `before` + "a op b = <<a op b=r>>r" + `after`; returns r
         if op == "//" and (b == 0 or a % b):
             raise ValueError(f"{a}//{b} is not an exact division")
         result = _OPS[op](a, b)
@@ -87,7 +78,7 @@ def _person(rng, other_than=None):
 
 
 # -----------------------------------------------------------------------------
-# Templates: each takes (rng, solution), adds its steps and returns (question, answer).
+# Templates: each takes (rng, solution), adds its steps and returns (question, the last step's result).
 
 
 def _gain(rng, s):
@@ -95,8 +86,7 @@ def _gain(rng, s):
     a, b = rng.randint(2, 40), rng.randint(2, 30)
     verb = rng.choice(GET_VERBS)
     q = f"{name} has {a} {many}. Then {he} {verb} {b} more. How many {many} does {name} have now?"
-    n = s.step(f"{name} now has ", a, "+", b, f" {many}.")
-    return q, n
+    return q, s.step(f"{name} now has ", a, "+", b, f" {many}.")
 
 
 def _give_away(rng, s):
@@ -106,8 +96,7 @@ def _give_away(rng, s):
     b = rng.randint(2, a - 1)
     verb = rng.choice(["gave", "sold", "lent"])
     q = f"{name} had {a} {many} and {verb} {b} of them to {friend}. How many {many} does {name} have left?"
-    n = s.step(f"{name} has ", a, "-", b, f" {many} left.")
-    return q, n
+    return q, s.step(f"{name} has ", a, "-", b, f" {many} left.")
 
 
 def _groups(rng, s):
@@ -115,8 +104,7 @@ def _groups(rng, s):
     (box, boxes) = rng.choice(CONTAINERS)
     a, b = rng.randint(2, 9), rng.randint(2, 12)
     q = f"{name} buys {a} {boxes} of {many}. Each {box} holds {b} {many}. How many {many} did {name} buy?"
-    n = s.step(f"{name} bought ", a, "*", b, f" {many}.")
-    return q, n
+    return q, s.step(f"{name} bought ", a, "*", b, f" {many}.")
 
 
 def _share(rng, s):
@@ -125,8 +113,7 @@ def _share(rng, s):
     total = k * each
     q = (f"{name} has {total} {many} and shares them equally among {k} friends. "
          f"How many {many} does each friend get?")
-    n = s.step("Each friend gets ", total, "//", k, f" {many}.")
-    return q, n
+    return q, s.step("Each friend gets ", total, "//", k, f" {many}.")
 
 
 def _packs_and_loose(rng, s):
@@ -136,8 +123,7 @@ def _packs_and_loose(rng, s):
     q = (f"{name} has {a} {boxes} with {b} {many} in each {box}, and {c} more {many} that are not in a {box}. "
          f"How many {many} does {he} have in all?")
     inside = s.step(f"The {boxes} hold ", a, "*", b, f" {many}.")
-    n = s.step(f"In all {he} has ", inside, "+", c, f" {many}.")
-    return q, n
+    return q, s.step(f"In all {he} has ", inside, "+", c, f" {many}.")
 
 
 def _change(rng, s):
@@ -147,8 +133,7 @@ def _change(rng, s):
     q = (f"A {one} costs ${price}. {name} buys {count} {many} and pays with a ${bill} bill. "
          f"How much change does {he} get, in dollars?")
     cost = s.step(f"The {many} cost $", count, "*", price, ".")
-    n = s.step("The change is $", bill, "-", cost, ".")
-    return q, n
+    return q, s.step("The change is $", bill, "-", cost, ".")
 
 
 def _wage(rng, s):
@@ -158,8 +143,7 @@ def _wage(rng, s):
     q = (f"{name} earns ${rate} an hour {job}. {he.capitalize()} works {hours} hours a day for {days} days. "
          f"How many dollars does {he} earn in total?")
     per_day = s.step(f"Each day {he} earns $", rate, "*", hours, ".")
-    n = s.step(f"Over {days} days {he} earns $", per_day, "*", days, ".")
-    return q, n
+    return q, s.step(f"Over {days} days {he} earns $", per_day, "*", days, ".")
 
 
 def _reading(rng, s):
@@ -168,8 +152,7 @@ def _reading(rng, s):
     week_word = "week" if weeks == 1 else "weeks"
     q = f"{name} reads {pages} pages every day. How many pages does {he} read in {weeks} {week_word}?"
     days = s.step(f"{weeks} {week_word} is ", weeks, "*", 7, " days.")
-    n = s.step(f"{he.capitalize()} reads ", pages, "*", days, " pages.")
-    return q, n
+    return q, s.step(f"{he.capitalize()} reads ", pages, "*", days, " pages.")
 
 
 def _times_as_many(rng, s):
@@ -178,8 +161,7 @@ def _times_as_many(rng, s):
     a, k = rng.randint(2, 15), rng.randint(2, 5)
     q = f"{name} has {a} {many}. {friend} has {k} times as many. How many {many} do they have together?"
     theirs = s.step(f"{friend} has ", a, "*", k, f" {many}.")
-    n = s.step("Together they have ", a, "+", theirs, f" {many}.")
-    return q, n
+    return q, s.step("Together they have ", a, "+", theirs, f" {many}.")
 
 
 def _fill_jars(rng, s):
@@ -192,8 +174,7 @@ def _fill_jars(rng, s):
     q = (f"{name} collects {morning} {many} in the morning and {afternoon} in the afternoon. {he.capitalize()} "
          f"puts them into {k} {boxes} with the same number in each. How many {many} go in each {box}?")
     got = s.step(f"{he.capitalize()} collects ", morning, "+", afternoon, f" {many}.")
-    n = s.step(f"Each {box} gets ", got, "//", k, f" {many}.")
-    return q, n
+    return q, s.step(f"Each {box} gets ", got, "//", k, f" {many}.")
 
 
 def _fraction_left(rng, s):
@@ -202,8 +183,7 @@ def _fraction_left(rng, s):
     total = d * part
     q = f"{name} has {total} {many} and gives away {FRACTIONS[d]} of them. How many {many} does {he} keep?"
     given = s.step(f"{he.capitalize()} gives away ", total, "//", d, f" {many}.")
-    n = s.step(f"{he.capitalize()} keeps ", total, "-", given, f" {many}.")
-    return q, n
+    return q, s.step(f"{he.capitalize()} keeps ", total, "-", given, f" {many}.")
 
 
 def _garden(rng, s):
@@ -214,8 +194,7 @@ def _garden(rng, s):
     q = (f"{name} plants {rows} rows of {plant} with {per_row} in each row. Later {lost} of them are eaten by "
          f"rabbits. How many {plant} are left in {his} garden?")
     planted = s.step(f"{he.capitalize()} plants ", rows, "*", per_row, f" {plant}.")
-    n = s.step("There are ", planted, "-", lost, f" {plant} left.")
-    return q, n
+    return q, s.step("There are ", planted, "-", lost, f" {plant} left.")
 
 
 def _legs(rng, s):
@@ -225,8 +204,7 @@ def _legs(rng, s):
     q = f"{place} has {b} {birds} and {f} {beasts}. How many legs do these animals have altogether?"
     two = s.step(f"The {birds} have ", b, "*", 2, " legs.")
     four = s.step(f"The {beasts} have ", f, "*", 4, " legs.")
-    n = s.step("Altogether there are ", two, "+", four, " legs.")
-    return q, n
+    return q, s.step("Altogether there are ", two, "+", four, " legs.")
 
 
 def _shopping(rng, s):
@@ -238,8 +216,7 @@ def _shopping(rng, s):
          f"How many dollars does {he} have left?")
     cost = s.step(f"The {many} cost $", count, "*", price, ".")
     spent = s.step(f"In total {he} spends $", cost, "+", extra, ".")
-    n = s.step(f"{he.capitalize()} has $", money, "-", spent, " left.")
-    return q, n
+    return q, s.step(f"{he.capitalize()} has $", money, "-", spent, " left.")
 
 
 def _buy_then_give(rng, s):
@@ -252,8 +229,7 @@ def _buy_then_give(rng, s):
          f"then gives {give} {many} to {friend}. How many {many} does {name} have now?")
     bought = s.step(f"{he.capitalize()} buys ", packs, "*", per_pack, f" {many}.")
     had = s.step(f"Then {he} has ", start, "+", bought, f" {many}.")
-    n = s.step(f"After giving some away {he} has ", had, "-", give, f" {many}.")
-    return q, n
+    return q, s.step(f"After giving some away {he} has ", had, "-", give, f" {many}.")
 
 
 def _ages(rng, s):
@@ -263,8 +239,7 @@ def _ages(rng, s):
     q = (f"{name} is {age} years old. {friend} is {gap} years older than {name}. "
          f"How old will {friend} be in {years} years?")
     now = s.step(f"{friend} is ", age, "+", gap, " years old now.")
-    n = s.step(f"In {years} years {fhe} will be ", now, "+", years, ".")
-    return q, n
+    return q, s.step(f"In {years} years {fhe} will be ", now, "+", years, ".")
 
 
 TEMPLATES = (_gain, _give_away, _groups, _share, _packs_and_loose, _change, _wage, _reading, _times_as_many,
@@ -272,26 +247,18 @@ TEMPLATES = (_gain, _give_away, _groups, _share, _packs_and_loose, _change, _wag
 
 
 def split_of(template_name, operands):
-    """The split a problem belongs to, from its template and numbers alone (a stable hash, not hash())."""
+    """The split of a problem, from its template and numbers alone (a stable hash, not hash()): the same for
+    every seed, so no test problem is in any train set (names and nouns aside)."""
     key = f"{template_name}:{','.join(map(str, operands))}".encode()
     return "test" if zlib.crc32(key) % TEST_SHARE == 0 else "train"
 
 
-class SyntheticArithmetic(Task):
+class SyntheticArithmetic(GeneratedTask, FinalAnswerTask):
     """`size` generated arithmetic word problems of one split, shaped and scored like GSM8K."""
 
-    eval_type = "generative"
-
     def __init__(self, size=1000, split="train", seed=0, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(size, int) or size < 0:
-            raise ValueError(f"size must be an int >= 0, got {size!r}")
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.size, self.split, self.seed = size, split, seed
-
-    def num_examples(self):
-        return self.size
+        super().__init__(size, split, **kwargs)
+        self.seed = seed
 
     def get_example(self, index):
         # A string seed: random.Random hashes it (sha512), the same on every machine and Python run.
@@ -302,17 +269,5 @@ class SyntheticArithmetic(Task):
             question, answer = template(rng, solution)
             if split_of(template.__name__, solution.operands) == self.split:
                 break
-        return {
-            "messages": [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": solution_to_parts(solution.text(answer))},
-            ]
-        }
-
-    def evaluate(self, conversation, response):
-        """1 if the response's '#### n' equals the reference answer, else 0 (as GSM8K)."""
-        return evaluate_final_answer(conversation, response)
-
-    def reward(self, conversation, response):
-        """RL reward: 1.0 for the right final answer, else 0.0."""
-        return float(self.evaluate(conversation, response))
+        return {"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": solution_to_parts(solution.text(answer))}]}

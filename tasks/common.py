@@ -1,22 +1,12 @@
 """
-Shared pieces of the task datasets: the `Task` view (start/stop/step slicing over an example list),
-`TaskMixture` / `TaskSequence`, the multiple-choice prompt `render_mc`, and `load_hf_dataset`, the one
-place that fetches rows from the HuggingFace hub or from local files.
+What every task shares: the `Task` view and its mixtures, the multiple-choice and "#### n" task kinds, the
+conversation check, `load_hf_dataset` (the one place rows come from), and the offline stand-ins, each logged
+once and listed by fallbacks_used() for the training report.
 
-A conversation is a plain dict: {"messages": [{"role": "user"|"assistant"|"system", "content": str | parts}],
-...task-specific keys}; an assistant message's parts are {"type": "text"|"python"|"python_output", "text": str}.
+Offline, rows (upstream row format) are read from $NANOCHAT_TASKS_DIR (default <base_dir>/task_data) as
+<org>--<name>/<subset or "default">/<split>.parquet|.jsonl or a <split>/ folder of shards, which this writes:
 
-Offline use: put the rows (upstream row format, parquet or jsonl) under $NANOCHAT_TASKS_DIR (default
-<base_dir>/task_data) as <org>--<name>/<subset or "default">/<split>.parquet|.jsonl or a <split>/ folder
-of shards. On a machine with network, `python -m tasks.common` writes every dataset nanochat uses there:
-
-    python -m tasks.common                    # all of them, into <base_dir>/task_data
-    python -m tasks.common --out-dir /data/nanochat_tasks --only allenai/ai2_arc
-
-Where data can't be had at all, stand-ins need no download: gsm8k_or_synthetic() gives generated
-arithmetic problems instead of GSM8K, CustomJSON the identity conversations shipped in nanochat/data/,
-SpellingBee a word list from the offline corpus. Each logs a warning the first time and is listed by
-fallbacks_used(), for the training report.
+    python -m tasks.common [--out-dir /data/nanochat_tasks] [--only allenai/ai2_arc]
 """
 
 import abc
@@ -24,13 +14,18 @@ import argparse
 import array
 import bisect
 import glob
+import io
+import itertools
 import logging
 import math
 import operator
 import os
 import random
+import re
+import socket
+import urllib.parse
 
-from nanochat.common import UserError
+from nanochat.common import UserError, atomic_write, get_base_dir, setup_default_logging
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +36,19 @@ class DatasetUnavailableError(UserError, RuntimeError):
     """A task dataset could not be found locally nor fetched from the hub."""
 
 
+def check_one_of(what, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+
+
 # -----------------------------------------------------------------------------
 # Task views
 
 
 class Task(abc.ABC):
-    """A logical view over a task's examples: example i of the view is physical example start + i*step.
-
-    Subclasses implement num_examples() and get_example(physical_index); evaluation tasks also set
-    eval_type ("categorical" | "generative") and implement evaluate(conversation, response).
-    """
+    """Examples start, start+step, ... (< stop) of a task's data, each a conversation dict:
+    {"messages": [{"role": "user"|"assistant"|"system", "content": str | [{"type": "text"|"python"|"python_output",
+    "text": str}, ...]}], ...}. Evaluation tasks set eval_type ("categorical" | "generative") and implement evaluate()."""
 
     eval_type = None  # training-only tasks have none
 
@@ -72,8 +70,11 @@ class Task(abc.ABC):
         """The conversation dict at physical `index`."""
 
     def evaluate(self, conversation, response):
-        """Score `response` (a string) against `conversation`; evaluation tasks override this."""
         raise TypeError(f"{type(self).__name__} is a training-only task: it has no evaluate()")
+
+    def reward(self, conversation, response):
+        """RL reward: evaluate() as a float (1.0 right, 0.0 wrong)."""
+        return float(self.evaluate(conversation, response))
 
     def __len__(self):
         # A stop past the end of the data means "to the end" (upstream would fail on the first index past it).
@@ -98,51 +99,129 @@ class TaskSequence(Task):
     def __init__(self, tasks, **kwargs):
         super().__init__(**kwargs)
         self.tasks = list(tasks)
-        self.offsets = [0]
-        for task in self.tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
+        self.offsets = [0, *itertools.accumulate(len(task) for task in self.tasks)]  # offsets[k]: task k's first index
 
     def num_examples(self):
         return self.offsets[-1]
 
-    def _locate(self, global_index):
-        task_index = bisect.bisect_right(self.offsets, global_index) - 1
-        return self.tasks[task_index][global_index - self.offsets[task_index]]
-
     def get_example(self, index):
-        return self._locate(index)
+        task_index = bisect.bisect_right(self.offsets, index) - 1
+        return self.tasks[task_index][index - self.offsets[task_index]]
 
 
 class TaskMixture(TaskSequence):
-    """All examples of all tasks, in one fixed shuffled order (random.Random(42)).
-
-    Pass the same task twice to see it twice per epoch. The order equals upstream's, which shuffles the
-    list of (task, local index) pairs: a shuffle permutes positions the same way whatever the items are,
-    so shuffling the global indices gives the same order without building a tuple per example.
-    """
+    """All examples of all tasks in one fixed shuffled order; pass a task twice to see it twice per epoch."""
 
     def __init__(self, tasks, **kwargs):
         super().__init__(tasks, **kwargs)
+        # Upstream shuffles (task, local index) pairs; a shuffle permutes positions alike whatever the items
+        # are, so shuffling global indices gives its order without a tuple per example.
         order = list(range(self.offsets[-1]))
         random.Random(SHUFFLE_SEED).shuffle(order)
         self.order = array.array("q", order)  # 8 bytes per example instead of a Python int object each
 
     def get_example(self, index):
-        return self._locate(self.order[index])
+        return super().get_example(self.order[index])
+
+
+class GeneratedTask(Task):
+    """`size` examples made up on the fly for one split (nothing to download)."""
+
+    def __init__(self, size=1000, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"size must be an int >= 0, got {size!r}")
+        check_one_of("split", split, ("train", "test"))
+        self.size, self.split = size, split
+
+    def num_examples(self):
+        return self.size
+
+
+# -----------------------------------------------------------------------------
+# Task kinds: how a conversation is shaped and scored
 
 
 def render_mc(question, letters, choices):
-    """The multiple-choice prompt used by ARC and MMLU.
-
-    The letter follows its choice with no space ("- Paris=A"), so the prompt contains exactly the token
-    the answer is ("A", not " A"), and binding choice to letter is easier for small models.
-    """
+    """The multiple-choice prompt of every categorical task."""
     if len(letters) != len(choices):
         raise ValueError(f"got {len(letters)} letters for {len(choices)} choices")
+    # The letter follows its choice with no space ("- Paris=A"): the prompt holds exactly the answer's token
+    # ("A", not " A"), which makes binding choice to letter easier for small models.
     lines = [f"Multiple Choice question: {question}\n"]
     lines += [f"- {choice}={letter}\n" for letter, choice in zip(letters, choices)]
     lines.append("\nRespond only with the letter of the correct answer.")
     return "".join(lines)
+
+
+class MultipleChoiceTask(Task):
+    """Rows of `self.ds` asked through render_mc and answered by one letter; subclasses give mc_row()."""
+
+    eval_type = "categorical"
+
+    @abc.abstractmethod
+    def mc_row(self, row, index):
+        """(question, letters, choices, answer letter, extra conversation keys) of one dataset row."""
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        question, letters, choices, answer, extra = self.mc_row(self.ds[index], index)
+        return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
+                             {"role": "assistant", "content": answer}],
+                **extra, "letters": letters}
+
+    def evaluate(self, conversation, response):
+        # The caller picks among the letters (chateval compares only their logits), so anything else is its bug.
+        if response not in conversation["letters"]:
+            raise ValueError(f"response {response!r} is not one of the letters {conversation['letters']}")
+        return response == conversation["messages"][-1]["content"]
+
+
+ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_answer(text):
+    """The number after '#### ' (first match, commas removed), or None; as GSM8K's official grader."""
+    match = ANSWER_RE.search(text)
+    return None if match is None else match.group(1).strip().replace(",", "")
+
+
+class FinalAnswerTask(Task):
+    """Tasks whose reference assistant parts end in "#### n" (GSM8K's format), scored on that number."""
+
+    eval_type = "generative"
+
+    def evaluate(self, conversation, response):
+        """1 if the response's '#### n' equals the reference's, else 0. Exact strings: "18" != "18.00", as upstream."""
+        if not isinstance(response, str):
+            raise TypeError(f"response must be a str, got {type(response).__name__}")
+        parts = conversation["messages"][-1]["content"]
+        if not isinstance(parts, list):
+            raise TypeError("the reference assistant message must be a list of parts")
+        reference = extract_answer(parts[-1]["text"])
+        if reference is None:
+            raise ValueError(f"reference answer has no '#### <number>' line: {parts[-1]['text']!r}")
+        return int(extract_answer(response) == reference)
+
+
+def validate_messages(messages, where, system_ok=False):
+    """Raise ValueError naming `where` unless `messages` is a chat: an optional system message (if `system_ok`),
+    then user and assistant alternating, at least one of each, string contents."""
+    if not isinstance(messages, list):
+        raise ValueError(f"{where}: expected a JSON array of messages, got {type(messages).__name__}")
+    first = 1 if system_ok and messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    if len(messages) - first < 2:
+        raise ValueError(f"{where}: need at least 2 messages (a user and an assistant one), got {len(messages) - first}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
+        expected = "system" if i < first else "user" if (i - first) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ValueError(f"{where}: message {i} is from {message['role']!r}, expected {expected!r}")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"{where}: message {i} content must be a string, got {type(message['content']).__name__}")
 
 
 # -----------------------------------------------------------------------------
@@ -151,12 +230,7 @@ def render_mc(question, letters, choices):
 
 def local_tasks_dir():
     """Where local copies of task datasets live: $NANOCHAT_TASKS_DIR, else <base_dir>/task_data."""
-    env = os.environ.get("NANOCHAT_TASKS_DIR")
-    if env:
-        return env
-    from nanochat.common import get_base_dir
-
-    return os.path.join(get_base_dir(), "task_data")
+    return os.environ.get("NANOCHAT_TASKS_DIR") or os.path.join(get_base_dir(), "task_data")
 
 
 def local_dataset_dir(path, name=None, root=None):
@@ -165,14 +239,12 @@ def local_dataset_dir(path, name=None, root=None):
 
 
 def _local_files(path, name, split):
-    """Local files for (path, name, split), or [] when there are none."""
     folder = local_dataset_dir(path, name)
     for ext in ("parquet", "jsonl", "json"):
         single = os.path.join(folder, f"{split}.{ext}")
         if os.path.isfile(single):
             return [single]
-        shards = sorted(glob.glob(os.path.join(folder, split, f"*.{ext}")))
-        if shards:
+        if shards := sorted(glob.glob(os.path.join(folder, split, f"*.{ext}"))):
             return shards
     return []
 
@@ -208,19 +280,11 @@ def _missing_message(path, name, split, reason):
             f"The folder is $NANOCHAT_TASKS_DIR, default <base_dir>/task_data.")
 
 
-_TRUE = ("1", "ON", "YES", "TRUE")
 _hub_reachable = None  # None until checked: whether the hub's host answered, once per process
-
-
-def _hub_offline_requested():
-    return any(os.environ.get(var, "").upper() in _TRUE for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _check_hub(timeout=3.0):
     """Whether a TCP connection to the hub's host (HF_ENDPOINT, default huggingface.co) opens within `timeout`."""
-    import socket
-    import urllib.parse
-
     url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
@@ -230,15 +294,13 @@ def _check_hub(timeout=3.0):
 
 
 def _settle_hub_mode():
-    """Put `datasets` in offline mode (it still reads what the HuggingFace cache holds) when the hub must not or
-    cannot be used. `datasets` reads HF_HUB_OFFLINE / HF_DATASETS_OFFLINE once, when it is imported, so a variable
-    set later would be ignored; and without the network, every dataset would first sit through the hub client's
-    retries (tens of seconds each). So the variables are read at each call, and the hub is probed once per process.
-    """
+    """Put `datasets` offline (it still reads the HuggingFace cache) when the hub must not or cannot be used."""
     global _hub_reachable
-    offline = _hub_offline_requested()
+    # Read at each call: `datasets` reads these variables once, at import, and would miss one set later.
+    offline = any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if not offline:
-        if _hub_reachable is None:
+        if _hub_reachable is None:  # probed once: without network each dataset would sit through tens of seconds of retries
             _hub_reachable = _check_hub()
             if not _hub_reachable:
                 logger.warning("The HuggingFace hub can't be reached: task datasets come from the local tasks folder or "
@@ -252,13 +314,8 @@ def _settle_hub_mode():
 
 
 def load_hf_dataset(path, name=None, split="train", data_files=None, shuffle_seed=SHUFFLE_SEED):
-    """Rows of a task dataset as a datasets.Dataset, shuffled with `shuffle_seed` (None = file order).
-
-    Looks, in order, at: `data_files` (explicit local parquet/jsonl files), the local tasks folder
-    (see local_tasks_dir), then the HuggingFace hub via datasets.load_dataset(path, name, split=split).
-    The shuffle is datasets' own (numpy default_rng(seed).permutation), as upstream.
-    Raises DatasetUnavailableError naming the dataset and the fix when none of them has it.
-    """
+    """Rows of `data_files`, else of the local tasks folder's copy, else of the hub's dataset, as a datasets.Dataset
+    shuffled with `shuffle_seed` (None = file order); DatasetUnavailableError naming the fix when none has them."""
     if data_files is not None:
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         missing = [str(f) for f in files if not os.path.isfile(f)]
@@ -275,6 +332,7 @@ def load_hf_dataset(path, name=None, split="train", data_files=None, shuffle_see
             ds = datasets.load_dataset(path, name, split=split)
         except OSError as e:  # ConnectionError, offline mode, missing repo or file: all OSError subclasses
             raise DatasetUnavailableError(_missing_message(path, name, split, f"{type(e).__name__}: {e}")) from e
+    # datasets' own shuffle (numpy default_rng(seed).permutation), as upstream.
     return ds if shuffle_seed is None else ds.shuffle(seed=shuffle_seed)
 
 
@@ -287,11 +345,8 @@ _fallbacks = {}
 
 
 def note_fallback(key, description, detail=""):
-    """Record that a stand-in replaced missing data; logs a warning the first time `key` is noted.
-
-    `description` is the one line fallbacks_used() reports; `detail` (why, and how to get the real data)
-    only goes to the log. Returns True the first time, False after.
-    """
+    """Record that a stand-in replaced missing data and warn, the first time `key` is noted (then return True).
+    `description` is the line fallbacks_used() reports; `detail` (why, how to get the real data) only goes to the log."""
     if key in _fallbacks:
         return False
     _fallbacks[key] = description
@@ -304,23 +359,15 @@ def fallbacks_used():
     return list(_fallbacks.values())
 
 
-# Rows per GSM8K split (both subsets), so the synthetic stand-in keeps a mixture's proportions.
-GSM8K_SIZES = {"train": 7473, "test": 1319}
-
-
 def gsm8k_or_synthetic(split, subset="main", size=None, seed=0, **kwargs):
-    """GSM8K(subset, split), or, when it can't be had, SyntheticArithmetic(size, split, seed).
-
-    `size` defaults to the GSM8K split's own size; `kwargs` (start/stop/step) go to either task. The
-    fallback is logged once per (subset, split) and listed by fallbacks_used().
-    """
+    """GSM8K(subset, split, **kwargs), or where it can't be had SyntheticArithmetic(size or GSM8K's size, split, seed)."""
     from tasks.arithmetic import SyntheticArithmetic
     from tasks.gsm8k import GSM8K
 
     try:
         return GSM8K(subset, split, **kwargs)
     except DatasetUnavailableError as e:
-        size = GSM8K_SIZES[split] if size is None else size
+        size = {"train": 7473, "test": 1319}[split] if size is None else size  # GSM8K's: a mixture keeps its proportions
         note_fallback(f"gsm8k/{subset}/{split}",
                       f"GSM8K {subset}/{split} unavailable offline: {size:,} synthetic arithmetic problems "
                       f"(tasks/arithmetic.py) used instead",
@@ -328,7 +375,7 @@ def gsm8k_or_synthetic(split, subset="main", size=None, seed=0, **kwargs):
         return SyntheticArithmetic(size=size, split=split, seed=seed, **kwargs)
 
 
-# Every (path, subset, split) nanochat's stages read, for the offline export below.
+# Every (path, subset, split) nanochat's stages read: what `python -m tasks.common` exports.
 KNOWN_DATASETS = [
     *[("allenai/ai2_arc", subset, split) for subset in ("ARC-Easy", "ARC-Challenge") for split in ("train", "validation", "test")],
     *[("cais/mmlu", "all", split) for split in ("auxiliary_train", "validation", "dev", "test")],
@@ -336,23 +383,6 @@ KNOWN_DATASETS = [
     ("openai/openai_humaneval", "openai_humaneval", "test"),
     *[("HuggingFaceTB/smol-smoltalk", None, split) for split in ("train", "test")],
 ]
-
-
-def export_dataset(path, name, split, out_dir):
-    """Fetch one split from the hub (unshuffled) and write it as <out_dir>/<org>--<name>/<subset>/<split>.parquet."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from nanochat.common import atomic_write
-
-    ds = load_hf_dataset(path, name, split, shuffle_seed=None)
-    target = os.path.join(local_dataset_dir(path, name, root=out_dir), f"{split}.parquet")
-    buf = io.BytesIO()
-    pq.write_table(ds.data.table, buf)
-    atomic_write(target, buf.getvalue())
-    logger.info("wrote %d rows of %s/%s/%s to %s", len(ds), path, name or "default", split, target)
-    return target
 
 
 def build_parser():
@@ -363,7 +393,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from nanochat.common import setup_default_logging
+    import pyarrow.parquet as pq
 
     setup_default_logging()
     args = build_parser().parse_args(argv)
@@ -372,8 +402,13 @@ def main(argv=None):
     if not wanted:
         known = sorted({d[0] for d in KNOWN_DATASETS})
         raise SystemExit(f"--only matched no dataset; known: {', '.join(known)}")
-    for path, name, split in wanted:
-        export_dataset(path, name, split, out_dir)
+    for path, name, split in wanted:  # unshuffled, so the local copy is the hub's file order
+        ds = load_hf_dataset(path, name, split, shuffle_seed=None)
+        target = os.path.join(local_dataset_dir(path, name, root=out_dir), f"{split}.parquet")
+        buf = io.BytesIO()
+        pq.write_table(ds.data.table, buf)
+        atomic_write(target, buf.getvalue())
+        logger.info("wrote %d rows of %s/%s/%s to %s", len(ds), path, name or "default", split, target)
 
 
 if __name__ == "__main__":

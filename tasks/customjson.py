@@ -1,16 +1,7 @@
-"""
-Conversations from a JSONL file, one JSON array of messages per line; used for nanochat's identity
-("who are you?") conversations in SFT.
+"""Conversations from a JSONL file, one JSON array of messages per line (user first, alternating, no system
+message); used for nanochat's identity ("who are you?") conversations in SFT:
 
-    from tasks.customjson import CustomJSON, identity_conversations_path
-    task = CustomJSON(identity_conversations_path())
-
-Each non-empty line: [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...],
-alternating and starting with the user, at least two messages, string contents, no system message.
-A missing file is not an error: the task is empty and a warning says how to get the file. The one
-exception is the identity file in the base dir: when it is missing, the few dozen identity conversations
-shipped with nanochat (nanochat/data/identity_conversations.jsonl) are used instead, announced once and
-recorded in tasks.common.fallbacks_used().
+    CustomJSON(identity_conversations_path())
 """
 
 import json
@@ -18,7 +9,8 @@ import logging
 import os
 
 import nanochat
-from tasks.common import Task, note_fallback
+from nanochat.common import get_base_dir
+from tasks.common import Task, note_fallback, validate_messages
 
 logger = logging.getLogger(__name__)
 
@@ -31,35 +23,12 @@ SHIPPED_IDENTITY_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__
 
 def identity_conversations_path():
     """<base_dir>/identity_conversations.jsonl, where the run scripts download the identity data."""
-    from nanochat.common import get_base_dir
-
     return os.path.join(get_base_dir(), IDENTITY_FILENAME)
 
 
-def _is_identity_path(filepath):
-    # Checked only for a file named like the identity file, so other missing paths never touch the base dir.
-    if os.path.basename(filepath) != IDENTITY_FILENAME:
-        return False
-    return os.path.abspath(filepath) == os.path.abspath(identity_conversations_path())
-
-
-def _validate(messages, where):
-    if not isinstance(messages, list):
-        raise ValueError(f"{where}: expected a JSON array of messages, got {type(messages).__name__}")
-    if len(messages) < 2:
-        raise ValueError(f"{where}: need at least 2 messages, got {len(messages)}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise ValueError(f"{where}: message {i} is from {message['role']!r}, expected {expected!r}")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"{where}: message {i} content must be a string")
-
-
 class CustomJSON(Task):
-    """Conversations loaded from `filepath` (JSONL of message arrays)."""
+    """Conversations of `filepath`. A missing file gives an empty task and a warning saying how to get it, except
+    the base dir's identity file: then the identity conversations shipped in nanochat/data/ stand in."""
 
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
@@ -67,7 +36,9 @@ class CustomJSON(Task):
         self.conversations = []
         if os.path.exists(self.filepath):
             self._load()
-        elif _is_identity_path(self.filepath):
+        # The name is checked first, so other missing paths never touch the base dir.
+        elif (os.path.basename(self.filepath) == IDENTITY_FILENAME
+              and os.path.abspath(self.filepath) == os.path.abspath(identity_conversations_path())):
             missing, self.filepath = self.filepath, SHIPPED_IDENTITY_PATH
             self._load()
             note_fallback("identity",
@@ -86,15 +57,14 @@ class CustomJSON(Task):
     def _load(self):
         with open(self.filepath, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
-                line = line.strip()
-                if not line:
+                if not line.strip():
                     continue
                 where = f"{self.filepath}:{lineno}"
                 try:
                     messages = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: not valid JSON ({e})") from e
-                _validate(messages, where)
+                validate_messages(messages, where)
                 self.conversations.append(messages)
 
     def num_examples(self):

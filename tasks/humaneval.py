@@ -1,13 +1,11 @@
-"""
-HumanEval, 164 Python function-completion problems checked by unit tests: HF `openai/openai_humaneval`
-(config openai_humaneval, split test). evaluate() runs the model's code and the tests in the sandbox
-of nanochat/execution.py.
+"""HumanEval, 164 Python function-completion problems checked by unit tests: HF `openai/openai_humaneval`.
+evaluate() runs the model's code and the tests in the sandbox of nanochat/execution.py.
 
-    from tasks.humaneval import HumanEval
     task = HumanEval()
     task.evaluate(task[0], "```python\ndef f(x):\n    return x\n```")  # True / False
 """
 
+import itertools
 import re
 
 from nanochat.execution import execute_code
@@ -17,19 +15,10 @@ CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 
 
 def extract_imports(prompt):
-    """The import lines at the top of a prompt (blank and comment lines skipped), joined by newlines.
-
-    The completion may be only a function body's worth of code; the prompt's imports make it runnable.
-    """
-    imports = []
-    for line in prompt.split("\n"):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if not (stripped.startswith("import ") or stripped.startswith("from ")):
-            break
-        imports.append(stripped)
-    return "\n".join(imports)
+    """The import lines at the top of a prompt (blank and comment lines skipped), joined by newlines."""
+    lines = [line.strip() for line in prompt.split("\n")]
+    code = [line for line in lines if line and not line.startswith("#")]
+    return "\n".join(itertools.takewhile(lambda line: line.startswith(("import ", "from ")), code))
 
 
 def extract_program(completion):
@@ -53,17 +42,13 @@ class HumanEval(Task):
 
     def get_example(self, index):
         row = self.ds[index]
-        return {
-            "messages": [
-                {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
-            ],
-            "entry_point": row["entry_point"],
-            "test": row["test"],
-        }
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]}],
+                "entry_point": row["entry_point"], "test": row["test"]}
 
     def build_program(self, conversation, completion):
-        """The script that evaluate() runs: prompt imports, the completion's code, the tests, the check call."""
+        """The script evaluate() runs: the prompt's imports, the completion's code, the tests, the check call."""
+        # The completion may be only a function's worth of code; the prompt's imports make it runnable.
         imports = extract_imports(conversation["messages"][0]["content"])
         return (imports + "\n\n" + extract_program(completion) + "\n\n" + conversation["test"] + "\n"
                 + f"check({conversation['entry_point']})")
@@ -71,5 +56,4 @@ class HumanEval(Task):
     def evaluate(self, conversation, completion):
         """True when the completion's code passes the problem's tests in the sandbox."""
         program = self.build_program(conversation, completion)
-        result = execute_code(program, timeout=self.timeout, maximum_memory_bytes=self.maximum_memory_bytes)
-        return result.success
+        return execute_code(program, timeout=self.timeout, maximum_memory_bytes=self.maximum_memory_bytes).success

@@ -1,40 +1,18 @@
-"""
-SmolTalk, general multi-turn chat for SFT/midtraining: HF `HuggingFaceTB/smol-smoltalk`, splits
-train (~460K) / test (~24K). Conversations may start with a system message (merged into the first
-user turn by the tokenizer's renderer). Training/validation only: no evaluate().
+"""SmolTalk, general multi-turn chat for SFT/midtraining: HF `HuggingFaceTB/smol-smoltalk`, splits train (~460K)
+/ test (~24K). A conversation may open with a system message (the tokenizer merges it into the first user turn).
 
-    from tasks.smoltalk import SmolTalk
     SmolTalk("test")[0]  # {"messages": [...]}
 """
 
-from tasks.common import Task, load_hf_dataset
-
-SPLITS = ("train", "test")
-
-
-def validate_messages(messages, where):
-    """Check the chat shape: optional system first, then user/assistant alternating (>= 2), string contents."""
-    if not messages:
-        raise ValueError(f"{where}: conversation has no messages")
-    rest = messages[1:] if messages[0]["role"] == "system" else messages
-    if len(rest) < 2:
-        raise ValueError(f"{where}: need at least a user and an assistant message, got {len(rest)}")
-    for i, message in enumerate(rest):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise ValueError(f"{where}: message {i} is from {message['role']!r}, expected {expected!r}")
-    for message in messages:
-        if not isinstance(message["content"], str):
-            raise ValueError(f"{where}: message content must be a string, got {type(message['content']).__name__}")
+from tasks.common import Task, check_one_of, load_hf_dataset, validate_messages
 
 
 class SmolTalk(Task):
-    """smol-smoltalk conversations, validated on access."""
+    """smol-smoltalk conversations, validated on access. Training/validation only: no evaluate()."""
 
     def __init__(self, split, data_files=None, **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SmolTalk split must be one of {SPLITS}, got {split!r}")
+        check_one_of("SmolTalk split", split, ("train", "test"))
         self.ds = load_hf_dataset("HuggingFaceTB/smol-smoltalk", None, split, data_files=data_files)
 
     def num_examples(self):
@@ -42,5 +20,5 @@ class SmolTalk(Task):
 
     def get_example(self, index):
         messages = [{"role": m["role"], "content": m["content"]} for m in self.ds[index]["messages"]]
-        validate_messages(messages, f"SmolTalk row {index}")
+        validate_messages(messages, f"SmolTalk row {index}", system_ok=True)
         return {"messages": messages}

@@ -1,18 +1,10 @@
 """
-Synthetic spelling tasks that teach a tokenized model to see letters (Oct 2025 - Jul 2026 upstream).
+Synthetic spelling tasks that teach a tokenized model to see letters, generated from an English word list
+(downloaded once to <base_dir>/words_alpha.txt; offline, words from the offline corpus stand in).
 
-SpellingBee: "How many r are in strawberry?" The assistant spells the word, walks it letter by letter
-keeping a running count, checks with a python tool call ('strawberry'.count('r')) and ends with
-"#### 3"; evaluated like GSM8K. SimpleSpelling: "Spell the word: cat" -> "cat:c,a,t".
-
-Examples are generated on the fly from an English word list (downloaded once to
-<base_dir>/words_alpha.txt); example i of the train split uses random.Random(i), of the test split
-random.Random(10_000_000 + i), so both are reproducible and never overlap. When the list can't be
-downloaded, words from the offline corpus (text that ships with Python) are used instead, built once
-into <base_dir>/words_offline.txt; the log and tasks.common.fallbacks_used() say so.
-
-    from tasks.spellingbee import SpellingBee, SimpleSpelling
-    SpellingBee(size=256, split="test")[0]
+SpellingBee: "How many r are in strawberry?" The assistant spells the word, walks it letter by letter keeping
+a running count, checks with a python tool call ('strawberry'.count('r')) and ends with "#### 3".
+SimpleSpelling: "Spell the word: cat" -> "cat:c,a,t".
 """
 
 import functools
@@ -22,8 +14,11 @@ import random
 import re
 import string
 
-from tasks.common import Task, note_fallback
-from tasks.gsm8k import evaluate_final_answer
+from filelock import FileLock
+
+import nanochat.common
+from nanochat.common import atomic_write, get_base_dir
+from tasks.common import FinalAnswerTask, GeneratedTask, note_fallback
 
 logger = logging.getLogger(__name__)
 
@@ -33,74 +28,43 @@ OFFLINE_WORD_LIST_FILENAME = "words_offline.txt"
 # Enough text for about 20k distinct words: on CPython 3.11 this is the standard library alone, read in
 # a few seconds (the installed packages after it take minutes to walk and add few new words).
 OFFLINE_MAX_CHARS = 32_000_000
-OFFLINE_SHUFFLE_SEED = 42
 # A word: 2-20 lowercase letters with a vowel, not glued to other identifier characters, a backslash
 # (the "n" of "\nfoo") or a dot (attribute names), and not a call ("print(").
 OFFLINE_WORD_RE = re.compile(r"(?<![A-Za-z0-9_\\.])[a-z]{2,20}(?![A-Za-z0-9_(])")
-VOWELS = frozenset("aeiouy")
 # Test seeds start far above any train index. (Upstream first used negative seeds, but
 # random.seed(-n) == random.seed(n), so test examples repeated train examples.)
 TEST_RANDOM_SEED_OFFSET = 10_000_000
-SPLITS = ("train", "test")
 
 USER_MSG_TEMPLATES = [
-    "How many {letter} are in the word {word}",
-    "How many {letter} are in {word}",
-    "Count the number of {letter} in {word}",
-    "How many times does {letter} appear in {word}",
-    "What's the count of {letter} in {word}",
-    "In the word {word}, how many {letter} are there",
-    "How many letter {letter} are in the word {word}",
-    "Count how many {letter} appear in {word}",
-    "Tell me the number of {letter} in {word}",
-    "How many occurrences of {letter} are in {word}",
-    "Find the count of {letter} in {word}",
-    "Can you count the {letter} letters in {word}",
-    "What is the frequency of {letter} in {word}",
-    "How many {letter}s are in {word}",
-    "How many {letter}'s are in {word}",
-    "Count all the {letter} in {word}",
-    "How many times is {letter} in {word}",
-    "Number of {letter} in {word}",
-    "Total count of {letter} in {word}",
-    "How many {letter} does {word} have",
-    "How many {letter} does {word} contain",
-    "What's the number of {letter} in {word}",
-    "{word} has how many {letter}",
-    "In {word}, count the {letter}",
-    "How many {letter} appear in {word}",
-    "Count the {letter} in {word}",
-    "Give me the count of {letter} in {word}",
-    "How many instances of {letter} in {word}",
-    "Show me how many {letter} are in {word}",
+    "How many {letter} are in the word {word}", "How many {letter} are in {word}",
+    "Count the number of {letter} in {word}", "How many times does {letter} appear in {word}",
+    "What's the count of {letter} in {word}", "In the word {word}, how many {letter} are there",
+    "How many letter {letter} are in the word {word}", "Count how many {letter} appear in {word}",
+    "Tell me the number of {letter} in {word}", "How many occurrences of {letter} are in {word}",
+    "Find the count of {letter} in {word}", "Can you count the {letter} letters in {word}",
+    "What is the frequency of {letter} in {word}", "How many {letter}s are in {word}",
+    "How many {letter}'s are in {word}", "Count all the {letter} in {word}", "How many times is {letter} in {word}",
+    "Number of {letter} in {word}", "Total count of {letter} in {word}", "How many {letter} does {word} have",
+    "How many {letter} does {word} contain", "What's the number of {letter} in {word}",
+    "{word} has how many {letter}", "In {word}, count the {letter}", "How many {letter} appear in {word}",
+    "Count the {letter} in {word}", "Give me the count of {letter} in {word}",
+    "How many instances of {letter} in {word}", "Show me how many {letter} are in {word}",
     "Calculate the number of {letter} in {word}",
     # Spanish
-    "¿Cuántas {letter} hay en {word}?",
-    "¿Cuántas veces aparece {letter} en {word}?",
-    "Cuenta las {letter} en {word}",
-    "¿Cuántas letras {letter} tiene {word}?",
+    "¿Cuántas {letter} hay en {word}?", "¿Cuántas veces aparece {letter} en {word}?",
+    "Cuenta las {letter} en {word}", "¿Cuántas letras {letter} tiene {word}?",
     # Chinese
-    "{word}中有多少个{letter}",
-    "{word}里有几个{letter}",
-    "数一下{word}中的{letter}",
-    "{word}这个词里有多少{letter}",
+    "{word}中有多少个{letter}", "{word}里有几个{letter}", "数一下{word}中的{letter}", "{word}这个词里有多少{letter}",
     # Korean
-    "{word}에 {letter}가 몇 개 있나요",
-    "{word}에서 {letter}의 개수는",
-    "{word}에 {letter}가 몇 번 나오나요",
+    "{word}에 {letter}가 몇 개 있나요", "{word}에서 {letter}의 개수는", "{word}에 {letter}가 몇 번 나오나요",
     "{word}라는 단어에 {letter}가 몇 개",
     # French
-    "Combien de {letter} dans {word}",
-    "Combien de fois {letter} apparaît dans {word}",
+    "Combien de {letter} dans {word}", "Combien de fois {letter} apparaît dans {word}",
     "Compte les {letter} dans {word}",
     # German
-    "Wie viele {letter} sind in {word}",
-    "Wie oft kommt {letter} in {word} vor",
-    "Zähle die {letter} in {word}",
+    "Wie viele {letter} sind in {word}", "Wie oft kommt {letter} in {word} vor", "Zähle die {letter} in {word}",
     # Japanese
-    "{word}に{letter}は何個ありますか",
-    "{word}の中に{letter}がいくつ",
-    "{word}に{letter}が何回出てくる",
+    "{word}に{letter}は何個ありますか", "{word}の中に{letter}がいくつ", "{word}に{letter}が何回出てくる",
 ]
 
 
@@ -113,36 +77,27 @@ def _read_words(path):
         return tuple(line.strip() for line in f)
 
 
-def words_from_offline_corpus(max_chars=None):
-    """Distinct lowercase words of the offline corpus (see OFFLINE_WORD_RE), sorted, then shuffled with
-    random.Random(OFFLINE_SHUFFLE_SEED): the same list wherever the same Python and packages are installed.
-    Reads up to `max_chars` characters of the corpus (None: OFFLINE_MAX_CHARS).
-
-    The corpus is mostly code, so a few identifiers ("isinstance") come along; for spelling and letter
-    counting any string of letters is still a fair question.
-    """
+def words_from_offline_corpus():
+    """Distinct words (OFFLINE_WORD_RE) of the offline corpus's first OFFLINE_MAX_CHARS characters, in a fixed
+    shuffled order: the same list wherever the same Python and packages are installed."""
+    # The corpus is mostly code, so identifiers ("isinstance") come along: still fair spelling questions.
     from nanochat.offline_corpus import iter_offline_documents
 
-    max_chars = OFFLINE_MAX_CHARS if max_chars is None else max_chars
     found = set()
-    for text in iter_offline_documents(max_chars=max_chars):
+    for text in iter_offline_documents(max_chars=OFFLINE_MAX_CHARS):
         found.update(OFFLINE_WORD_RE.findall(text))
-    words = sorted(w for w in found if not VOWELS.isdisjoint(w))
-    random.Random(OFFLINE_SHUFFLE_SEED).shuffle(words)
+    words = sorted(w for w in found if not set(w).isdisjoint("aeiouy"))  # sorted first: set order varies by run
+    random.Random(42).shuffle(words)
     return words
 
 
-def offline_word_list(max_chars=None):
+def offline_word_list():
     """Path of <base_dir>/words_offline.txt, built from the offline corpus on first use (one rank builds it)."""
-    from filelock import FileLock
-
-    from nanochat.common import atomic_write, get_base_dir
-
     path = os.path.join(get_base_dir(), OFFLINE_WORD_LIST_FILENAME)
     with FileLock(path + ".lock"):
         if not os.path.exists(path):
             logger.info("Building a word list from the offline corpus...")
-            words = words_from_offline_corpus(max_chars)
+            words = words_from_offline_corpus()
             if not words:
                 raise ValueError("the offline corpus gave no words; place a word list at "
                                  f"{os.path.join(get_base_dir(), WORD_LIST_FILENAME)} (one word per line)")
@@ -151,18 +106,13 @@ def offline_word_list(max_chars=None):
 
 
 def load_words(word_list_path=None):
-    """The word list: `word_list_path` if given, else <base_dir>/words_alpha.txt (downloaded on first use).
-
-    When the download fails, the offline corpus's words (offline_word_list) are used instead; that is
-    announced once and recorded in tasks.common.fallbacks_used().
-    """
+    """The words of `word_list_path`, else of <base_dir>/words_alpha.txt (downloaded on first use; where that
+    fails, offline_word_list()'s, noted in fallbacks_used())."""
     if word_list_path is None:
-        from nanochat.common import download_file_with_lock, get_base_dir
-
         try:
             if get_base_dir() in _DOWNLOAD_FAILED:  # one failed attempt per process is enough
                 raise RuntimeError(_DOWNLOAD_FAILED[get_base_dir()])
-            word_list_path = download_file_with_lock(WORD_LIST_URL, WORD_LIST_FILENAME, desc="word list")
+            word_list_path = nanochat.common.download_file_with_lock(WORD_LIST_URL, WORD_LIST_FILENAME, desc="word list")
         except RuntimeError as e:  # the one error the downloader raises: host unreachable or HTTP error
             _DOWNLOAD_FAILED[get_base_dir()] = str(e)
             word_list_path = offline_word_list()
@@ -178,13 +128,6 @@ def load_words(word_list_path=None):
     return words
 
 
-def _check_args(size, split):
-    if not isinstance(size, int) or size < 0:
-        raise ValueError(f"size must be an int >= 0, got {size!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-
-
 def _seed(split, index):
     return index if split == "train" else TEST_RANDOM_SEED_OFFSET + index
 
@@ -194,19 +137,12 @@ def spell(word):
     return ",".join(word)
 
 
-class SpellingBee(Task):
+class SpellingBee(GeneratedTask, FinalAnswerTask):
     """Count a letter in a word, by hand and then with a python tool call; `size` generated examples."""
 
-    eval_type = "generative"
-
     def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_args(size, split)
-        self.size, self.split = size, split
+        super().__init__(size, split, **kwargs)
         self.words = load_words(word_list_path)
-
-    def num_examples(self):
-        return self.size
 
     def get_example(self, index):
         # The order of rng calls is part of the data format: changing it changes every example.
@@ -218,26 +154,18 @@ class SpellingBee(Task):
         if rng.random() < 0.3:
             template = template.lower()
         quotes = ["", "'", '"']
-        letter_quote = rng.choice(quotes)
-        word_quote = rng.choice(quotes)
+        letter_quote, word_quote = rng.choice(quotes), rng.choice(quotes)
         user_msg = template.format(letter=f"{letter_quote}{letter}{letter_quote}", word=f"{word_quote}{word}{word_quote}")
         if rng.random() < 0.5:
             user_msg += "?"
-
         # The manual walk: "i:c" per character, no space after the colon, so the letter is the same
         # token as in the spelled-out "w,o,r,d" form.
-        manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first."
-                  f"\n\nFirst spell the word out:\n{word}:{spell(word)}\n\nThen count the occurrences of '{letter}':\n")
-        running = 0
-        for i, char in enumerate(word, start=1):
-            if char == letter:
-                running += 1
-                manual += f"{i}:{char} hit! count={running}\n"
-            else:
-                manual += f"{i}:{char}\n"
-        manual += f"\nThis gives us {running}."
+        walk = "".join(f"{i}:{c} hit! count={word[:i].count(letter)}\n" if c == letter else f"{i}:{c}\n"
+                       for i, c in enumerate(word, start=1))
         parts = [
-            {"type": "text", "text": manual},
+            {"type": "text", "text": f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual "
+                                     f"approach first.\n\nFirst spell the word out:\n{word}:{spell(word)}\n\nThen count "
+                                     f"the occurrences of '{letter}':\n{walk}\nThis gives us {count}."},
             {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
             {"type": "python", "text": f"'{word}'.count('{letter}')"},
             {"type": "python_output", "text": str(count)},
@@ -245,38 +173,19 @@ class SpellingBee(Task):
         ]
         return {"messages": [{"role": "user", "content": user_msg}, {"role": "assistant", "content": parts}]}
 
-    def evaluate(self, conversation, response):
-        """1 if the response's '#### n' equals the true count, else 0 (as GSM8K)."""
-        return evaluate_final_answer(conversation, response)
 
-    def reward(self, conversation, response):
-        """RL reward: 1.0 for the right count, else 0.0."""
-        return float(self.evaluate(conversation, response))
-
-
-class SimpleSpelling(Task):
+class SimpleSpelling(GeneratedTask):
     """"Spell the word: cat" -> "cat:c,a,t"; `size` generated examples. Training only."""
 
     eval_type = "generative"
 
     def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_args(size, split)
-        self.size, self.split = size, split
+        super().__init__(size, split, **kwargs)
         # Its own fixed order (seed 42), so SimpleSpelling draws different words than SpellingBee for the same seed.
-        words = list(load_words(word_list_path))
-        random.Random(42).shuffle(words)
-        self.words = words
-
-    def num_examples(self):
-        return self.size
+        self.words = list(load_words(word_list_path))
+        random.Random(42).shuffle(self.words)
 
     def get_example(self, index):
-        rng = random.Random(_seed(self.split, index))
-        word = rng.choice(self.words)
-        return {
-            "messages": [
-                {"role": "user", "content": f"Spell the word: {word}"},
-                {"role": "assistant", "content": f"{word}:{spell(word)}"},
-            ]
-        }
+        word = random.Random(_seed(self.split, index)).choice(self.words)
+        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
+                             {"role": "assistant", "content": f"{word}:{spell(word)}"}]}

@@ -535,3 +535,73 @@ def test_fixtures_dir_is_untouched():
     ARC("ARC-Easy", "test")
     names = {os.path.relpath(os.path.join(d, f), FIXTURES) for d, _, fs in os.walk(FIXTURES) for f in fs}
     assert all(n.endswith(".jsonl") for n in names), names
+
+
+# -----------------------------------------------------------------------------
+# One implementation per task kind: the shared pieces of tasks/common.py can't drift apart per task
+
+
+def _task_classes():
+    import tasks.arithmetic  # noqa: F401  every task module imported, so every subclass exists
+    import tasks.mixtures  # noqa: F401
+    found, todo = [], [Task]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return {cls for cls in found if cls.__module__.startswith("tasks.")}
+
+
+def test_every_categorical_task_renders_and_scores_through_the_one_mc_kind():
+    categorical = {cls for cls in _task_classes() if cls.eval_type == "categorical"}
+    assert {ARC, MMLU} <= categorical
+    for cls in categorical - {common.MultipleChoiceTask}:
+        assert issubclass(cls, common.MultipleChoiceTask)
+        assert not {"get_example", "evaluate"} & set(vars(cls)), f"{cls.__name__} renders or scores on its own"
+    for task in (ARC("ARC-Easy", "test"), MMLU("all", "test")):
+        for i in range(len(task)):
+            question, letters, choices, answer, _ = task.mc_row(task.ds[i], i)
+            assert task[i]["messages"][0]["content"] == render_mc(question, letters, choices)
+
+
+def test_every_final_answer_task_scores_through_the_one_grader(words):
+    from tasks.arithmetic import SyntheticArithmetic
+
+    graded = [GSM8K("main", "test"), SyntheticArithmetic(3, "test"), SpellingBee(size=3, split="test")]
+    for task in graded:
+        assert isinstance(task, common.FinalAnswerTask) and "evaluate" not in vars(type(task))  # no own scorer
+        conv = task[0]
+        answer = extract_answer(conv["messages"][-1]["content"][-1]["text"])
+        assert task.evaluate(conv, f"so\n#### {answer}") == 1 and task.reward(conv, "#### -7") == 0.0
+    assert {cls for cls in _task_classes() if issubclass(cls, common.FinalAnswerTask)} >= {type(t) for t in graded}
+
+
+def test_smoltalk_and_customjson_check_conversations_alike(tmp_path):
+    bad = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    (tmp_path / "smol.jsonl").write_text(json.dumps({"messages": bad}) + "\n")
+    (tmp_path / "custom.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError) as smol:
+        SmolTalk("test", data_files=str(tmp_path / "smol.jsonl"))[0]
+    with pytest.raises(ValueError) as custom:
+        CustomJSON(tmp_path / "custom.jsonl")
+    assert str(smol.value).split(": ", 1)[1] == str(custom.value).split(": ", 1)[1] == \
+        "message 1 is from 'user', expected 'assistant'"
+    # A system message opens a SmolTalk conversation, never an identity one.
+    system = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    common.validate_messages(system, "x", system_ok=True)
+    with pytest.raises(ValueError, match="message 0 is from 'system'"):
+        common.validate_messages(system, "x")
+
+
+def test_every_exported_dataset_is_one_its_task_accepts(monkeypatch):
+    from tasks.humaneval import HumanEval
+
+    builders = {"allenai/ai2_arc": ARC, "cais/mmlu": MMLU, "openai/gsm8k": GSM8K,
+                "openai/openai_humaneval": lambda subset, split: HumanEval(),
+                "HuggingFaceTB/smol-smoltalk": lambda subset, split: SmolTalk(split)}
+    asked = []
+    for module in ("arc", "mmlu", "gsm8k", "humaneval", "smoltalk"):
+        monkeypatch.setattr(f"tasks.{module}.load_hf_dataset", lambda path, name, split, **kw: asked.append((path, name, split)) or [])
+    for path, subset, split in common.KNOWN_DATASETS:
+        builders[path](subset, split)
+    assert asked == common.KNOWN_DATASETS
