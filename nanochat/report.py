@@ -30,7 +30,7 @@ import subprocess
 import sys
 
 from nanochat.common import atomic_write, get_base_dir, setup_default_logging
-from nanochat.dataset import LEGACY_DATA_DIR_NAME, get_data_dir, list_parquet_files, read_manifest
+from nanochat.dataset import LEGACY_DATA_DIR_NAME, list_parquet_files, read_manifest, training_data_dir
 
 log = logging.getLogger("nanochat.report")
 
@@ -288,11 +288,7 @@ def format_header(env, generated_at):
 
 def dataset_info(data_dir=None):
     """One line naming the pretraining shards in `data_dir` (default: the one training reads) and how many."""
-    if data_dir is None:
-        data_dir = get_data_dir()
-        legacy = os.path.join(get_base_dir(), LEGACY_DATA_DIR_NAME)
-        if not os.path.isdir(data_dir) and os.path.isdir(legacy):  # what the loader falls back to, too
-            data_dir = legacy
+    data_dir = training_data_dir() if data_dir is None else data_dir
     files = list_parquet_files(data_dir)
     if not files:
         return f"none found in {data_dir}"
