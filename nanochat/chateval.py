@@ -91,21 +91,6 @@ def _accuracy(name, passed, total):
     return passed / total
 
 
-class _Progress:  # a live `Rank r | passed/total (xx.xx%)` line on an interactive terminal; silent otherwise
-
-    def __init__(self, rank):
-        self.rank, self.live = rank, sys.stderr.isatty()
-
-    def update(self, passed, total):
-        if self.live:
-            sys.stderr.write(f"\r\033[KRank {self.rank} | {passed}/{total} ({100 * passed / max(total, 1):.2f}%)")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.live:
-            sys.stderr.write("\n")
-
-
 # -----------------------------------------------------------------------------
 # Categorical: logits at the answer position, restricted to the answer letters
 
@@ -188,7 +173,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=N
     num_problems = _num_problems(task, max_problems)
     if max_new_tokens is None:
         max_new_tokens = reply_budget(task, tokenizer, num_problems)
-    progress = _Progress(rank)
+    live = sys.stderr.isatty()  # a live `Rank r | passed/total (xx.xx%)` line on a terminal only
     passed = total = cut = replies = 0
     for i in range(rank, num_problems, world_size):
         conversation = task[i]
@@ -201,8 +186,11 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=N
         total += 1
         cut += sum(len(result) - len(prompt) >= max_new_tokens for result in results)  # no end token in the budget
         replies += len(results)
-        progress.update(passed, total)
-    progress.close()
+        if live:
+            sys.stderr.write(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)")
+            sys.stderr.flush()
+    if live:
+        sys.stderr.write("\n")
     device = model_device(engine.model)
     passed, total = _reduce_counts(passed, total, device)
     cut, replies = _reduce_counts(cut, replies, device)

@@ -292,8 +292,8 @@ class ShardSetWriter:
             log.info("Removed %d staging dir(s) left by an interrupted ingest in %s", len(stale), out_dir)
         self.staging = tempfile.mkdtemp(dir=out_dir, prefix=".staging-")
         self.schema = pa.schema([("text", pa.string())])
-        self.train = {"writer": None, "buf": [], "docs": 0, "chars": 0}
-        self.val = {"writer": None, "buf": [], "docs": 0, "chars": 0}
+        self.train = {"writer": None, "buf": [], "chars": 0}
+        self.val = {"writer": None, "buf": [], "chars": 0}
         self.train_shards = 0
         self.stats = {"train_docs": 0, "train_chars": 0, "val_docs": 0, "val_chars": 0}
 
@@ -409,10 +409,14 @@ def write_shards(documents, out_dir, manifest, shard_chars, val_fraction=0.01, v
     try:
         for i, text in enumerate(documents):
             writer.add(text, to_val=is_val(i))
-        return writer.finish(manifest)
+        manifest = writer.finish(manifest)
     except BaseException:
         writer.abort()
         raise
+    log.info("Wrote %d train + %d val documents (%s chars) of the %s corpus into %d shards in %s", manifest["train_docs"],
+             manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}", manifest["source"],
+             manifest["num_shards"], out_dir)
+    return manifest
 
 
 def ingest(paths, out_dir=None, text_field="text", txt_split="file", val_fraction=0.01, val_docs=None,
@@ -424,10 +428,7 @@ def ingest(paths, out_dir=None, text_field="text", txt_split="file", val_fractio
     docs = iter_input_documents(paths, text_field=text_field, txt_split=txt_split, max_doc_chars=max_doc_chars)
     manifest = {"source": "ingest", "inputs": [os.path.abspath(p) for p in paths], "text_field": text_field,
                 "txt_split": txt_split, "max_doc_chars": max_doc_chars}
-    manifest = write_shards(docs, out_dir, manifest, shard_chars, val_fraction, val_docs, overwrite)
-    log.info("Ingested %d train + %d val documents (%s chars) into %d shards in %s", manifest["train_docs"],
-             manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}", manifest["num_shards"], out_dir)
-    return manifest
+    return write_shards(docs, out_dir, manifest, shard_chars, val_fraction, val_docs, overwrite)
 
 
 # -----------------------------------------------------------------------------
@@ -453,10 +454,7 @@ def build_offline_corpus(out_dir=None, max_chars=None, shard_chars=8_000_000, va
     random.Random(42).shuffle(docs)  # the val shard samples everything, not the last package
     manifest = {"source": "offline", "python": platform.python_version(), "stdlib": offline_corpus.stdlib_dir(),
                 "site_packages": offline_corpus.site_packages_dirs(), "max_chars": max_chars, "max_doc_chars": OFFLINE_DOC_CHARS, "seed": 42}
-    manifest = write_shards(docs, out_dir, manifest, shard_chars, val_fraction=val_fraction, overwrite=overwrite)
-    log.info("Offline corpus: %d train + %d val documents (%s chars) in %d shards in %s", manifest["train_docs"],
-             manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}", manifest["num_shards"], out_dir)
-    return manifest
+    return write_shards(docs, out_dir, manifest, shard_chars, val_fraction=val_fraction, overwrite=overwrite)
 
 
 def ensure_pretraining_data(num_files, data_dir=None, base_url=None, num_workers=4, **download_kwargs):

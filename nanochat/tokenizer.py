@@ -8,6 +8,7 @@ token_bytes.pt (bits per byte needs it). Tests: tests/test_tokenizer.py.
                                                       {"role": "assistant", "content": "hello"}]})
 """
 
+import collections
 import hashlib
 import logging
 import os
@@ -99,11 +100,7 @@ class RustBPETokenizer:
         pairs = [(bytes(k), v) for k, v in trainer.get_mergeable_ranks()]
         ranks = dict(pairs)
         if len(ranks) != len(pairs):
-            seen, dupes = set(), []
-            for k, _ in pairs:
-                if k in seen:
-                    dupes.append(k)
-                seen.add(k)
+            dupes = [k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1]
             raise RuntimeError(f"rustbpe produced {len(pairs) - len(ranks)} duplicate token byte strings "
                                f"(e.g. {dupes[:3]}); tiktoken needs each token's bytes to be unique")
         if len(ranks) < vocab_size_no_special:
