@@ -66,10 +66,6 @@ def build_task(name):
     return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
-# -----------------------------------------------------------------------------
-# Counting across ranks
-
-
 def _num_problems(task, max_problems):
     if max_problems is not None and max_problems < 1:
         raise ValueError(f"max_problems must be None or >= 1, got {max_problems}")
@@ -89,10 +85,6 @@ def _accuracy(name, passed, total):
         raise ValueError(f"{name}: no problems were evaluated (empty task or max_problems too small)")
     logger.info("%s final: %d/%d (%.2f%%)", name, passed, total, 100 * passed / total)
     return passed / total
-
-
-# -----------------------------------------------------------------------------
-# Categorical: logits at the answer position, restricted to the answer letters
 
 
 @torch.no_grad()
@@ -135,10 +127,6 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
             total += 1
     passed, total = _reduce_counts(passed, total, device)
     return _accuracy(name, passed, total)
-
-
-# -----------------------------------------------------------------------------
-# Generative: sample with the engine, the task judges the text
 
 
 def pass_at_k(outcomes, k):
@@ -249,10 +237,6 @@ def build_available_tasks(names=None):
 def evaluate_available_chatcore(model, tokenizer, engine, **kwargs):
     """evaluate_chatcore over the tasks that build_available_tasks() finds (SFT's periodic check)."""
     return evaluate_chatcore(model, tokenizer, engine, tasks=build_available_tasks(), **kwargs)
-
-
-# -----------------------------------------------------------------------------
-# ChatCORE
 
 
 def chatcore(accuracies, tasks=CHATCORE_TASKS, baselines=None):

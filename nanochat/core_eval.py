@@ -81,10 +81,6 @@ class EvalBundleError(UserError, RuntimeError):
     """The eval bundle can't be downloaded, unpacked or read; the message says what to do."""
 
 
-# -----------------------------------------------------------------------------
-# The eval bundle
-
-
 def _bundle_root_in_zip(names):
     """The folder prefix inside the zip that holds core.yaml (upstream's zip has one top folder, eval_bundle/)."""
     names = set(names)
@@ -241,10 +237,6 @@ def load_task_data(bundle_dir, spec):
     return data
 
 
-# -----------------------------------------------------------------------------
-# Prompts
-
-
 class _AllBut(Sequence):
     """range(n) without `skip`, unbuilt: rng.sample draws from it what it would from the list, in O(k) not O(n)."""
 
@@ -285,10 +277,6 @@ def render_prompts(item, fewshot, task_type, delimiter):
         # first continuation token (" Paris"), the way BPE would have tokenised the full text.
         return [head.strip(), head + item["continuation"]]
     raise ValueError(f"unknown task type {task_type!r}")
-
-
-# -----------------------------------------------------------------------------
-# Tokens and spans
 
 
 @dataclass
@@ -363,10 +351,6 @@ def prepare_examples(tokenizer, data, indices, spec, max_seq_len=None):
         gold = -1 if spec.task_type == "language_modeling" else int(data[i]["gold"])
         out.append(PreparedExample(i, seqs, starts, ends, gold))
     return out
-
-
-# -----------------------------------------------------------------------------
-# Scoring
 
 
 def plan_batches(examples, batch_tokens):

@@ -131,9 +131,6 @@ def iter_offline_documents(max_chars=None):
             return
 
 
-# -----------------------------------------------------------------------------
-# Ingesting the user's own text
-
 TEXT_EXTENSIONS = (".txt", ".md")
 INPUT_EXTENSIONS = TEXT_EXTENSIONS + (".jsonl", ".parquet")
 

@@ -144,10 +144,6 @@ def _first_time(text, prefix):
     return None
 
 
-# -----------------------------------------------------------------------------
-# Header: environment facts
-
-
 def _run(cmd, cwd=None):  # stripped stdout; "" if it printed nothing but succeeded; None if it failed
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=cwd)
@@ -261,12 +257,7 @@ def format_header(env, generated_at):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# What the run trained on: pretraining shards and offline stand-ins (read when the report is generated,
-# since `reset` runs before the data is downloaded and the stages run)
-
-
-def dataset_info(data_dir=None):
+def dataset_info(data_dir=None):  # read by generate(): `reset` runs before the data is downloaded
     """One line naming the pretraining shards in `data_dir` (default: what training reads) and how many."""
     data_dir = training_data_dir() if data_dir is None else data_dir
     files = list_parquet_files(data_dir)
@@ -309,10 +300,6 @@ def with_data_block(header, dataset, fallbacks):  # a `### Data` block just befo
     block = f"### Data\n- Pretraining data: {dataset}\n- {STAND_INS_KEY}:{listed}\n\n"
     at = header.find("Run started:")
     return header + block if at < 0 else header[:at] + block + header[at:]
-
-
-# -----------------------------------------------------------------------------
-# Training-curve plots
 
 
 def read_curve(path):
@@ -394,10 +381,6 @@ def write_plots(report_dir):
             continue
         plots[title] = PLOT_NAME.format(stage)
     return plots
-
-
-# -----------------------------------------------------------------------------
-# Summary
 
 
 def format_summary(bloat, metrics, start, end):

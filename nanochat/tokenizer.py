@@ -350,10 +350,6 @@ def _checked_part(i, j, part):
     return part["type"], part["text"]
 
 
-# -----------------------------------------------------------------------------
-# token_bytes: the byte length of every token, for bits per byte
-
-
 def compute_token_bytes(tokenizer):
     """int32 tensor [vocab]: number of raw bytes of each token, 0 for special tokens."""
     import torch
@@ -387,10 +383,6 @@ def token_bytes_summary(token_bytes):
     }
 
 
-# -----------------------------------------------------------------------------
-# Loading the trained tokenizer
-
-
 def get_tokenizer():
     """The tokenizer trained by `python -m scripts.tok_train`, from <base>/tokenizer."""
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
@@ -404,10 +396,6 @@ def get_token_bytes(device="cpu"):
     if not os.path.exists(path):
         raise TokenizerNotFoundError(f"Token bytes not found at {path}; they are written by tok_train: {TRAIN_HINT}")
     return torch.load(path, map_location=device)
-
-
-# -----------------------------------------------------------------------------
-# Training text
 
 
 class CappedTexts:
@@ -434,9 +422,6 @@ class CappedTexts:
                     return
 
 
-# -----------------------------------------------------------------------------
-# Compression measurements for tok_eval
-
 TOK_EVAL_SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tok_eval_samples")
 TOK_EVAL_SAMPLE_NAMES = ["news", "korean", "code", "math", "science"]
 
@@ -458,9 +443,6 @@ def measure_compression(tokenizer, text, label="tokenizer"):
     n_bytes = len(text.encode("utf-8"))
     return n_bytes, len(ids), n_bytes / max(len(ids), 1)
 
-
-# -----------------------------------------------------------------------------
-# Reference encodings (GPT-2, GPT-4) for tok_eval, without ever blocking on the network
 
 # The files tiktoken fetches for each encoding (tiktoken_ext/openai_public.py); cached by tiktoken
 # under sha1(url) in its cache directory.
