@@ -1,13 +1,11 @@
 """
 The conversation loader for midtraining and SFT: task conversations -> rendered token ids -> (B, T) rows
 packed by best-fit with BOS padding, with a resume state that reproduces the uninterrupted run exactly.
+Tests: tests/test_chat_dataloader.py.
 
     loader = packed_conversation_loader(task, tokenizer, 8, 2048, mask_mode="assistant", device=device)
     inputs, targets, state = next(loader)          # (B, T) int64; targets -1 = not trained on
     progress, last_step = training_progress(state, num_iterations=-1)   # -1 = one epoch
-    loader = packed_conversation_loader(..., resume_state_dict=state)   # the same next batches
-
-Tests: tests/test_chat_dataloader.py.
 """
 
 import logging
@@ -39,14 +37,11 @@ class _Rendered:  # a buffered conversation: dataset index, rendered length befo
 class ConversationLoader:
     """Endless iterator of (inputs, targets, state_dict) for midtraining ("all") and SFT ("assistant").
 
-    task: `len(task)` and `task[i]` -> conversation dict (a Task or TaskMixture, already shuffled).
-    tokenizer: `.render_conversation(conversation, max_tokens=...)` -> (ids, mask) and `.get_bos_token_id()`.
-    inputs/targets: (B, T) int64 on `device`, fresh tensors each batch; targets are the inputs shifted by one,
-    -1 where nothing is trained on (padding; in "assistant" mode every token the assistant does not produce).
-    Ranks (RANK/WORLD_SIZE) read interleaved conversations. `split` is only recorded and checked on resume.
-    resume_state_dict: a state this loader yielded (or gather_loader_states of all of them); the next batches
-    then equal the uninterrupted run's. Changed B, T, buffer_size, mask_mode or max_tokens only warn; another
-    world size, rank or dataset size raises ResumeError.
+    task: `len(task)`, `task[i]` -> conversation. tokenizer: `.render_conversation(c, max_tokens=...)` -> (ids, mask),
+    `.get_bos_token_id()`. inputs/targets: (B, T) int64 on `device`, fresh each batch; targets are the inputs shifted
+    by one, -1 where not trained on (padding; in "assistant" mode every token the assistant does not produce).
+    resume_state_dict: a state this loader yielded (or gather_loader_states of all of them); the next batches then
+    equal the uninterrupted run's. Another world size, rank or dataset size raises ResumeError.
     """
 
     def __init__(self, task, tokenizer, B, T, mask_mode="all", device=None, buffer_size=100,
@@ -81,8 +76,6 @@ class ConversationLoader:
         if resume_state_dict is not None:
             self._restore(resume_state_dict)
 
-    # -- rendering and fetching
-
     def _render(self, index):
         ids, mask = self._tokenizer.render_conversation(self._task[index], max_tokens=self.max_tokens)
         length = len(ids)
@@ -108,8 +101,6 @@ class ConversationLoader:
         if self.cursor >= self.dataset_size:
             self.cursor -= self.dataset_size  # keeps the rank interleaving going across the epoch boundary
             self.epoch += 1
-
-    # -- resume
 
     def state_dict(self):
         """This rank's position after the last batch it returned (JSON-serialisable)."""
@@ -165,8 +156,6 @@ class ConversationLoader:
             self._buffer.add(item, len(item.ids))
         logger.info("Chat loader resumed%s on rank %d: %d buffered conversations re-rendered, cursor %d, epoch %d",
                     "" if changed else " exactly", self.rank, len(self._buffer), self.cursor, self.epoch)
-
-    # -- iteration
 
     def __iter__(self):
         return self

@@ -2,13 +2,12 @@
 The CORE metric (DCLM's low-variance ICL suite, 22 tasks): a base model's quality as one number, the mean
 over tasks of accuracy centered on the random-guess baseline. An example is scored by the log-likelihood
 of its options (multiple_choice, schema) or by greedy exact match of a continuation (language_modeling).
+With max_per_task=-1 and prompts that fit the context, the scores are upstream's.
 
-    out = evaluate_core(model, tokenizer, device, max_per_task=500)
-    out["core_metric"], out["results"]["piqa"], out["centered_results"]["piqa"]
+    out = evaluate_core(model, tokenizer, device, max_per_task=500)   # out["core_metric"], out["results"]
 
-`python -m scripts.base_eval --eval core` runs it on a checkpoint; tests: tests/test_core_eval.py. The eval
-bundle is downloaded into <base>/eval_bundle on first use ($NANOCHAT_EVAL_BUNDLE_URL: a mirror). With
-max_per_task=-1 and prompts that fit the context, the scores are upstream's.
+`python -m scripts.base_eval --eval core` runs it on a checkpoint, downloading the eval bundle on first use
+($NANOCHAT_EVAL_BUNDLE_URL: a mirror); tests: tests/test_core_eval.py.
 """
 
 import csv
@@ -464,11 +463,8 @@ def centered_accuracy(accuracy, baseline):
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, max_seq_len=None, batch_tokens=None,
                   full_logits=False):
     """Every task of the eval bundle; returns {"results", "centered_results", "core_metric"}. All ranks call it.
-
-    model(idx) -> logits (B, T, V). tokenizer: encode(list, prepend=id), get_bos_token_id(). max_per_task > 0
-    scores the first that many (shuffled) examples per task. max_seq_len defaults to the model's context,
-    batch_tokens (rows x padded length per forward; 0 = one example each) to default_batch_tokens(device).
-    """
+    model(idx) -> logits (B, T, V); max_per_task > 0 scores the first that many (shuffled) examples per task;
+    max_seq_len defaults to the model's context, batch_tokens to default_batch_tokens(device)."""
     bundle_dir = bundle_dir or ensure_eval_bundle()
     specs = load_task_specs(bundle_dir)
     for diff in compare_with_reference(specs):

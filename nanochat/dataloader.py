@@ -1,12 +1,10 @@
 """
 The pretraining data loader: parquet shards -> documents tokenized with BOS first -> (B, T) rows packed by
 best-fit with cropping, with a resume state that reproduces the uninterrupted run exactly.
+Tests: tests/test_dataloader.py; throughput: `python -m bench.bench_dataloader --help`.
 
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, 8, 2048, "train", device=device)
     inputs, targets, state = next(loader)   # (B, T) int64 views; `state` goes into the checkpoint meta
-    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(..., resume_state_dict=state)  # same batches on
-
-Tests: tests/test_dataloader.py; throughput: `python -m bench.bench_dataloader --help`.
 """
 
 import base64
@@ -248,17 +246,14 @@ def _decode_refs(text):
 
 
 class BestFitLoader:
-    """Endless iterator of (inputs, targets, state_dict) for pretraining.
+    """Endless iterator of (inputs, targets, state_dict) for pretraining, over the "train" or "val" split.
 
     inputs/targets: (B, T) int64 on `device`, targets shifted by one; views into a buffer the next batch
     overwrites (clone to keep). tokenizer: `.encode(list_of_str, prepend=id, num_threads=k)`, `.get_bos_token_id()`.
-    split: "train" (every shard but the last) or "val" (the last shard) of `data_dir` (default: the dataset dir).
-    Ranks (RANK/WORLD_SIZE) share any split holding at least one document per rank. tokenizer_threads: default
-    4 on CUDA, else min(4, cores // 2). prefetch: text batches tokenized ahead in a thread (default 4 on CUDA, else 0).
-    resume_state_dict: a state this loader yielded (or gather_loader_states of all of them): with the same shards,
-    tokenizer, B, T, buffer_size and tokenizer_batch_size the next batches equal the uninterrupted run's. A state
-    of another rank, world size or upstream's format resumes approximately, with a warning. Raises ResumeError
-    when the shards or the tokenizer changed since the state was saved.
+    Ranks (RANK/WORLD_SIZE) share any split holding at least one document per rank. prefetch: text batches tokenized
+    ahead in a thread. resume_state_dict: a state this loader yielded (or gather_loader_states of all of them): with
+    the same shards, tokenizer and settings the next batches equal the uninterrupted run's; another rank's, world
+    size's or upstream's resumes approximately (a warning); changed shards or tokenizer raise ResumeError.
     """
 
     def __init__(self, tokenizer, B, T, split, tokenizer_threads=None, tokenizer_batch_size=128, device=None,
@@ -310,8 +305,6 @@ class BestFitLoader:
         else:
             self._prefetcher = None
             self._next_tokenized = source.__next__
-
-    # -- resume
 
     def _resume_plan(self, state):
         """(cursor, buffered refs): exact when the state is ours for this rank, else upstream's approximate rule
@@ -387,8 +380,6 @@ class BestFitLoader:
                                   f"changed since the checkpoint was saved")
             self._buffer.add((list(ref), _as_doc(tokens, self._cap)), ref[3])
         log.info("Data loader resumed exactly: %d buffered documents rebuilt from %d row groups", len(refs), len(wanted))
-
-    # -- iteration
 
     def __iter__(self):
         return self

@@ -79,10 +79,6 @@ def read_manifest(data_dir):
         return json.load(f)
 
 
-# -----------------------------------------------------------------------------
-# Reading shards
-
-
 def training_data_dir(warn_on_legacy=False):
     """The ClimbMix dir, or the legacy FineWeb-Edu dir when only that one exists."""
     data_dir, legacy = get_data_dir(), os.path.join(get_base_dir(), LEGACY_DATA_DIR_NAME)
@@ -147,10 +143,6 @@ def validate_shard(path):
     if "text" not in pf.schema_arrow.names:
         raise ValueError(f"no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
     return pf.metadata.num_rows
-
-
-# -----------------------------------------------------------------------------
-# Downloading ClimbMix
 
 
 def _describe_error(e):  # a one-line reason for a failed request
@@ -267,10 +259,6 @@ def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, p
             bar.update(1)
     log.info("Done! Downloaded: %d/%d", len(ids) - len(failed), len(ids))
     return sorted(failed)
-
-
-# -----------------------------------------------------------------------------
-# Writing shards (ingestion and the offline corpus)
 
 
 class ShardSetWriter:
@@ -431,10 +419,6 @@ def ingest(paths, out_dir=None, text_field="text", txt_split="file", val_fractio
     return write_shards(docs, out_dir, manifest, shard_chars, val_fraction, val_docs, overwrite)
 
 
-# -----------------------------------------------------------------------------
-# The offline corpus and the pipeline's entry point
-
-
 def build_offline_corpus(out_dir=None, max_chars=None, shard_chars=8_000_000, val_fraction=0.02, overwrite=False):
     """Build shards from real text that ships with this Python (see nanochat/offline_corpus.py); returns the
     manifest. max_chars=None means DEFAULT_OFFLINE_CHARS. Deterministic for a given installation."""
@@ -458,11 +442,8 @@ def build_offline_corpus(out_dir=None, max_chars=None, shard_chars=8_000_000, va
 
 
 def ensure_pretraining_data(num_files, data_dir=None, base_url=None, num_workers=4, **download_kwargs):
-    """Make sure there are shards to train on; returns their source: climbmix, offline or ingest.
-
-    An ingested or offline shard set in the data dir is used as is; otherwise ClimbMix is downloaded, or the
-    offline corpus built when the host can't be reached. Raises DatasetError when some downloads fail.
-    """
+    """Make sure there are shards to train on; returns their source: an ingest/offline set already there, else
+    climbmix (downloaded), else offline when the host can't be reached. Raises DatasetError if downloads fail."""
     data_dir = data_dir or get_data_dir()
     manifest = read_manifest(data_dir)
     if manifest is not None and manifest.get("source") != "climbmix" and list_parquet_files(data_dir):
@@ -483,10 +464,6 @@ def ensure_pretraining_data(num_files, data_dir=None, base_url=None, num_workers
         raise DatasetError(f"{len(failed)} shard(s) failed to download: {', '.join(map(shard_filename, failed[:10]))}"
                            f"{' ...' if len(failed) > 10 else ''}; rerun the same command to retry them")
     return "climbmix"
-
-
-# -----------------------------------------------------------------------------
-# CLI
 
 
 def build_parser():

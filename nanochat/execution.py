@@ -557,12 +557,9 @@ def _warn_missing_layers(layers):
 
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES,
                  maximum_disk_bytes=DEFAULT_MAX_DISK_BYTES):
-    """Run `code` as `__main__` in a sandboxed fresh interpreter; returns an ExecutionResult.
-
-    timeout: wall-clock seconds, start-up included. maximum_memory_bytes: address-space cap (None = none).
-    A program that prints more than max_output_bytes per stream, or writes more than maximum_disk_bytes in all,
-    is killed; what it printed is kept. Raises ValueError for bad arguments, never for what the program does.
-    """
+    """Run `code` as `__main__` in a sandboxed fresh interpreter; returns an ExecutionResult. timeout: wall-clock
+    seconds, start-up included; maximum_memory_bytes None = no cap. A program that prints more than max_output_bytes
+    per stream or writes more than maximum_disk_bytes is killed. Raises ValueError only for bad arguments."""
     if not isinstance(code, str):
         raise ValueError(f"code must be a str, got {type(code).__name__}")
     if not timeout or timeout <= 0:
