@@ -219,14 +219,6 @@ def download_single_file(index, data_dir=None, base_url=None, max_attempts=5, re
     return False  # only reached with max_attempts < 1
 
 
-def _refuse_foreign_dir(data_dir):
-    manifest = read_manifest(data_dir)
-    if manifest is not None and manifest.get("source") != "climbmix":
-        raise DatasetError(f"{data_dir} holds the {manifest.get('source')!r} corpus (see its {MANIFEST_NAME}); "
-                           f"mixing ClimbMix shards into it would break the train/val split. Move it away "
-                           f"(e.g. `mv {data_dir} {data_dir}.{manifest.get('source')}`) or pass --data-dir")
-
-
 def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, progress=True, **kwargs):
     """Download train shards 0..num_files-1 (-1 = all) plus the val shard; returns the indices that failed.
     Raises DatasetHostUnreachable, before any download, when the host does not answer. kwargs go to
@@ -240,7 +232,11 @@ def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, p
     if kwargs.get("max_attempts", 1) < 1:
         raise DatasetError(f"--max-attempts must be >= 1, got {kwargs['max_attempts']}")
     data_dir = data_dir or get_data_dir()
-    _refuse_foreign_dir(data_dir)
+    manifest = read_manifest(data_dir)
+    if manifest is not None and manifest.get("source") != "climbmix":
+        raise DatasetError(f"{data_dir} holds the {manifest.get('source')!r} corpus (see its {MANIFEST_NAME}); "
+                           f"mixing ClimbMix shards into it would break the train/val split. Move it away "
+                           f"(e.g. `mv {data_dir} {data_dir}.{manifest.get('source')}`) or pass --data-dir")
     n = MAX_SHARD if num_files == -1 else min(num_files, MAX_SHARD)
     ids = list(range(n)) + [MAX_SHARD]
     missing = [i for i in ids if not os.path.exists(os.path.join(data_dir, shard_filename(i)))]

@@ -60,11 +60,8 @@ class ExecutionResult:
 
     def __repr__(self):
         # Only the fields that say something: a passing run prints as ExecutionResult(success=True, stdout=...).
-        shown = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.default is dataclasses.MISSING or value != field.default:
-                shown.append(f"{field.name}={value!r}")
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default]
         return f"ExecutionResult({', '.join(shown)})"
 
 

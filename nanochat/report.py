@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import platform
 import re
 import subprocess
@@ -213,16 +214,12 @@ def bloat_info(cwd=None):
         path = os.path.join(root, rel)
         if not os.path.isfile(path):
             continue  # deleted in the working tree but still in the index
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
         chars += len(text)
         lines += len(text.splitlines())
         files += 1
-    uv_lock = os.path.join(root, "uv.lock")
-    deps = 0
-    if os.path.exists(uv_lock):
-        with open(uv_lock, encoding="utf-8", errors="replace") as f:
-            deps = len(f.read().splitlines())
+    uv_lock = pathlib.Path(root, "uv.lock")
+    deps = len(uv_lock.read_text(encoding="utf-8", errors="replace").splitlines()) if uv_lock.exists() else 0
     return {"chars": chars, "lines": lines, "files": files, "tokens": chars // 4, "deps": deps}
 
 
@@ -448,8 +445,7 @@ class Report:
         plots = write_plots(self.report_dir)
         header_path = self._path("header.md")
         if os.path.exists(header_path):
-            with open(header_path, encoding="utf-8") as f:
-                header = f.read()
+            header = pathlib.Path(header_path).read_text(encoding="utf-8")
             start = _first_time(header, "Run started:")
             m = re.search(r"### Bloat\n(.*?)\n\n", header, re.S)
             bloat = m.group(1) if m else "[bloat data missing]"
@@ -465,8 +461,7 @@ class Report:
                 if title not in OPTIONAL_SECTIONS:
                     log.warning("Report section %s is missing (stage not run?); skipping it", name)
                 continue
-            with open(self._path(name), encoding="utf-8") as f:
-                content = f.read()
+            content = pathlib.Path(self._path(name)).read_text(encoding="utf-8")
             if title in plots:  # a relative link: it resolves beside either copy of report.md
                 content += f"![{title} curves]({plots[title]})\n\n"
             parts.append(content + "\n")
@@ -477,8 +472,7 @@ class Report:
         extras = []
         for name in sorted(os.listdir(self.report_dir)) if os.path.isdir(self.report_dir) else []:
             if name.endswith(".md") and name not in known | {"header.md", "report.md"}:
-                with open(self._path(name), encoding="utf-8") as f:
-                    content = f.read()
+                content = pathlib.Path(self._path(name)).read_text(encoding="utf-8")
                 extras.append((_first_time(content, "timestamp:") or datetime.datetime.min, name, content))
         for _, name, content in sorted(extras):  # oldest first
             log.warning("Report section %s is not a pipeline stage; appending it after the known sections", name)
@@ -493,8 +487,7 @@ class Report:
             copy = os.path.join(copy_to, "report.md")
             if not (os.path.exists(copy) and os.path.samefile(copy, out)):  # generated from inside the report dir
                 for png in plots.values():
-                    with open(self._path(png), "rb") as f:
-                        atomic_write(os.path.join(copy_to, png), f.read())
+                    atomic_write(os.path.join(copy_to, png), pathlib.Path(self._path(png)).read_bytes())
                 atomic_write(copy, text)
                 log.info("Copied it%s to %s", " and its plots" if plots else "", os.path.abspath(copy))
         return out

@@ -12,6 +12,7 @@ import collections
 import hashlib
 import logging
 import os
+import pathlib
 import pickle
 import re
 import tempfile
@@ -428,11 +429,8 @@ TOK_EVAL_SAMPLE_NAMES = ["news", "korean", "code", "math", "science"]
 
 def load_tok_eval_samples():
     """[(name, text)] for the short sample texts shipped in nanochat/data/tok_eval_samples/."""
-    samples = []
-    for name in TOK_EVAL_SAMPLE_NAMES:
-        with open(os.path.join(TOK_EVAL_SAMPLES_DIR, f"{name}.txt"), encoding="utf-8") as f:
-            samples.append((name, f.read()))
-    return samples
+    return [(name, pathlib.Path(TOK_EVAL_SAMPLES_DIR, f"{name}.txt").read_text(encoding="utf-8"))
+            for name in TOK_EVAL_SAMPLE_NAMES]
 
 
 def measure_compression(tokenizer, text, label="tokenizer"):
