@@ -67,9 +67,8 @@ class ConversationLoader:
             raise ValueError(f"the dataset{where} has {self.dataset_size} conversations, fewer than the "
                              f"{self.world_size} ranks reading it; use more data or fewer processes")
 
-        # Where the next fetch reads, and the counters that progress and logs are built from. `consumed`
-        # is rank-strided like the cursor (starts at rank, +W per placed conversation), so on every rank
-        # consumed / dataset_size estimates the fraction of the epoch all ranks together have trained on.
+        # `consumed` is rank-strided like the cursor (rank, +W per placed conversation): consumed / dataset_size
+        # is, on every rank, the fraction of the epoch all ranks together have trained on.
         self.cursor, self.epoch, self.consumed = self.rank, 1, self.rank
         self.batches, self.truncated = 0, 0
         self._buffer = BestFitBuffer()  # _Rendered, by their length after the cut to a row
@@ -107,8 +106,7 @@ class ConversationLoader:
         return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed,
                 "dataset_size": self.dataset_size, "batches": self.batches, "truncated": self.truncated,
-                # The buffer holds whole rendered conversations, so re-rendering these indices rebuilds it
-                # exactly; the lengths are checked on resume.
+                # Whole rendered conversations: re-rendering these rebuilds the buffer exactly (lengths checked).
                 "buffer": [item.index for item in self._buffer],
                 "buffer_lengths": [item.length for item in self._buffer],
                 # A change of these only warns: same data order, different packing.

@@ -1,12 +1,10 @@
 """
 Evaluation of chat models on tasks, and ChatCORE: the library behind scripts/chat_eval.py and SFT's periodic
 check. Under torchrun each rank takes a share of the problems and the counts are summed over ranks.
+Tests: tests/test_chat_eval.py.
 
     acc = run_task_eval(build_task("ARC-Easy"), model, tokenizer, engine, batch_size=8)
     score = chatcore({"ARC-Easy": 0.40, ...})   # None unless every task of CHATCORE_TASKS is there
-    scores = evaluate_chatcore(model, tokenizer, engine, max_generative=24)   # all tasks (SFT's check)
-
-Tests: tests/test_chat_eval.py.
 """
 
 import logging

@@ -47,9 +47,8 @@ DEFAULT_BATCH_TOKENS = {"cuda": 8192}
 DEFAULT_BATCH_TOKENS_OTHER = 2048
 PREPARE_CHUNK = 256  # examples tokenised at a time: bounds host memory on 10K-example tasks
 
-# The 22 CORE tasks in report order: (label, type, shots, delimiter, random baseline %, examples).
-# The bundle is the source of truth; this table only lets us warn when a bundle differs from the suite
-# behind published CORE numbers (GPT-2 124M 0.1139 ... GPT-2 XL 0.256525).
+# The 22 CORE tasks in report order: (label, type, shots, delimiter, random baseline %, examples). The bundle
+# rules; this table warns when it differs from the suite behind published CORE numbers (GPT-2 124M 0.1139).
 REFERENCE_TASKS = (
     ("hellaswag_zeroshot", "multiple_choice", 0, " ", 25.0, 10042),
     ("jeopardy", "language_modeling", 10, "\nAnswer: ", 0.0, 2117),
@@ -290,8 +289,7 @@ class PreparedExample:
 
 
 def _common_prefix_len(seqs):
-    # The common prefix of a set of sequences is the common prefix of its lexicographic min and max:
-    # two C-level comparisons plus one vectorised mismatch search instead of a Python loop per token.
+    # The common prefix of a set is that of its lexicographic min and max: no Python loop per token.
     lo, hi = min(seqs), max(seqs)
     n = min(len(lo), len(hi))
     mismatch = np.flatnonzero(np.asarray(lo[:n]) != np.asarray(hi[:n]))

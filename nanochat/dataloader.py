@@ -38,8 +38,7 @@ def default_tokenizer_threads(device):
     """Encoder threads: 4 next to a GPU; on CPU at most half the usable cores (and at most 4)."""
     if torch.device(device).type == "cuda":
         return 4
-    # The CPU training step keeps every core busy: more encoder threads than spare cores only add context
-    # switches (a 2-core run spent half its wall time in the kernel that way).
+    # More encoder threads than spare cores only add context switches (a 2-core run spent half its time in the kernel).
     return max(1, min(4, usable_cores() // 2))
 
 
@@ -120,8 +119,7 @@ def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, spl
 
 
 def _as_doc(tokens, cap):
-    # Only the first T+1 tokens of a document can ever be placed (rows are T+1 long), so the tail of a
-    # long document is dropped here; its true length stays in the ref and drives the best-fit choice.
+    # Only a row's worth (T+1 tokens) can ever be placed; the true length stays in the ref for the best-fit choice.
     return np.array(tokens if len(tokens) <= cap else tokens[:cap], dtype=np.int32)
 
 
@@ -145,8 +143,7 @@ class _Prefetcher:
 
     @staticmethod
     def _work(source, q, stop):
-        # A staticmethod on purpose: the thread must not hold a reference to the loader, or the loader
-        # could never be garbage collected and the thread would run forever.
+        # A staticmethod: a thread holding the loader would keep it from garbage collection, and run forever.
         def put(item):
             while not stop.is_set():
                 try:
@@ -279,8 +276,7 @@ class BestFitLoader:
         if refs:
             self._restore_buffer(refs)
 
-        # Buffers are allocated once. The rows are packed in numpy, staged (pinned on CUDA) as
-        # [inputs | targets], then copied to the device in one transfer.
+        # Allocated once: rows packed in numpy, staged (pinned on CUDA) as [inputs | targets], one copy to the device.
         self._rows = np.empty((B, self._cap), dtype=np.int64)
         rows_t = torch.from_numpy(self._rows)
         self._row_inputs, self._row_targets = rows_t[:, :-1], rows_t[:, 1:]

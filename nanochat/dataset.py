@@ -312,9 +312,8 @@ class ShardSetWriter:
         part["buf"] = []
 
     def _held(self, part):
-        # Documents kept in memory before a flush: one row group, or the val shard's first eight. The val shard
-        # (1-2% of the documents) would otherwise be one row group; holding 8 * 1024 of them lets a val shard
-        # of n <= 8192 documents be written as min(n, 8) row groups, so up to 8 ranks each read whole groups.
+        # One row group in memory, or the val shard's first eight: a val shard of n <= 8192 documents (1-2% of
+        # them) is then written as min(n, 8) row groups, and up to 8 ranks each read whole groups.
         return ROW_GROUP_SIZE * (VAL_MIN_ROW_GROUPS if part is self.val and part["writer"] is None else 1)
 
     def add(self, text, to_val=False):
@@ -322,8 +321,7 @@ class ShardSetWriter:
             part, name = self.val, "val.parquet"
         else:
             part, name = self.train, shard_filename(self.train_shards)
-        # Flush lazily, before adding: the last train document then always sits in memory, which lets
-        # finish() move it to val when nothing else went there.
+        # Flush before adding: the last train document stays in memory, for finish() to move to an empty val.
         if len(part["buf"]) == self._held(part):
             self._flush(part, name, groups=len(part["buf"]) // ROW_GROUP_SIZE)
         if not to_val and part["writer"] is not None and not part["buf"] and part["chars"] >= self.shard_chars:
@@ -397,9 +395,9 @@ def write_shards(documents, out_dir, manifest, shard_chars, val_fraction=0.01, v
     except BaseException:
         writer.abort()
         raise
-    log.info("Wrote %d train + %d val documents (%s chars) of the %s corpus into %d shards in %s", manifest["train_docs"],
-             manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}", manifest["source"],
-             manifest["num_shards"], out_dir)
+    log.info("Wrote %d train + %d val documents (%s chars) of the %s corpus into %d shards in %s",
+             manifest["train_docs"], manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}",
+             manifest["source"], manifest["num_shards"], out_dir)
     return manifest
 
 
@@ -427,8 +425,7 @@ def build_offline_corpus(out_dir=None, max_chars=None, shard_chars=8_000_000, va
     log.info("Building the offline corpus (up to %s chars) from Python %s's standard library in %s and the installed "
              "packages in %s; its content depends on the installed Python and packages", f"{max_chars:,}",
              platform.python_version(), offline_corpus.stdlib_dir(), ", ".join(offline_corpus.site_packages_dirs()))
-    # Source files average ~11k characters, far longer than a tiny model's context; the packing loader
-    # would only ever see each file's first row. Cutting them at paragraph boundaries keeps all the text usable.
+    # Source files average ~11k characters: the packing loader would see only each file's first row of them.
     docs = [piece for doc in offline_corpus.iter_offline_documents(max_chars)
             for piece in offline_corpus.split_long_document(doc, OFFLINE_DOC_CHARS)]
     random.Random(42).shuffle(docs)  # the val shard samples everything, not the last package

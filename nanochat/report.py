@@ -43,9 +43,8 @@ SECTIONS = (
     ("lm-eval harness", None),  # scripts/lm_eval.py, when used
     ("Hugging Face export", None),  # scripts/export_hf.py, when used
 )
-# Our base_eval writes loss and CORE in one section (as upstream's latest does), so "Base model loss"
-# keeps its place in the order for older writers but is not warned about when absent; neither are the
-# sections of the tools a user runs only when wanted (lm-eval, the Hugging Face export).
+# Not warned about when absent: base_eval writes loss and CORE in one section (as upstream's latest does), and
+# the tools below run only when wanted.
 OPTIONAL_SECTIONS = {"Base model loss", "lm-eval harness", "Hugging Face export"}
 ALIASES = {"sft": "Chat SFT", "rl": "Chat RL"}  # titles upstream's later scripts used; other unknowns go last
 STAGES = ("base", "mid", "sft", "rl")
@@ -206,8 +205,7 @@ def system_info():
 def bloat_info(cwd=None):
     """Size of the tracked source: characters (not bytes), lines, files, ~tokens, uv.lock lines."""
     root = _run(["git", "rev-parse", "--show-toplevel"], cwd) or os.path.abspath(cwd or ".")
-    # One listing read here: upstream's xargs into `wc -lc` counted bytes, and on a long list kept only
-    # the last batch's total.
+    # Read here: upstream's xargs into `wc -lc` counted bytes and, on a long list, only the last batch.
     listing = _run(["git", "ls-files", "-z", "--", *BLOAT_PATTERNS], root) or ""
     chars = lines = files = 0
     for rel in filter(None, listing.split("\0")):
