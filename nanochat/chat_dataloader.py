@@ -8,6 +8,7 @@ Tests: tests/test_chat_dataloader.py.
     progress, last_step = training_progress(state, num_iterations=-1)   # -1 = one epoch
 """
 
+import collections
 import logging
 
 import numpy as np
@@ -27,11 +28,8 @@ __all__ = ["ConversationLoader", "packed_conversation_loader", "training_progres
            "ResumeError", "STATE_FORMAT", "MASK_MODES"]
 
 
-class _Rendered:  # a buffered conversation: dataset index, rendered length before the cut to a row, ids, targets
-    __slots__ = ("index", "length", "ids", "keep")
-
-    def __init__(self, index, length, ids, keep):
-        self.index, self.length, self.ids, self.keep = index, length, ids, keep
+# A buffered conversation: dataset index, rendered length before the cut to a row, ids, target flags.
+_Rendered = collections.namedtuple("_Rendered", "index length ids keep")
 
 
 class ConversationLoader:

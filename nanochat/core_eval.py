@@ -413,13 +413,6 @@ def score_batch(model, examples, device, pad_token_id, full_logits=False):
     return out
 
 
-def model_context_len(model):  # model.max_seq_len, else model.config.sequence_len, else None
-    max_len = getattr(model, "max_seq_len", None)
-    if max_len is None:
-        max_len = getattr(getattr(model, "config", None), "sequence_len", None)
-    return max_len
-
-
 def default_batch_tokens(device):
     """The forward-pass token budget used when none is given (see DEFAULT_BATCH_TOKENS)."""
     return DEFAULT_BATCH_TOKENS.get(torch.device(device).type, DEFAULT_BATCH_TOKENS_OTHER)
@@ -468,7 +461,9 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ma
     for diff in compare_with_reference(specs):
         log.warning("Eval bundle differs from the reference CORE suite (scores not comparable to published ones): %s", diff)
     if max_seq_len is None:
-        max_seq_len = model_context_len(model)
+        max_seq_len = getattr(model, "max_seq_len", None)
+    if max_seq_len is None:
+        max_seq_len = getattr(getattr(model, "config", None), "sequence_len", None)
     if not full_logits and not scores_positions_only(model):
         log.info("%s has no hidden_states()/logits(): scoring from its full (B, T, V) logits", type(model).__name__)
     results, centered = {}, {}

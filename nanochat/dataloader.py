@@ -1,6 +1,7 @@
 """
 The pretraining data loader: parquet shards -> documents tokenized with BOS first -> (B, T) rows packed by
-best-fit with cropping, with a resume state that reproduces the uninterrupted run exactly.
+best-fit with cropping, with a resume state that reproduces the uninterrupted run exactly. Below, in pipeline
+order: the documents each rank reads, tokenizing (a thread ahead on CUDA), packing, the loader.
 Tests: tests/test_dataloader.py; throughput: `python -m bench.bench_dataloader --help`.
 
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, 8, 2048, "train", device=device)
@@ -47,16 +48,8 @@ def _uses_cuda(device):
     return torch.device(device).type == "cuda"
 
 
-# -----------------------------------------------------------------------------
-# 1. Documents
-
-
-class _TextBatch:  # up to tokenizer_batch_size documents of one row group, and where they came from
-    __slots__ = ("texts", "rows", "epoch", "pq_idx", "rg_idx", "next_row")
-
-    def __init__(self, texts, rows, epoch, pq_idx, rg_idx, next_row):
-        self.texts, self.rows = texts, rows
-        self.epoch, self.pq_idx, self.rg_idx, self.next_row = epoch, pq_idx, rg_idx, next_row
+# Up to tokenizer_batch_size documents of one row group, and where they came from.
+_TextBatch = collections.namedtuple("_TextBatch", "texts rows epoch pq_idx rg_idx next_row")
 
 
 def _read_texts(parquet_file, rg_idx):
@@ -112,10 +105,6 @@ def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, spl
                                f"add data or launch fewer processes")
         first_pass = False
         epoch += 1
-
-
-# -----------------------------------------------------------------------------
-# 2. Tokens
 
 
 def _as_doc(tokens, cap):
@@ -179,10 +168,6 @@ class _Prefetcher:
         self._thread.join(timeout=5)
 
 
-# -----------------------------------------------------------------------------
-# 3. Packing
-
-
 class BestFitBuffer:
     """The document pool of both best-fit packers, with O(log n) queries. Picks what a linear scan in arrival
     order would (ties go to the earliest arrival), as the reference packer in tests/test_dataloader.py does."""
@@ -236,10 +221,6 @@ def _encode_refs(refs):
 def _decode_refs(text):
     arr = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8").reshape(-1, _REF_FIELDS)
     return arr.tolist()
-
-
-# -----------------------------------------------------------------------------
-# The loader
 
 
 class BestFitLoader:

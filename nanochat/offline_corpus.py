@@ -36,13 +36,8 @@ def stdlib_dir():
 
 
 def site_packages_dirs():
-    paths = sysconfig.get_paths()
-    dirs = []
-    for key in ("purelib", "platlib"):
-        d = os.path.realpath(paths[key])
-        if os.path.isdir(d) and d not in dirs:
-            dirs.append(d)
-    return dirs
+    dirs = [os.path.realpath(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")]
+    return [d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i]]  # often purelib == platlib
 
 
 def _walk_sorted(root, skip_dirs=("__pycache__",)):
