@@ -1,34 +1,14 @@
 """
-The conversation loader for midtraining and SFT: task conversations -> rendered token ids -> (B, T)
-rows packed by BOS-aligned best-fit with padding, with a resume state that reproduces the
-uninterrupted run exactly.
+The conversation loader for midtraining and SFT: task conversations -> rendered token ids -> (B, T) rows
+packed by best-fit with BOS padding, with a resume state that reproduces the uninterrupted run exactly.
+Tests: tests/test_chat_dataloader.py.
 
-    from nanochat.chat_dataloader import packed_conversation_loader, training_progress
     loader = packed_conversation_loader(task, tokenizer, 8, 2048, mask_mode="assistant", device=device)
     inputs, targets, state = next(loader)          # (B, T) int64; targets -1 = not trained on
     progress, last_step = training_progress(state, num_iterations=-1)   # -1 = one epoch
-    ...
-    loader = packed_conversation_loader(task, tokenizer, 8, 2048, mask_mode="assistant", device=device,
-                                        resume_state_dict=state)
-    # the next batches are bit-for-bit the ones the first loader would have produced
-
-Pipeline (per rank r of W):
-1. Conversations: rank r reads dataset indices r, r+W, r+2W, ... of the task (a Task or TaskMixture,
-   already shuffled); past the end the index wraps around (modulo the dataset size) and the epoch
-   counter goes up, so together the ranks read the dataset in order and never the same conversation
-   in one pass.
-2. Tokens: each conversation goes through `tokenizer.render_conversation` (ids and the assistant
-   mask). One longer than a row (T+1 tokens) is truncated to the row and counted: such a conversation
-   could never be placed otherwise, and a buffer full of them would leave every later row empty.
-3. Packing: a buffer of `buffer_size` rendered conversations; each row of T+1 tokens takes, again and
-   again, the longest buffered conversation that fits the space left (the earliest one on ties), and
-   when none fits the rest of the row is BOS padding whose targets are -1. Conversations are never
-   split, so every row starts with BOS. There is no attention mask between the conversations of a
-   row: plain causal attention over the whole row.
-4. Targets: mask_mode "all" (midtraining) trains on every real token; "assistant" (SFT) only on the
-   tokens the assistant produces (render mask 1), the mask shifted by one to line up with targets.
 """
 
+import collections
 import logging
 
 import numpy as np
@@ -48,19 +28,19 @@ __all__ = ["ConversationLoader", "packed_conversation_loader", "training_progres
            "ResumeError", "STATE_FORMAT", "MASK_MODES"]
 
 
-class _Rendered:
-    """A buffered conversation: its dataset index, its rendered length before truncation to the row,
-    and the (possibly truncated) ids and target flags."""
-
-    __slots__ = ("index", "length", "ids", "keep")
-
-    def __init__(self, index, length, ids, keep):
-        self.index, self.length, self.ids, self.keep = index, length, ids, keep
+# A buffered conversation: dataset index, rendered length before the cut to a row, ids, target flags.
+_Rendered = collections.namedtuple("_Rendered", "index length ids keep")
 
 
 class ConversationLoader:
-    """Iterator of (inputs, targets, state) batches; see the module docstring and
-    `packed_conversation_loader`."""
+    """Endless iterator of (inputs, targets, state_dict) for midtraining ("all") and SFT ("assistant").
+
+    task: `len(task)`, `task[i]` -> conversation. tokenizer: `.render_conversation(c, max_tokens=...)` -> (ids, mask),
+    `.get_bos_token_id()`. inputs/targets: (B, T) int64 on `device`, fresh each batch; targets are the inputs shifted
+    by one, -1 where not trained on (padding; in "assistant" mode every token the assistant does not produce).
+    resume_state_dict: a state this loader yielded (or gather_loader_states of all of them); the next batches then
+    equal the uninterrupted run's. Another world size, rank or dataset size raises ResumeError.
+    """
 
     def __init__(self, task, tokenizer, B, T, mask_mode="all", device=None, buffer_size=100,
                  resume_state_dict=None, split=None, max_tokens=2048):
@@ -85,16 +65,13 @@ class ConversationLoader:
             raise ValueError(f"the dataset{where} has {self.dataset_size} conversations, fewer than the "
                              f"{self.world_size} ranks reading it; use more data or fewer processes")
 
-        # Where the next fetch reads, and the counters that progress and logs are built from. `consumed`
-        # is rank-strided like the cursor (starts at rank, +W per placed conversation), so on every rank
-        # consumed / dataset_size estimates the fraction of the epoch all ranks together have trained on.
+        # `consumed` is rank-strided like the cursor (rank, +W per placed conversation): consumed / dataset_size
+        # is, on every rank, the fraction of the epoch all ranks together have trained on.
         self.cursor, self.epoch, self.consumed = self.rank, 1, self.rank
         self.batches, self.truncated = 0, 0
         self._buffer = BestFitBuffer()  # _Rendered, by their length after the cut to a row
         if resume_state_dict is not None:
             self._restore(resume_state_dict)
-
-    # -- rendering and fetching
 
     def _render(self, index):
         ids, mask = self._tokenizer.render_conversation(self._task[index], max_tokens=self.max_tokens)
@@ -107,8 +84,9 @@ class ConversationLoader:
         return _Rendered(index, length, ids, keep)
 
     def _fetch(self):
-        """Render the conversation at the cursor into the buffer and advance the cursor."""
         item = self._render(self.cursor)
+        # Cut to the row and counted: a longer conversation could never be placed, and a buffer full of them
+        # would leave every later row empty.
         if item.length > self._cap:
             self.truncated += 1
             if self.truncated == 1 or self.truncated % TRUNCATION_LOG_EVERY == 0:
@@ -116,21 +94,20 @@ class ConversationLoader:
                                "truncated to it (latest: #%d, %d tokens); a larger --max-seq-len keeps them whole",
                                self.truncated, self.rank, self._cap, item.index, item.length)
         self._buffer.add(item, len(item.ids))
-        self.cursor += self.world_size
+        self.cursor += self.world_size  # rank r reads r, r+W, ...: the ranks together read the data in order
         if self.cursor >= self.dataset_size:
             self.cursor -= self.dataset_size  # keeps the rank interleaving going across the epoch boundary
             self.epoch += 1
 
-    # -- resume
-
     def state_dict(self):
-        """Where this loader stands after the last batch it returned (JSON-serialisable; see the
-        factory's docstring for the fields)."""
+        """This rank's position after the last batch it returned (JSON-serialisable)."""
         return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed,
                 "dataset_size": self.dataset_size, "batches": self.batches, "truncated": self.truncated,
+                # Whole rendered conversations: re-rendering these rebuilds the buffer exactly (lengths checked).
                 "buffer": [item.index for item in self._buffer],
                 "buffer_lengths": [item.length for item in self._buffer],
+                # A change of these only warns: same data order, different packing.
                 "B": self.B, "T": self.T, "buffer_size": self.buffer_size, "mask_mode": self.mask_mode,
                 "max_tokens": self.max_tokens}
 
@@ -176,13 +153,12 @@ class ConversationLoader:
         logger.info("Chat loader resumed%s on rank %d: %d buffered conversations re-rendered, cursor %d, epoch %d",
                     "" if changed else " exactly", self.rank, len(self._buffer), self.cursor, self.epoch)
 
-    # -- iteration
-
     def __iter__(self):
         return self
 
     def _pack(self):
         """(ids, keep) as (B, T+1) arrays: BOS-padded rows, keep = the token is trained on as a target."""
+        # Conversations are never split, so every row starts with BOS; no mask between the conversations of a row.
         cap = self._cap
         ids = np.full((self.B, cap), self._bos, dtype=np.int64)
         keep = np.zeros((self.B, cap), dtype=np.bool_)  # padding is never a target
@@ -193,7 +169,7 @@ class ConversationLoader:
                     self._fetch()
                 if self._buffer.shortest() > cap - pos:
                     break  # nothing fits: the rest of the row stays padding (conversations are never cropped)
-                item, _ = self._buffer.pop(cap - pos)
+                item, _ = self._buffer.pop(cap - pos)  # the longest that fits, the earliest on ties
                 n = len(item.ids)
                 ids[r, pos:pos + n] = item.ids
                 keep[r, pos:pos + n] = item.keep
@@ -223,46 +199,13 @@ class ConversationLoader:
         return inputs, targets, self.state_dict()
 
 
-def packed_conversation_loader(task, tokenizer, B, T, mask_mode="all", device=None, buffer_size=100,
-                               resume_state_dict=None, split=None, max_tokens=2048):
-    """Endless iterator of (inputs, targets, state_dict) for midtraining ("all") and SFT ("assistant").
-
-    task: `len(task)` and `task[i]` -> conversation dict (a tasks.common.Task or TaskMixture).
-    tokenizer: `.render_conversation(conversation, max_tokens=...)` -> (ids, mask) and `.get_bos_token_id()`;
-    `max_tokens` is the renderer's own cap (2048, as the chat format defines it).
-    inputs/targets: (B, T) int64 on `device`, fresh tensors each batch; targets are the inputs shifted by
-    one, with -1 where nothing is trained on (padding; in "assistant" mode also every token the assistant
-    does not produce). On CUDA the host tensors are pinned and the copy is asynchronous.
-    Ranks (RANK/WORLD_SIZE from torchrun) read interleaved conversations. The `split` name is only
-    recorded in the state and checked on resume.
-
-    Exact resume. The state describes the loader after the batch it came with:
-      cursor, epoch          the next dataset index this rank renders, and the pass over the data it is in,
-      consumed               rank + world_size * (conversations this rank has placed into rows),
-      dataset_size           len(task), checked on resume,
-      batches                batches yielded so far,
-      truncated              conversations longer than a row so far (truncated to T+1 tokens),
-      buffer, buffer_lengths the buffered conversations' dataset indices in buffer order, and their
-                             rendered lengths (checked on resume),
-      format, split, rank, world_size   for validation; B, T, buffer_size, mask_mode, max_tokens
-                             (a change only logs a warning: same data order, different packing).
-    The buffer holds whole rendered conversations, so re-rendering its indices rebuilds it exactly and
-    the next batches equal the uninterrupted run's. Each rank has its own state: pass
-    `gather_loader_states(state)` (a collective) to the checkpoint. A state from another world size or
-    rank, or for a dataset of another size, raises ResumeError.
-    """
-    return ConversationLoader(task, tokenizer, B, T, mask_mode=mask_mode, device=device, buffer_size=buffer_size,
-                              resume_state_dict=resume_state_dict, split=split, max_tokens=max_tokens)
+packed_conversation_loader = ConversationLoader
 
 
 def training_progress(state, num_iterations, batches_per_step=1):
-    """(progress in [0, 1], last_step) of one rank's loader state.
-
-    num_iterations > 0: a fixed horizon of that many optimizer steps of `batches_per_step` batches each
-    (gradient accumulation); last_step once that many batches have been yielded. Otherwise (-1) one epoch:
-    progress = consumed / dataset_size and last_step once consumed reaches dataset_size. The training
-    loop all-reduces last_step across ranks, since ranks may reach the end one batch apart.
-    """
+    """(progress in [0, 1], last_step) of one rank's loader state: over num_iterations optimizer steps of
+    `batches_per_step` batches, or with num_iterations = -1 over one epoch. Ranks may reach the end one batch
+    apart, so the training loop all-reduces last_step."""
     if num_iterations > 0:
         done, horizon = state["batches"], num_iterations * batches_per_step
     else:

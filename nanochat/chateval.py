@@ -1,21 +1,10 @@
 """
-Evaluation of chat models on tasks, and ChatCORE: the library behind scripts/chat_eval.py, also used
-by SFT for its periodic ChatCORE check.
+Evaluation of chat models on tasks, and ChatCORE: the library behind scripts/chat_eval.py and SFT's periodic
+check. Under torchrun each rank takes a share of the problems and the counts are summed over ranks.
+Tests: tests/test_chat_eval.py.
 
-    from nanochat.chateval import run_chat_eval, chatcore, evaluate_chatcore
-    acc = run_chat_eval("ARC-Easy", model, tokenizer, engine, batch_size=8)
+    acc = run_task_eval(build_task("ARC-Easy"), model, tokenizer, engine, batch_size=8)
     score = chatcore({"ARC-Easy": 0.40, ...})   # None unless every task of CHATCORE_TASKS is there
-    scores = evaluate_chatcore(model, tokenizer, engine, max_generative=24)   # all tasks (SFT's check)
-
-Two kinds of tasks:
-- categorical (multiple choice): one forward pass over a batch of prompts; the answer is the letter
-  whose token has the highest logit at the <|assistant_start|> position, among the allowed letters
-  only. The model never gets to answer off the menu.
-- generative: sample with the Engine (calculator tool on), decode, let the task judge the text; a
-  problem passes when any of its samples passes (pass@num_samples). Unless told otherwise, each task gets a
-  generation budget its answers fit (reply_budget), and the replies cut at the budget are counted.
-
-Under torchrun each rank takes a share of the problems; the pass/total counts are summed over ranks.
 """
 
 import logging
@@ -51,8 +40,7 @@ CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
 
 
 def parse_task_names(spec):
-    """'ARC-Easy|GSM8K' -> ["ARC-Easy", "GSM8K"]; None or "" -> every task of TASKS (not EXTRA_TASKS).
-    Unknown names raise ValueError."""
+    """'ARC-Easy|GSM8K' -> ["ARC-Easy", "GSM8K"]; None or "" -> every task of TASKS; raises ValueError."""
     if not spec:
         return list(TASKS)
     names = [name.strip() for name in spec.split("|")]
@@ -76,10 +64,6 @@ def build_task(name):
     return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
-# -----------------------------------------------------------------------------
-# Counting across ranks
-
-
 def _num_problems(task, max_problems):
     if max_problems is not None and max_problems < 1:
         raise ValueError(f"max_problems must be None or >= 1, got {max_problems}")
@@ -87,7 +71,6 @@ def _num_problems(task, max_problems):
 
 
 def _reduce_counts(passed, total, device):
-    """(passed, total) summed over all ranks (unchanged in a single process)."""
     if dist_world_size() > 1:
         counts = torch.tensor([passed, total], dtype=torch.long, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -102,34 +85,10 @@ def _accuracy(name, passed, total):
     return passed / total
 
 
-class _Progress:
-    """A live `Rank r | passed/total (xx.xx%)` line on an interactive terminal; silent otherwise."""
-
-    def __init__(self, rank):
-        self.rank, self.live = rank, sys.stderr.isatty()
-
-    def update(self, passed, total):
-        if self.live:
-            sys.stderr.write(f"\r\033[KRank {self.rank} | {passed}/{total} ({100 * passed / max(total, 1):.2f}%)")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.live:
-            sys.stderr.write("\n")
-
-
-# -----------------------------------------------------------------------------
-# Categorical: logits at the answer position, restricted to the answer letters
-
-
 @torch.no_grad()
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, name=None):
-    """Accuracy of `model` on a multiple-choice task, scoring only the allowed letters' logits.
-
-    Problems go in consecutive batches of `batch_size`; batch b is done by rank b mod world_size.
-    Prompts are right-padded with BOS: padding comes after the answer position, so a causal model's
-    logits there do not see it.
-    """
+    """Accuracy of `model` on a multiple-choice task: the answer is the allowed letter with the highest logit
+    at the <|assistant_start|> position, so the model never answers off the menu. Batch b goes to rank b mod W."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     name = name or type(task).__name__
@@ -153,7 +112,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
     for b in range(rank, num_batches, world_size):
         conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, num_problems))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        width = max(len(p) for p in prompts)
+        width = max(len(p) for p in prompts)  # BOS padding after the answer position: a causal model never sees it
         ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)  # (B, T)
         logits = model(ids)  # (B, T, V)
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
@@ -168,15 +127,8 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
     return _accuracy(name, passed, total)
 
 
-# -----------------------------------------------------------------------------
-# Generative: sample with the engine, the task judges the text
-
-
 def pass_at_k(outcomes, k):
-    """Fraction of problems with at least one success among their first k samples.
-
-    outcomes: one list of per-sample bools per problem (each with at least k samples).
-    """
+    """Fraction of problems with a success among their first k samples; outcomes: per problem, a list of bools."""
     if not outcomes:
         raise ValueError("pass_at_k needs at least one problem")
     if k < 1 or any(len(o) < k for o in outcomes):
@@ -188,9 +140,8 @@ REPLY_BUDGET_MARGIN = 1.5  # a model trained on a task's answers writes about as
 
 
 def reply_budget(task, tokenizer, num_problems):
-    """max_new_tokens for a generative task: REPLY_BUDGET_MARGIN times its longest reference answer (in tokens,
-    tool calls and outputs included) among the first `num_problems`, so an answer in the task's own format is
-    never cut before its end (SpellingBee's spell-and-count answers run to a few hundred tokens)."""
+    """max_new_tokens for a generative task: REPLY_BUDGET_MARGIN times its longest reference answer in tokens (tool
+    calls included) among the first `num_problems`; SpellingBee's answers run to a few hundred tokens."""
     longest = 0
     for i in range(num_problems):
         conversation = task[i]
@@ -201,18 +152,14 @@ def reply_budget(task, tokenizer, num_problems):
 
 def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=None, temperature=0.0, top_k=50,
                         max_problems=None, seed=42, name=None, details=None):
-    """pass@num_samples of sampled completions, judged by task.evaluate; problems rank-strided.
-
-    Completions are the decoded tokens after the prompt, tool outputs the engine forced included,
-    the final <|assistant_end|> excluded. max_new_tokens None = reply_budget(task). details: a dict, given
-    {"max_new_tokens", "replies", "cut"} (replies that reached the budget without ending).
-    """
+    """pass@num_samples of completions sampled with the engine (tool outputs included), judged by task.evaluate.
+    max_new_tokens None = reply_budget(task). details: a dict, given {"max_new_tokens", "replies", "cut"}."""
     name = name or type(task).__name__
     _, rank, _, world_size = get_dist_info()
     num_problems = _num_problems(task, max_problems)
     if max_new_tokens is None:
         max_new_tokens = reply_budget(task, tokenizer, num_problems)
-    progress = _Progress(rank)
+    live = sys.stderr.isatty()  # a live `Rank r | passed/total (xx.xx%)` line on a terminal only
     passed = total = cut = replies = 0
     for i in range(rank, num_problems, world_size):
         conversation = task[i]
@@ -225,8 +172,11 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=N
         total += 1
         cut += sum(len(result) - len(prompt) >= max_new_tokens for result in results)  # no end token in the budget
         replies += len(results)
-        progress.update(passed, total)
-    progress.close()
+        if live:
+            sys.stderr.write(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)")
+            sys.stderr.flush()
+    if live:
+        sys.stderr.write("\n")
     device = model_device(engine.model)
     passed, total = _reduce_counts(passed, total, device)
     cut, replies = _reduce_counts(cut, replies, device)
@@ -240,8 +190,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=N
 
 def run_task_eval(task, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=None,
                   temperature=0.0, top_k=50, max_problems=None, name=None, details=None):
-    """Evaluate one Task object with the runner its eval_type calls for; returns the accuracy. max_new_tokens and
-    details: see run_generative_eval (unused by multiple-choice tasks)."""
+    """Accuracy of one Task with the runner its eval_type calls for (see run_generative_eval for the options)."""
     if task.eval_type == "categorical":
         return run_categorical_eval(task, tokenizer, model, batch_size, max_problems=max_problems, name=name)
     if task.eval_type == "generative":
@@ -251,22 +200,10 @@ def run_task_eval(task, model, tokenizer, engine, batch_size=8, num_samples=1, m
     raise ValueError(f"{name or type(task).__name__} has eval_type {task.eval_type!r}; expected categorical or generative")
 
 
-def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=None,
-                  temperature=0.0, top_k=50, max_problems=None):
-    """Build the task called `task_name` (see TASKS) and evaluate it; returns the accuracy."""
-    return run_task_eval(build_task(task_name), model, tokenizer, engine, batch_size=batch_size, num_samples=num_samples,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         max_problems=max_problems, name=task_name)
-
-
 def evaluate_chatcore(model, tokenizer, engine, batch_size=8, max_categorical=None, max_generative=None, tasks=None,
                       num_samples=1, max_new_tokens=None, temperature=0.0, top_k=50):
-    """Every ChatCORE task, then the scores: {"accuracies": {name: acc}, "chatcore", "chatcore_cat"}.
-
-    The periodic check during SFT calls this with caps (upstream: all multiple-choice problems, 24
-    generative ones): max_categorical / max_generative limit the problems per task (None = all).
-    `tasks` maps names to already built Task objects (default: build every task of TASKS).
-    """
+    """{"accuracies": {name: acc}, "chatcore", "chatcore_cat"} over `tasks` ({name: Task}; default: all of TASKS).
+    max_categorical / max_generative cap the problems per task (SFT's check: all and 24, as upstream's)."""
     tasks = {name: build_task(name) for name in TASKS} if tasks is None else tasks
     accuracies = {}
     for name, task in tasks.items():
@@ -278,12 +215,8 @@ def evaluate_chatcore(model, tokenizer, engine, batch_size=8, max_categorical=No
 
 
 def build_available_tasks(names=None):
-    """{name: Task} for each task of `names` (default: every ChatCORE task) whose data can be had.
-
-    Offline, a task whose dataset can't be fetched is left out, and GSM8K is replaced by the synthetic
-    arithmetic problems (tasks/arithmetic.py); each is logged once and listed by tasks.common.fallbacks_used().
-    ChatCORE is then None (it is only defined over all of its tasks).
-    """
+    """{name: Task} for each task of `names` (default: TASKS) whose data can be had. Offline, a task that can't
+    be fetched is left out and GSM8K becomes SyntheticArithmetic, each noted in tasks.common.fallbacks_used()."""
     from tasks.common import DatasetUnavailableError, note_fallback
 
     tasks = {}
@@ -302,10 +235,6 @@ def build_available_tasks(names=None):
 def evaluate_available_chatcore(model, tokenizer, engine, **kwargs):
     """evaluate_chatcore over the tasks that build_available_tasks() finds (SFT's periodic check)."""
     return evaluate_chatcore(model, tokenizer, engine, tasks=build_available_tasks(), **kwargs)
-
-
-# -----------------------------------------------------------------------------
-# ChatCORE
 
 
 def chatcore(accuracies, tasks=CHATCORE_TASKS, baselines=None):

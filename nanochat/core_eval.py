@@ -1,28 +1,13 @@
 """
-The CORE metric (DCLM's low-variance ICL suite, 22 tasks): how good a base model is, as one number.
+The CORE metric (DCLM's low-variance ICL suite, 22 tasks): a base model's quality as one number, the mean
+over tasks of accuracy centered on the random-guess baseline. An example is scored by the log-likelihood
+of its options (multiple_choice, schema) or by greedy exact match of a continuation (language_modeling).
+With max_per_task=-1 and prompts that fit the context, the scores are upstream's.
 
-Every example is scored by comparing the model's log-likelihood of its answer options (multiple_choice,
-schema) or by greedy exact match of a continuation (language_modeling). Accuracy is centered against the
-task's random-guess baseline, and CORE is the mean centered accuracy over the tasks of the bundle.
+    out = evaluate_core(model, tokenizer, device, max_per_task=500)   # out["core_metric"], out["results"]
 
-    from nanochat.core_eval import evaluate_core
-    out = evaluate_core(model, tokenizer, device, max_per_task=500)
-    out["core_metric"], out["results"]["piqa"], out["centered_results"]["piqa"]
-
-The eval bundle (core.yaml, eval_meta_data.csv, eval_data/) is downloaded on first use into
-<base>/eval_bundle; set NANOCHAT_EVAL_BUNDLE_URL to fetch it from a mirror. Run the whole evaluation for
-a checkpoint with `python -m scripts.base_eval --eval core`.
-
-Differences from upstream, on purpose:
-- few-shot examples are drawn from the whole shuffled task, so `max_per_task` only picks which examples
-  are scored and never changes their prompts (upstream drew them from the truncated list);
-- prompts longer than the model's context keep their last `sequence_len` tokens (upstream never cropped
-  for its own GPT);
-- several examples share one forward pass (upstream ran one forward per example);
-- with nanochat's GPT the unembedding runs only at the scored positions (model.hidden_states, then
-  model.logits on those rows); upstream computed the (B, T, V) logits everywhere. full_logits=True
-  keeps that path as the reference.
-With max_per_task=-1 and prompts that fit the context, the scores are the same as upstream's.
+`python -m scripts.base_eval --eval core` runs it on a checkpoint, downloading the eval bundle on first use
+($NANOCHAT_EVAL_BUNDLE_URL: a mirror); tests: tests/test_core_eval.py.
 """
 
 import csv
@@ -54,19 +39,16 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 DATA_SEED = 1337  # shuffles each task's examples before any truncation
 FEWSHOT_SEED = 1234  # example idx draws its few-shot examples with random.Random(FEWSHOT_SEED + idx)
 FEWSHOT_SEPARATOR = "\n\n"
-# Token budget (rows x padded length) of one forward pass, by device. On CUDA, small forwards leave the
-# GPU idle, and 8192 tokens of fp32 logits at a 32K vocab (1 GiB) is what one 4-option example at a 2048
-# context needs anyway (on the full-logits path; scoring at the scored positions only needs far less).
-# CPU forwards are compute-bound, so batching buys little there (bench/bench_core_eval.py: 0.83x-1.28x
-# versus one example per forward on 2 shared cores, within the noise); a smaller budget keeps the fp32
-# (B, T, V) logits of the full-logits path at 256 MiB.
+# Token budget (rows x padded length) of one forward pass: several examples per forward, where upstream ran
+# one. On CUDA small forwards leave the GPU idle, and 8192 tokens of fp32 logits at a 32K vocab (1 GiB) is what
+# one 4-option example at a 2048 context needs anyway. CPU forwards are compute-bound (bench/bench_core_eval.py:
+# 0.83x-1.28x, within the noise), so a smaller budget keeps the full-logits path's (B, T, V) at 256 MiB.
 DEFAULT_BATCH_TOKENS = {"cuda": 8192}
 DEFAULT_BATCH_TOKENS_OTHER = 2048
 PREPARE_CHUNK = 256  # examples tokenised at a time: bounds host memory on 10K-example tasks
 
-# The 22 CORE tasks in report order: (label, type, shots, delimiter, random baseline %, examples).
-# The bundle is the source of truth; this table only lets us warn when a bundle differs from the suite
-# behind published CORE numbers (GPT-2 124M 0.1139 ... GPT-2 XL 0.256525).
+# The 22 CORE tasks in report order: (label, type, shots, delimiter, random baseline %, examples). The bundle
+# rules; this table warns when it differs from the suite behind published CORE numbers (GPT-2 124M 0.1139).
 REFERENCE_TASKS = (
     ("hellaswag_zeroshot", "multiple_choice", 0, " ", 25.0, 10042),
     ("jeopardy", "language_modeling", 10, "\nAnswer: ", 0.0, 2117),
@@ -97,15 +79,6 @@ class EvalBundleError(UserError, RuntimeError):
     """The eval bundle can't be downloaded, unpacked or read; the message says what to do."""
 
 
-# -----------------------------------------------------------------------------
-# The eval bundle
-
-
-def eval_bundle_url():
-    """Where the bundle is downloaded from: $NANOCHAT_EVAL_BUNDLE_URL (a mirror, or a test server) or upstream."""
-    return os.environ.get(EVAL_BUNDLE_URL_ENV) or EVAL_BUNDLE_URL
-
-
 def _bundle_root_in_zip(names):
     """The folder prefix inside the zip that holds core.yaml (upstream's zip has one top folder, eval_bundle/)."""
     names = set(names)
@@ -125,8 +98,7 @@ def _check_bundle_dir(bundle_dir):
     return missing
 
 
-def _unpack_bundle(zip_path, bundle_dir):
-    """Unzip into a temp dir next to `bundle_dir`, then move the bundle folder into place in one rename."""
+def _unpack_bundle(zip_path, bundle_dir):  # into a temp dir beside bundle_dir, then one rename into place
     try:
         with zipfile.ZipFile(zip_path) as zf:
             prefix = _bundle_root_in_zip(zf.namelist())
@@ -145,10 +117,7 @@ def _unpack_bundle(zip_path, bundle_dir):
 
 
 def ensure_eval_bundle():
-    """Path of <base>/eval_bundle, downloading (cached, file-locked) and unpacking it first if needed.
-
-    Raises EvalBundleError with a one-line explanation when the download fails or the zip is not a bundle.
-    """
+    """Path of <base>/eval_bundle, downloaded (file-locked) and unpacked first if needed; raises EvalBundleError."""
     from filelock import FileLock
 
     bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
@@ -157,7 +126,7 @@ def ensure_eval_bundle():
         if missing:
             raise EvalBundleError(f"{bundle_dir} lacks {', '.join(missing)}; delete that folder and re-run to unpack it again")
         return bundle_dir
-    url = eval_bundle_url()
+    url = os.environ.get(EVAL_BUNDLE_URL_ENV) or EVAL_BUNDLE_URL
     try:
         zip_path = download_file_with_lock(url, "eval_bundle.zip", desc="eval bundle")
     except RuntimeError as e:
@@ -266,13 +235,8 @@ def load_task_data(bundle_dir, spec):
     return data
 
 
-# -----------------------------------------------------------------------------
-# Prompts
-
-
 class _AllBut(Sequence):
-    """range(n) without `skip`, without building the list: rng.sample only needs len() and indexing,
-    and draws exactly what it would from the materialised list (O(k) instead of O(n) per example)."""
+    """range(n) without `skip`, unbuilt: rng.sample draws from it what it would from the list, in O(k) not O(n)."""
 
     def __init__(self, n, skip):
         self.n, self.skip = n, skip
@@ -288,6 +252,7 @@ class _AllBut(Sequence):
 
 def fewshot_indices(num_items, idx, num_fewshot):
     """Indices of the few-shot examples of item `idx`: a seeded draw from every other item of the task."""
+    # From the whole task (upstream drew from the truncated list), so max_per_task never changes a prompt.
     if num_fewshot <= 0:
         return []
     if num_items - 1 < num_fewshot:
@@ -312,16 +277,6 @@ def render_prompts(item, fewshot, task_type, delimiter):
     raise ValueError(f"unknown task type {task_type!r}")
 
 
-def example_prompts(data, idx, spec):
-    """Prompts of example `idx` of `data` (the full shuffled task), few-shot examples included."""
-    fewshot = [data[j] for j in fewshot_indices(len(data), idx, spec.num_fewshot)]
-    return render_prompts(data[idx], fewshot, spec.task_type, spec.delimiter)
-
-
-# -----------------------------------------------------------------------------
-# Tokens and spans
-
-
 @dataclass
 class PreparedExample:
     """Token rows of one example and, per row, the span [start, end) of tokens that is scored."""
@@ -334,8 +289,7 @@ class PreparedExample:
 
 
 def _common_prefix_len(seqs):
-    # The common prefix of a set of sequences is the common prefix of its lexicographic min and max:
-    # two C-level comparisons plus one vectorised mismatch search instead of a Python loop per token.
+    # The common prefix of a set is that of its lexicographic min and max: no Python loop per token.
     lo, hi = min(seqs), max(seqs)
     n = min(len(lo), len(hi))
     mismatch = np.flatnonzero(np.asarray(lo[:n]) != np.asarray(hi[:n]))
@@ -347,16 +301,12 @@ def _common_suffix_len(seqs):
 
 
 def token_spans(seqs, task_type, label="", index=-1):
-    """(rows, starts, ends) for the encoded prompts of one example (each starts with BOS).
-
-    multiple_choice scores what follows the options' common prefix; schema scores the common suffix
-    (the continuation after each context option); language modeling scores the continuation tokens of
-    the `with` row. Every row keeps at least one scored token (degenerate identical options).
-    """
-    if task_type == "multiple_choice":
+    """(rows, starts, ends) for the encoded prompts of one example (each starts with BOS): the scored span
+    [start, end) of each row keeps at least one token, even for identical options."""
+    if task_type == "multiple_choice":  # what follows the options' common prefix
         start = min(_common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
         return seqs, [start] * len(seqs), [len(s) for s in seqs]
-    if task_type == "schema":
+    if task_type == "schema":  # the common suffix: the continuation after each context option
         suffix = min(_common_suffix_len(seqs), min(len(s) for s in seqs) - 1)
         return seqs, [len(s) - suffix for s in seqs], [len(s) for s in seqs]
     if task_type == "language_modeling":
@@ -369,10 +319,7 @@ def token_spans(seqs, task_type, label="", index=-1):
 
 
 def crop_to_context(seqs, starts, ends, max_seq_len):
-    """Keep the last `max_seq_len` tokens of each row, shifting its span; returns new (seqs, starts, ends).
-
-    The first kept token has no prediction, so a span is clipped to start at position >= 1.
-    """
+    """Keep the last `max_seq_len` tokens of each row (upstream never cropped), shifting its span."""
     if max_seq_len is None:
         return seqs, starts, ends
     if max_seq_len < 2:
@@ -381,14 +328,15 @@ def crop_to_context(seqs, starts, ends, max_seq_len):
     for seq, a, b in zip(seqs, starts, ends):
         crop = max(0, len(seq) - max_seq_len)
         out_s.append(seq[crop:])
-        out_a.append(max(a - crop, 1))
+        out_a.append(max(a - crop, 1))  # the first kept token has no prediction
         out_b.append(b - crop)
     return out_s, out_a, out_b
 
 
 def prepare_examples(tokenizer, data, indices, spec, max_seq_len=None):
     """Render, tokenise (one batched encode call, BOS first) and span every example in `indices`."""
-    prompts = [example_prompts(data, i, spec) for i in indices]
+    prompts = [render_prompts(data[i], [data[j] for j in fewshot_indices(len(data), i, spec.num_fewshot)],
+                              spec.task_type, spec.delimiter) for i in indices]
     flat = [p for ps in prompts for p in ps]
     encoded = tokenizer.encode(flat, prepend=tokenizer.get_bos_token_id()) if flat else []
     out, k = [], 0
@@ -402,17 +350,9 @@ def prepare_examples(tokenizer, data, indices, spec, max_seq_len=None):
     return out
 
 
-# -----------------------------------------------------------------------------
-# Scoring
-
-
 def plan_batches(examples, batch_tokens):
-    """Group examples (all rows of an example stay together) so rows x longest row <= batch_tokens.
-
-    Longest first, so similar lengths share a batch (little padding) and the biggest forward comes
-    first. An example larger than the budget gets a batch of its own; batch_tokens <= 0 means one
-    example per forward (upstream's way).
-    """
+    """Group whole examples so rows x longest row <= batch_tokens (an example past it alone; <= 0: one each)."""
+    # Longest first: similar lengths share a batch (little padding) and the biggest forward comes first.
     order = sorted(examples, key=lambda ex: max(len(s) for s in ex.seqs), reverse=True)
     batches, current, rows, width = [], [], 0, 0
     for ex in order:
@@ -429,21 +369,15 @@ def plan_batches(examples, batch_tokens):
 
 
 def scores_positions_only(model):
-    """Whether `model` can run its head on chosen positions: it has hidden_states(idx) -> (B, T, d) and
-    logits(x) -> (..., V), as nanochat's GPT does. Other models are scored from model(idx)'s full logits."""
+    """Whether `model` has hidden_states(idx) -> (B, T, d) and logits(x) -> (..., V), as nanochat's GPT does."""
     return callable(getattr(model, "hidden_states", None)) and callable(getattr(model, "logits", None))
 
 
 @torch.no_grad()
 def score_batch(model, examples, device, pad_token_id, full_logits=False):
-    """One forward over every row of `examples`; returns [(correct, per-row mean loss list)] per example.
-
-    Rows are right-padded with `pad_token_id` (causal attention: padding never affects earlier
-    positions). Only the scored positions' logits go through softmax, in fp32. When the model supports
-    it (scores_positions_only), only those positions' hidden states go through the head at all: the
-    head is most of a small model's FLOPs and its (B, T, V) fp32 output most of the memory.
-    full_logits=True computes model(idx) at every position instead: the reference, same scores.
-    """
+    """One forward over every row of `examples`, right-padded with `pad_token_id` (causal: padding never reaches
+    earlier positions); returns [(correct, per-row mean losses)] per example. full_logits=True runs the head at
+    every position: upstream's way, the reference with the same scores."""
     rows = [(seq, a, b) for ex in examples for seq, a, b in zip(ex.seqs, ex.starts, ex.ends)]
     width = max(len(seq) for seq, _, _ in rows)
     row_idx, pos_idx = [], []
@@ -455,7 +389,7 @@ def score_batch(model, examples, device, pad_token_id, full_logits=False):
     pos_t = torch.tensor(pos_idx, dtype=torch.long, device=device)
     if full_logits or not scores_positions_only(model):
         picked = model(ids)[row_t, pos_t].float()  # (B, T, V) -> (N, V): only the scored positions
-    else:
+    else:  # the head is most of a small model's FLOPs and its (B, T, V) fp32 output most of the memory
         hidden = model.hidden_states(ids)  # (B, T, d)
         picked = model.logits(hidden[row_t, pos_t]).float()  # (N, d) -> (N, V)
     targets = ids[row_t, pos_t + 1]  # (N,)
@@ -479,14 +413,6 @@ def score_batch(model, examples, device, pad_token_id, full_logits=False):
     return out
 
 
-def model_context_len(model):
-    """The longest sequence the model should see: model.max_seq_len, else model.config.sequence_len, else None."""
-    max_len = getattr(model, "max_seq_len", None)
-    if max_len is None:
-        max_len = getattr(getattr(model, "config", None), "sequence_len", None)
-    return max_len
-
-
 def default_batch_tokens(device):
     """The forward-pass token budget used when none is given (see DEFAULT_BATCH_TOKENS)."""
     return DEFAULT_BATCH_TOKENS.get(torch.device(device).type, DEFAULT_BATCH_TOKENS_OTHER)
@@ -494,14 +420,9 @@ def default_batch_tokens(device):
 
 def evaluate_task(model, tokenizer, data, device, spec, num_examples=None, max_seq_len=None,
                   batch_tokens=None, rank=None, world_size=None, full_logits=False):
-    """0/1 correctness (float tensor, length num_examples) of the first `num_examples` items of `data`.
-
-    Few-shot examples are drawn from all of `data`, so `num_examples` never changes a prompt. Examples
-    are strided over ranks (idx = rank, rank + W, ...). With rank/world_size left None they come from
-    the initialised process group and the result is all-reduced (every rank gets the full vector);
-    passing them explicitly scores that share only and returns it unreduced (zeros elsewhere).
-    full_logits=True scores from model(idx)'s logits at every position (the reference; see score_batch).
-    """
+    """0/1 correctness (float tensor, length num_examples) of the first `num_examples` items of `data`, strided
+    over ranks. With rank/world_size None they come from the process group and every rank gets the all-reduced
+    vector; given explicitly, only that share is scored and returned (zeros elsewhere)."""
     n = len(data) if num_examples is None else min(num_examples, len(data))
     reduce = rank is None and world_size is None
     if rank is None or world_size is None:
@@ -524,10 +445,7 @@ def evaluate_task(model, tokenizer, data, device, spec, num_examples=None, max_s
 
 
 def centered_accuracy(accuracy, baseline):
-    """Accuracy rescaled so that random guessing scores 0 and a perfect score 1 (below chance is negative).
-
-    Both are fractions in [0, 1]; CORE and ChatCORE both center with this one function.
-    """
+    """Accuracy (a fraction) rescaled so that the random-guess baseline scores 0 and a perfect score 1."""
     if not 0 <= baseline < 1:
         raise ValueError(f"baseline must be a fraction in [0, 1), got {baseline}")
     return (accuracy - baseline) / (1 - baseline)
@@ -535,21 +453,17 @@ def centered_accuracy(accuracy, baseline):
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, max_seq_len=None, batch_tokens=None,
                   full_logits=False):
-    """Run every task of the eval bundle; returns {"results", "centered_results", "core_metric"}.
-
-    model(idx) must return logits (B, T, V); a model that also has hidden_states/logits (nanochat's GPT)
-    runs its head only at the scored positions unless full_logits=True (the reference path, same scores).
-    tokenizer needs encode(list, prepend=id) and get_bos_token_id(). max_per_task > 0 scores only the
-    first that many (shuffled) examples per task. max_seq_len defaults to the model's context (see
-    model_context_len); batch_tokens (rows x padded length per forward; 0 = one example per forward) to
-    default_batch_tokens(device). All ranks call this.
-    """
+    """Every task of the eval bundle; returns {"results", "centered_results", "core_metric"}. All ranks call it.
+    model(idx) -> logits (B, T, V); max_per_task > 0 scores the first that many (shuffled) examples per task;
+    max_seq_len defaults to the model's context, batch_tokens to default_batch_tokens(device)."""
     bundle_dir = bundle_dir or ensure_eval_bundle()
     specs = load_task_specs(bundle_dir)
     for diff in compare_with_reference(specs):
         log.warning("Eval bundle differs from the reference CORE suite (scores not comparable to published ones): %s", diff)
     if max_seq_len is None:
-        max_seq_len = model_context_len(model)
+        max_seq_len = getattr(model, "max_seq_len", None)
+    if max_seq_len is None:
+        max_seq_len = getattr(getattr(model, "config", None), "sequence_len", None)
     if not full_logits and not scores_positions_only(model):
         log.info("%s has no hidden_states()/logits(): scoring from its full (B, T, V) logits", type(model).__name__)
     results, centered = {}, {}

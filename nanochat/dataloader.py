@@ -1,31 +1,11 @@
 """
-The pretraining data loader: parquet shards -> tokenized documents -> (B, T) rows packed by
-BOS-aligned best-fit with cropping, with a resume state that reproduces the uninterrupted run exactly.
+The pretraining data loader: parquet shards -> documents tokenized with BOS first -> (B, T) rows packed by
+best-fit with cropping, with a resume state that reproduces the uninterrupted run exactly. Below, in pipeline
+order: the documents each rank reads, tokenizing (a thread ahead on CUDA), packing, the loader.
+Tests: tests/test_dataloader.py; throughput: `python -m bench.bench_dataloader --help`.
 
-    from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, 8, 2048, "train", device=device)
     inputs, targets, state = next(loader)   # (B, T) int64 views; `state` goes into the checkpoint meta
-    ...
-    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, 8, 2048, "train",
-                                                                      device=device, resume_state_dict=state)
-    # the next batches are bit-for-bit the ones the first loader would have produced
-
-Throughput: `python -m bench.bench_dataloader --help`.
-
-Pipeline (per rank r of W):
-1. Documents: the split's shards in name order (train = all but the last, val = the last). Within a
-   file with at least W row groups, rank r reads whole row groups r, r+W, r+2W, ... (upstream's
-   split: each rank decompresses only its own share). A file with fewer row groups than ranks (a
-   small val shard, the last train shard) would leave some ranks with nothing, so there every rank
-   visits every row group and takes the file's documents r, r+W, r+2W, ..., counted across its row
-   groups: the ranks' shares are disjoint, together they are the whole file, and they differ in size
-   by at most one document. Each row group's share is cut into text batches of
-   `tokenizer_batch_size` documents. After the last file the stream starts over with epoch + 1.
-2. Tokens: every document is encoded with BOS prepended. On CUDA this runs in a background thread a
-   few text batches ahead of the packer, so tokenizing overlaps the GPU step.
-3. Packing: a buffer of at least `buffer_size` documents; each row of T+1 tokens is filled with the
-   largest buffered document that still fits, and when none fits, the shortest one is cropped to
-   the space left (its tail is dropped). Rows always start with BOS and have no padding.
 """
 
 import base64
@@ -56,34 +36,20 @@ class ResumeError(UserError, RuntimeError):
 
 
 def default_tokenizer_threads(device):
-    """Encoder threads: 4 next to a GPU; on CPU at most half the usable cores (and at most 4).
-
-    On CPU the training step already keeps every core busy; more encoder threads than spare cores
-    only add context switches (a 2-core run spent half its wall time in the kernel that way).
-    """
+    """Encoder threads: 4 next to a GPU; on CPU at most half the usable cores (and at most 4)."""
     if torch.device(device).type == "cuda":
         return 4
+    # More encoder threads than spare cores only add context switches (a 2-core run spent half its time in the kernel).
     return max(1, min(4, usable_cores() // 2))
 
 
 def _uses_cuda(device):
-    # Compare the device *type*: upstream compared a torch.device to the string "cuda", which is always
-    # False, so the staging buffer was never pinned and every host-to-device copy was synchronous.
+    # The device *type*: upstream compared a torch.device to "cuda", always False, so it never pinned memory.
     return torch.device(device).type == "cuda"
 
 
-# -----------------------------------------------------------------------------
-# 1. Documents
-
-
-class _TextBatch:
-    """Up to `tokenizer_batch_size` documents of one row group, and where they came from."""
-
-    __slots__ = ("texts", "rows", "epoch", "pq_idx", "rg_idx", "next_row")
-
-    def __init__(self, texts, rows, epoch, pq_idx, rg_idx, next_row):
-        self.texts, self.rows = texts, rows
-        self.epoch, self.pq_idx, self.rg_idx, self.next_row = epoch, pq_idx, rg_idx, next_row
+# Up to tokenizer_batch_size documents of one row group, and where they came from.
+_TextBatch = collections.namedtuple("_TextBatch", "texts rows epoch pq_idx rg_idx next_row")
 
 
 def _read_texts(parquet_file, rg_idx):
@@ -100,21 +66,17 @@ def _first_row_group(num_row_groups, rank, world_size):
 
 
 def _owned_rows(pf, rg_idx, num_rows, start_row, rank, world_size):
-    """The rows >= start_row of row group rg_idx that this rank reads, as a range."""
     if not strides_documents(pf.num_row_groups, world_size):
         return range(start_row, num_rows)
+    # Fewer row groups than ranks (a small val shard, the last train shard) would leave some ranks with nothing,
+    # so each rank takes the documents whose index in the file is = rank mod W: disjoint, near-equal shares.
     offset = sum(pf.metadata.row_group(g).num_rows for g in range(rg_idx))  # the group's first row in the file
     first = start_row + (rank - offset - start_row) % world_size  # the first row whose file index is = rank mod W
     return range(first, num_rows, world_size)
 
 
 def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, split):
-    """Endless stream of _TextBatch for this rank, starting at `cursor` = (epoch, pq_idx, rg_idx, row).
-
-    The first file visited starts at the cursor's row group and row (the rows before `row` are done);
-    every later file starts at this rank's first row group. Null texts are skipped (their row numbers
-    are simply absent from `rows`). `next_row` is one past the last row a batch covered.
-    """
+    """Endless stream of _TextBatch for this rank from `cursor` = (epoch, pq_idx, rg_idx, row); epoch + 1 per pass."""
     import pyarrow.parquet as pq
 
     epoch, start_pq, start_rg, start_row = cursor
@@ -125,6 +87,7 @@ def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, spl
             pf = pq.ParquetFile(files[pq_idx])
             resume_here = first_pass and pq_idx == start_pq
             rg_idx = start_rg if resume_here else _first_row_group(pf.num_row_groups, rank, world_size)
+            # Rank r reads whole row groups r, r+W, ...: each rank decompresses only its own share.
             rg_step = 1 if strides_documents(pf.num_row_groups, world_size) else world_size
             while rg_idx < pf.num_row_groups:
                 texts = _read_texts(pf, rg_idx)
@@ -132,7 +95,7 @@ def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, spl
                 owned = _owned_rows(pf, rg_idx, len(texts), row, rank, world_size)
                 for i in range(0, len(owned), tokenizer_batch_size):
                     chunk = owned[i:i + tokenizer_batch_size]
-                    rows = [j for j in chunk if texts[j] is not None]
+                    rows = [j for j in chunk if texts[j] is not None]  # null texts are skipped
                     produced = produced or bool(rows)
                     yield _TextBatch([texts[j] for j in rows], rows, epoch, pq_idx, rg_idx, chunk[-1] + 1)
                 rg_idx += rg_step
@@ -144,33 +107,21 @@ def _document_batches(files, rank, world_size, cursor, tokenizer_batch_size, spl
         epoch += 1
 
 
-# -----------------------------------------------------------------------------
-# 2. Tokens
-
-
-def _tokenize(tokenizer, texts, bos, threads):
-    return tokenizer.encode(texts, prepend=bos, num_threads=threads)
-
-
 def _as_doc(tokens, cap):
-    # Only the first T+1 tokens of a document can ever be placed (rows are T+1 long), so the tail of a
-    # long document is dropped here; its true length stays in the ref and drives the best-fit choice.
+    # Only a row's worth (T+1 tokens) can ever be placed; the true length stays in the ref for the best-fit choice.
     return np.array(tokens if len(tokens) <= cap else tokens[:cap], dtype=np.int32)
 
 
 def _tokenized_batches(text_batches, tokenizer, bos, threads, cap):
     for batch in text_batches:
-        token_lists = _tokenize(tokenizer, batch.texts, bos, threads) if batch.texts else []
+        token_lists = tokenizer.encode(batch.texts, prepend=bos, num_threads=threads) if batch.texts else []
         docs = [([batch.pq_idx, batch.rg_idx, row, len(tokens)], _as_doc(tokens, cap))
                 for row, tokens in zip(batch.rows, token_lists)]
         yield batch, docs
 
 
 class _Prefetcher:
-    """Runs an iterator in a daemon thread, up to `depth` items ahead; errors re-raise in the consumer.
-
-    Order is untouched, so prefetching changes timing only, never the data or the resume state.
-    """
+    """Runs an iterator in a daemon thread, up to `depth` items ahead, in order; errors re-raise in the consumer."""
 
     def __init__(self, source, depth):
         self._queue = queue.Queue(maxsize=depth)
@@ -181,8 +132,7 @@ class _Prefetcher:
 
     @staticmethod
     def _work(source, q, stop):
-        # A staticmethod on purpose: the thread must not hold a reference to the loader, or the loader
-        # could never be garbage collected and the thread would run forever.
+        # A staticmethod: a thread holding the loader would keep it from garbage collection, and run forever.
         def put(item):
             while not stop.is_set():
                 try:
@@ -218,18 +168,9 @@ class _Prefetcher:
         self._thread.join(timeout=5)
 
 
-# -----------------------------------------------------------------------------
-# 3. Packing
-
-
 class BestFitBuffer:
-    """The document pool of both best-fit packers, with O(log n) queries: pretraining crops the shortest
-    document when none fits the row, the chat loader pads the row instead.
-
-    Equivalent to a list scanned linearly (documents in arrival order; "largest that fits" and
-    "shortest" both break ties by the earliest arrival), which is what the spec and the reference
-    packer in tests/test_dataloader.py do.
-    """
+    """The document pool of both best-fit packers, with O(log n) queries. Picks what a linear scan in arrival
+    order would (ties go to the earliest arrival), as the reference packer in tests/test_dataloader.py does."""
 
     def __init__(self):
         self._docs = {}  # seq -> document; dicts keep insertion order, i.e. arrival order
@@ -282,13 +223,16 @@ def _decode_refs(text):
     return arr.tolist()
 
 
-# -----------------------------------------------------------------------------
-# The loader
-
-
 class BestFitLoader:
-    """Iterator of (inputs, targets, state) batches; see the module docstring and
-    `tokenizing_distributed_data_loader_with_state_bos_bestfit`."""
+    """Endless iterator of (inputs, targets, state_dict) for pretraining, over the "train" or "val" split.
+
+    inputs/targets: (B, T) int64 on `device`, targets shifted by one; views into a buffer the next batch
+    overwrites (clone to keep). tokenizer: `.encode(list_of_str, prepend=id, num_threads=k)`, `.get_bos_token_id()`.
+    Ranks (RANK/WORLD_SIZE) share any split holding at least one document per rank. prefetch: text batches tokenized
+    ahead in a thread. resume_state_dict: a state this loader yielded (or gather_loader_states of all of them): with
+    the same shards, tokenizer and settings the next batches equal the uninterrupted run's; another rank's, world
+    size's or upstream's resumes approximately (a warning); changed shards or tokenizer raise ResumeError.
+    """
 
     def __init__(self, tokenizer, B, T, split, tokenizer_threads=None, tokenizer_batch_size=128, device=None,
                  resume_state_dict=None, buffer_size=1000, data_dir=None, prefetch=None):
@@ -313,8 +257,7 @@ class BestFitLoader:
         if refs:
             self._restore_buffer(refs)
 
-        # Buffers are allocated once. The rows are packed in numpy, staged (pinned on CUDA) as
-        # [inputs | targets], then copied to the device in one transfer.
+        # Allocated once: rows packed in numpy, staged (pinned on CUDA) as [inputs | targets], one copy to the device.
         self._rows = np.empty((B, self._cap), dtype=np.int64)
         rows_t = torch.from_numpy(self._rows)
         self._row_inputs, self._row_targets = rows_t[:, :-1], rows_t[:, 1:]
@@ -330,8 +273,8 @@ class BestFitLoader:
         source = _tokenized_batches(_document_batches(self._files, self.rank, self.world_size, cursor,
                                                       tokenizer_batch_size, split),
                                     tokenizer, self._bos, self.tokenizer_threads, self._cap)
-        if prefetch is None:
-            prefetch = 4 if self.use_cuda else 0  # on CPU the training step wants every core
+        if prefetch is None:  # on CUDA tokenizing overlaps the GPU step; on CPU the training step wants every core
+            prefetch = 4 if self.use_cuda else 0
         if prefetch > 0:
             self._prefetcher = _Prefetcher(source, prefetch)
             self._next_tokenized = self._prefetcher.__next__
@@ -340,11 +283,9 @@ class BestFitLoader:
             self._prefetcher = None
             self._next_tokenized = source.__next__
 
-    # -- resume
-
     def _resume_plan(self, state):
-        """(cursor, buffered refs) to start from: exact when the state is ours for this rank, else
-        upstream's approximate rule (skip to the next round of row groups, empty buffer)."""
+        """(cursor, buffered refs): exact when the state is ours for this rank, else upstream's approximate rule
+        (the next round of row groups, or the next row group in a file split by documents; empty buffer)."""
         rank, W = self.rank, self.world_size
         if state is None:
             return (1, 0, _first_row_group(self._num_row_groups(0), rank, W), 0), []
@@ -376,15 +317,14 @@ class BestFitLoader:
         return (state.get("epoch", 1), pq_idx, next_rg, 0), []
 
     def _num_row_groups(self, pq_idx):
-        """Row groups in file #pq_idx of the split (0 past the last file: the stream moves on to the next epoch)."""
         import pyarrow.parquet as pq
 
         if pq_idx >= len(self._files):
-            return 0
+            return 0  # past the last file: the stream moves on to the next epoch
         return pq.ParquetFile(self._files[pq_idx]).num_row_groups
 
     def _restore_buffer(self, refs):
-        """Re-read and re-tokenize the buffered documents; check every length against the saved one."""
+        # The token counts are checked, so a changed shard or tokenizer fails loudly instead of drifting.
         import pyarrow.parquet as pq
 
         wanted = collections.defaultdict(set)
@@ -408,7 +348,8 @@ class BestFitLoader:
                     raise ResumeError(f"document {row} of row group {rg_idx} in {self._files[pq_idx]} is missing; "
                                       f"the shard changed since the checkpoint was saved")
                 texts[(pq_idx, rg_idx, row)] = group[row]
-        token_lists = _tokenize(self._tokenizer, [texts[tuple(r[:3])] for r in refs], self._bos, self.tokenizer_threads)
+        token_lists = self._tokenizer.encode([texts[tuple(r[:3])] for r in refs], prepend=self._bos,
+                                             num_threads=self.tokenizer_threads)
         for ref, tokens in zip(refs, token_lists):
             if len(tokens) != ref[3]:
                 raise ResumeError(f"document {ref[2]} of row group {ref[1]} in {self._files[ref[0]]} now encodes to "
@@ -416,8 +357,6 @@ class BestFitLoader:
                                   f"changed since the checkpoint was saved")
             self._buffer.add((list(ref), _as_doc(tokens, self._cap)), ref[3])
         log.info("Data loader resumed exactly: %d buffered documents rebuilt from %d row groups", len(refs), len(wanted))
-
-    # -- iteration
 
     def __iter__(self):
         return self
@@ -429,10 +368,15 @@ class BestFitLoader:
         self._cursor = (batch.epoch, batch.pq_idx, batch.rg_idx, batch.next_row)
 
     def state_dict(self):
-        """Where this loader stands after the last batch it returned (see the factory's docstring)."""
+        """This rank's position after the last batch it returned: JSON-serialisable, about 10 KB."""
         epoch, pq_idx, rg_idx, row_idx = self._cursor
         return {"format": STATE_FORMAT, "split": self.split, "rank": self.rank, "world_size": self.world_size,
-                "epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx, "row_idx": row_idx,
+                "epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx,  # the last text batch taken, as upstream's
+                # One past the last row that batch covered. Which rows of a file are this rank's follows from the
+                # file's row-group count and world_size alone, so the state needs no field for it.
+                "row_idx": row_idx,
+                # (pq_idx, rg_idx, row, token count) of every buffered document in arrival order: the buffer holds
+                # only whole documents (a crop discards the rest), so re-reading these rebuilds it exactly.
                 "buffer": _encode_refs([ref for ref, _ in self._buffer])}
 
     def __next__(self):
@@ -444,7 +388,7 @@ class BestFitLoader:
                 while len(buf) < self.buffer_size:
                     self._refill()
                 remaining = cap - pos
-                (_, tokens), fits = buf.pop(remaining)
+                (_, tokens), fits = buf.pop(remaining)  # the largest document that fits, else the shortest
                 if fits:
                     row[pos:pos + len(tokens)] = tokens
                     pos += len(tokens)
@@ -468,50 +412,7 @@ class BestFitLoader:
             self._prefetcher.close()
 
 
-def tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, B, T, split, tokenizer_threads=None,
-                                                              tokenizer_batch_size=128, device=None,
-                                                              resume_state_dict=None, buffer_size=1000,
-                                                              data_dir=None, prefetch=None):
-    """Endless iterator of (inputs, targets, state_dict) for pretraining.
-
-    inputs/targets: (B, T) int64 on `device`, targets = inputs shifted by one. They are views into a
-    persistent buffer that the next `next()` overwrites: clone them to keep them.
-    tokenizer: `.encode(list_of_str, prepend=bos_id, num_threads=k)` and `.get_bos_token_id()`.
-    split: "train" (every shard but the last) or "val" (the last shard). `data_dir` defaults to the
-    dataset dir. Ranks (RANK/WORLD_SIZE from torchrun) take interleaved row groups, or interleaved
-    documents in a file with fewer row groups than ranks (see the module docstring), so any number of
-    ranks can share any split that holds at least one document per rank.
-    tokenizer_threads: encoder threads (default: 4 on CUDA, else min(4, cores // 2) so as not to fight the
-    training step for cores). prefetch: text batches tokenized ahead in a background thread (default 4 on
-    CUDA, 0 = no thread elsewhere). device: a torch.device or string; on CUDA the staging buffer is pinned
-    and the copy is asynchronous.
-
-    Exact resume. The state (format "bestfit-exact-2") describes this rank's loader after the batch it
-    came with:
-      epoch, pq_idx, rg_idx  the last text batch taken from the document stream (as upstream),
-      row_idx                one past the last row of that row group the batch covered: reading goes on
-                             with this rank's rows from row_idx on (all of them in a file split by row
-                             groups, those with file index = rank mod world_size in a file split by
-                             documents; which split a file gets follows from its row-group count and
-                             world_size alone, so the state needs no field for it),
-      buffer                 every document still in the packing buffer, in arrival order, as
-                             (pq_idx, rg_idx, row, token count), zlib+base64-encoded int64,
-      format, split, rank, world_size   for validation.
-    The buffer holds whole documents and only whole documents (a crop discards the rest), so it is
-    fully determined by those references: on resume they are re-read from the shards, re-tokenized in
-    the same order (the token counts are checked, so a changed shard or tokenizer fails loudly), and
-    reading continues at (pq_idx, rg_idx, row_idx) with the same text-batch boundaries. Given the same
-    shards, tokenizer, B, T, buffer_size and tokenizer_batch_size, the following batches are identical
-    to the uninterrupted run's. The state is JSON-serialisable and about 10 KB per rank.
-    Each rank has its own state; pass `gather_loader_states(state)` (all ranks call it) to the
-    checkpoint so that every rank can resume exactly. A state from another rank, another world size
-    or upstream's format falls back to upstream's approximate rule (with a warning): restart at the
-    next round of row groups (the next row group, in a file split by documents) with an empty buffer.
-    """
-    return BestFitLoader(tokenizer, B, T, split, tokenizer_threads=tokenizer_threads,
-                         tokenizer_batch_size=tokenizer_batch_size, device=device,
-                         resume_state_dict=resume_state_dict, buffer_size=buffer_size, data_dir=data_dir,
-                         prefetch=prefetch)
+tokenizing_distributed_data_loader_with_state_bos_bestfit = BestFitLoader  # upstream's name
 
 
 def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):
@@ -521,16 +422,13 @@ def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):
 
 
 def gather_loader_states(state_dict):
-    """One checkpointable state holding every rank's loader state (a collective: all ranks call it).
-
-    Only rank 0 writes the checkpoint meta, but each rank's packing buffer is different. Returns the
-    state unchanged in a single process. The top-level epoch/pq_idx/rg_idx are rank 0's, for logs.
-    """
+    """Every rank's loader state in one checkpointable dict (a collective: all ranks call it); unchanged in
+    one process. Only rank 0 writes the checkpoint meta, but each rank's packing buffer differs."""
     world_size = dist_world_size()
     if world_size == 1:
         return state_dict
     states = [None] * world_size
     dist.all_gather_object(states, state_dict)
-    merged = {k: states[0][k] for k in ("epoch", "pq_idx", "rg_idx") if k in states[0]}
+    merged = {k: states[0][k] for k in ("epoch", "pq_idx", "rg_idx") if k in states[0]}  # rank 0's, for logs
     merged["ranks"] = states
     return merged

@@ -1,8 +1,7 @@
 """
-The pretraining corpus as parquet shards: `shard_00000.parquet`, `shard_00001.parquet`, ... with one
-column `text` (one document per row), row groups of 1024 documents (ingest/offline: >= 8 in the val shard,
-see ShardSetWriter), zstd. Files sort by name; the LAST file is the validation split and every other file is
-training data. Three ways to get shards, all in this format, so training uses any of them with no other change:
+The pretraining corpus as parquet shards `shard_00000.parquet`, ...: one `text` column (a document per row),
+zstd, row groups of 1024 documents. Files sort by name; the LAST one is the validation split, the others
+are training data. Three ways to get shards, all in this format:
 
     python -m nanochat.dataset -n 8                  # ClimbMix: train shards 0..7 + the val shard 6542
     python -m nanochat.dataset download -n 8 -w 4    # the same, spelled out (-n -1 = all 6542)
@@ -10,23 +9,9 @@ training data. Three ways to get shards, all in this format, so training uses an
     python -m nanochat.dataset ingest my_texts/ notes.jsonl more.parquet [--txt-split paragraph]
     python -m nanochat.dataset offline               # no network: real text that ships with Python
 
-Everything lands in $NANOCHAT_BASE_DIR/base_data_climbmix unless --data-dir/--out-dir says otherwise.
-The dataset URL can be pointed elsewhere (a mirror, a test server) with --base-url or $NANOCHAT_DATA_URL.
-
-ingest: each PATH is a file or a directory (walked recursively, sorted). Documents are
-  .txt/.md  --txt-split file (default): the whole file is one document;
-            paragraph: blocks separated by blank lines; line: every non-empty line;
-  .jsonl    one JSON object per line, document = its --text-field (default "text");
-  .parquet  the --text-field column.
-  --val-fraction F (default 0.01) sends an evenly spread F of the documents to the val shard;
-  --val-docs N sends the first N instead. Long documents can be cut at paragraph/line boundaries with
-  --max-doc-chars (the pretraining loader can only use the first row's worth of a document that is
-  longer than its context). Shards are built in a hidden staging directory and moved in at the end,
-  with a manifest.json recording where they came from.
-
-The input parsing and the offline corpus's sources live in nanochat/offline_corpus.py.
-offline: see nanochat/offline_corpus.py for what is collected. The content depends on the installed
-  Python and packages; the build is deterministic for a given installation.
+Shards land in $NANOCHAT_BASE_DIR/base_data_climbmix unless --data-dir/--out-dir says otherwise; --base-url
+or $NANOCHAT_DATA_URL points the download at a mirror. `--help` of each subcommand lists its options; the
+input formats and the offline corpus's sources are in nanochat/offline_corpus.py. Tests: tests/test_dataset.py.
 """
 
 import argparse
@@ -94,36 +79,31 @@ def read_manifest(data_dir):
         return json.load(f)
 
 
-# -----------------------------------------------------------------------------
-# Reading shards
+def training_data_dir(warn_on_legacy=False):
+    """The ClimbMix dir, or the legacy FineWeb-Edu dir when only that one exists."""
+    data_dir, legacy = get_data_dir(), os.path.join(get_base_dir(), LEGACY_DATA_DIR_NAME)
+    if os.path.isdir(data_dir) or not os.path.isdir(legacy):
+        return data_dir
+    if warn_on_legacy:
+        log.warning("No ClimbMix shards in %s; using the legacy FineWeb-Edu shards in %s. "
+                    "Upgrade with `python -m nanochat.dataset -n 170` and retrain the tokenizer "
+                    "(`python -m scripts.tok_train`).", data_dir, legacy)
+    return legacy
 
 
 def list_parquet_files(data_dir=None, warn_on_legacy=False):
-    """Sorted full paths of the *.parquet shards in `data_dir` (default: the ClimbMix dir).
-
-    Temp files of interrupted writes (".tmp" suffix or a leading dot) are never listed. With no
-    `data_dir` and no ClimbMix dir, the legacy FineWeb-Edu dir is used if present.
-    """
-    if data_dir is None:
-        data_dir = get_data_dir()
-        legacy = os.path.join(get_base_dir(), LEGACY_DATA_DIR_NAME)
-        if not os.path.isdir(data_dir) and os.path.isdir(legacy):
-            if warn_on_legacy:
-                log.warning("No ClimbMix shards in %s; using the legacy FineWeb-Edu shards in %s. "
-                            "Upgrade with `python -m nanochat.dataset -n 170` and retrain the tokenizer "
-                            "(`python -m scripts.tok_train`).", data_dir, legacy)
-            data_dir = legacy
+    """Sorted full paths of the *.parquet shards in `data_dir` (default: training_data_dir())."""
+    data_dir = training_data_dir(warn_on_legacy) if data_dir is None else data_dir
     if not os.path.isdir(data_dir):
         return []
+    # A leading dot marks the temp file of an interrupted write.
     names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet") and not n.startswith("."))
     return [os.path.join(data_dir, n) for n in names]
 
 
 def split_files(split, data_dir=None, warn_on_legacy=False):
-    """The shards of `split`: train = every shard but the last, val = the last one.
-
-    Both splits need at least two shards, so that the train and val documents never overlap.
-    """
+    """The shards of `split`: train = every shard but the last, val = the last; raises DatasetError with
+    fewer than two shards (train and val documents must never overlap)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     files = list_parquet_files(data_dir, warn_on_legacy=warn_on_legacy)
@@ -139,11 +119,8 @@ def split_files(split, data_dir=None, warn_on_legacy=False):
 
 
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):
-    """Yield the `text` list of row groups start, start+step, ... of every file of the split, in order.
-
-    train = every shard but the last, val = the last shard. `start`/`step` let DDP ranks take
-    interleaved row groups (rank, world_size).
-    """
+    """Yield the `text` list of row groups start, start+step, ... of every file of the split, in order
+    (start, step = rank, world_size interleaves the ranks)."""
     import pyarrow.parquet as pq
 
     if start < 0 or step < 1:
@@ -168,12 +145,7 @@ def validate_shard(path):
     return pf.metadata.num_rows
 
 
-# -----------------------------------------------------------------------------
-# Downloading ClimbMix
-
-
-def _describe_error(e):
-    """A short one-line reason for a failed request."""
+def _describe_error(e):  # a one-line reason for a failed request
     import requests
 
     if isinstance(e, requests.HTTPError) and e.response is not None:
@@ -202,12 +174,8 @@ def probe_host(url, timeout=10):
 
 def download_single_file(index, data_dir=None, base_url=None, max_attempts=5, retry_sleep=2.0, timeout=30):
     """Download shard `index` into `data_dir`; True on success (or already present and valid), else False.
-
-    The bytes go to a temp file that is renamed into place only after the parquet footer and the `text`
-    column check out, so a half-written or garbage download never looks like a shard. Failures are
-    retried up to `max_attempts` times, sleeping retry_sleep * 2^(attempt-1) seconds in between
-    (2, 4, 8, 16 s by default); client errors other than 408/429 are not retried.
-    """
+    Up to `max_attempts` tries, sleeping retry_sleep * 2^(attempt-1) s between them; client errors other
+    than 408/429 are final."""
     import requests
 
     data_dir = data_dir or get_data_dir()
@@ -232,7 +200,7 @@ def download_single_file(index, data_dir=None, base_url=None, max_attempts=5, re
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            validate_shard(tmp)
+            validate_shard(tmp)  # renamed into place only once valid: a garbage download never looks like a shard
             os.replace(tmp, path)
             return True
         except (requests.RequestException, OSError, ValueError) as e:
@@ -251,20 +219,10 @@ def download_single_file(index, data_dir=None, base_url=None, max_attempts=5, re
     return False  # only reached with max_attempts < 1
 
 
-def _refuse_foreign_dir(data_dir):
-    manifest = read_manifest(data_dir)
-    if manifest is not None and manifest.get("source") != "climbmix":
-        raise DatasetError(f"{data_dir} holds the {manifest.get('source')!r} corpus (see its {MANIFEST_NAME}); "
-                           f"mixing ClimbMix shards into it would break the train/val split. Move it away "
-                           f"(e.g. `mv {data_dir} {data_dir}.{manifest.get('source')}`) or pass --data-dir")
-
-
 def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, progress=True, **kwargs):
-    """Download train shards 0..num_files-1 plus the val shard; returns the list of indices that failed.
-
-    num_files=-1 means all 6542 train shards. Raises DatasetHostUnreachable (before starting any
-    worker) when shards are missing and the host does not answer. kwargs go to download_single_file.
-    """
+    """Download train shards 0..num_files-1 (-1 = all) plus the val shard; returns the indices that failed.
+    Raises DatasetHostUnreachable, before any download, when the host does not answer. kwargs go to
+    download_single_file."""
     from tqdm import tqdm
 
     if num_files < -1:
@@ -274,7 +232,11 @@ def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, p
     if kwargs.get("max_attempts", 1) < 1:
         raise DatasetError(f"--max-attempts must be >= 1, got {kwargs['max_attempts']}")
     data_dir = data_dir or get_data_dir()
-    _refuse_foreign_dir(data_dir)
+    manifest = read_manifest(data_dir)
+    if manifest is not None and manifest.get("source") != "climbmix":
+        raise DatasetError(f"{data_dir} holds the {manifest.get('source')!r} corpus (see its {MANIFEST_NAME}); "
+                           f"mixing ClimbMix shards into it would break the train/val split. Move it away "
+                           f"(e.g. `mv {data_dir} {data_dir}.{manifest.get('source')}`) or pass --data-dir")
     n = MAX_SHARD if num_files == -1 else min(num_files, MAX_SHARD)
     ids = list(range(n)) + [MAX_SHARD]
     missing = [i for i in ids if not os.path.exists(os.path.join(data_dir, shard_filename(i)))]
@@ -295,23 +257,9 @@ def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, p
     return sorted(failed)
 
 
-# -----------------------------------------------------------------------------
-# Writing shards (ingestion and the offline corpus)
-
-
 class ShardSetWriter:
-    """Stream documents into train shards plus one val shard, in a staging dir, then move them in.
-
-    A train shard is closed once it holds >= shard_chars characters at a row-group boundary (so every
-    train shard but the last has only full 1024-document row groups, as upstream's repackaging does:
-    big enough that reading and decompressing a group costs little next to tokenizing it).
-    The val shard gets the next index after the train shards, so it sorts last. Being small (1-2% of the
-    documents: 290 in the default offline corpus) it would be a single 1024-document row group, so up to
-    8 * 1024 of its documents are held in memory: a val shard of n <= 8192 documents is written as
-    min(n, 8) near-equal row groups, a bigger one in 1024-document groups. From 8 documents on it has at
-    least 8 row groups, and up to 8 ranks each read whole row groups of it (the loader splits a file with
-    fewer row groups than ranks by documents instead).
-    """
+    """Stream documents into train shards plus one val shard (sorting last), in a staging dir, then move them in.
+    A train shard closes at a row-group boundary once it holds >= shard_chars characters."""
 
     def __init__(self, out_dir, shard_chars, overwrite=False):
         import pyarrow as pa
@@ -328,8 +276,8 @@ class ShardSetWriter:
             log.info("Removed %d staging dir(s) left by an interrupted ingest in %s", len(stale), out_dir)
         self.staging = tempfile.mkdtemp(dir=out_dir, prefix=".staging-")
         self.schema = pa.schema([("text", pa.string())])
-        self.train = {"writer": None, "buf": [], "docs": 0, "chars": 0}
-        self.val = {"writer": None, "buf": [], "docs": 0, "chars": 0}
+        self.train = {"writer": None, "buf": [], "chars": 0}
+        self.val = {"writer": None, "buf": [], "chars": 0}
         self.train_shards = 0
         self.stats = {"train_docs": 0, "train_chars": 0, "val_docs": 0, "val_chars": 0}
 
@@ -344,8 +292,7 @@ class ShardSetWriter:
     def _staged(self, name):
         return os.path.join(self.staging, name)
 
-    def _flush(self, part, name, groups=1):
-        """Write the buffered documents as `groups` row groups of near-equal size (1024 each by default)."""
+    def _flush(self, part, name, groups=1):  # the buffered documents as `groups` near-equal row groups
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -365,17 +312,16 @@ class ShardSetWriter:
         part["buf"] = []
 
     def _held(self, part):
-        # Documents kept in memory before a flush: one row group, or the val shard's first eight.
+        # One row group in memory, or the val shard's first eight: a val shard of n <= 8192 documents (1-2% of
+        # them) is then written as min(n, 8) row groups, and up to 8 ranks each read whole groups.
         return ROW_GROUP_SIZE * (VAL_MIN_ROW_GROUPS if part is self.val and part["writer"] is None else 1)
 
     def add(self, text, to_val=False):
-        """Append one document to the val shard or the current train shard."""
         if to_val:
             part, name = self.val, "val.parquet"
         else:
             part, name = self.train, shard_filename(self.train_shards)
-        # Flush lazily, before adding: the last train document then always sits in memory, which lets
-        # finish() move it to val when nothing else went there.
+        # Flush before adding: the last train document stays in memory, for finish() to move to an empty val.
         if len(part["buf"]) == self._held(part):
             self._flush(part, name, groups=len(part["buf"]) // ROW_GROUP_SIZE)
         if not to_val and part["writer"] is not None and not part["buf"] and part["chars"] >= self.shard_chars:
@@ -389,7 +335,7 @@ class ShardSetWriter:
         self.stats[f"{kind}_chars"] += len(text)
 
     def finish(self, manifest):
-        """Close the shards, move them into out_dir (replacing old shards if overwrite), write the manifest."""
+        """Close the shards, move them into out_dir (replacing old ones), write the manifest; returns it."""
         if self.stats["val_docs"] == 0 and self.train["buf"]:
             text = self.train["buf"].pop()
             self.train["chars"] -= len(text)
@@ -427,8 +373,7 @@ class ShardSetWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _val_picker(val_fraction=None, val_docs=None):
-    """A function i -> bool choosing the val documents by their position in the stream."""
+def _val_picker(val_fraction=None, val_docs=None):  # i -> whether document i of the stream goes to val
     if val_docs is not None:
         if val_docs < 1:
             raise DatasetError(f"--val-docs must be >= 1, got {val_docs}")
@@ -446,10 +391,14 @@ def write_shards(documents, out_dir, manifest, shard_chars, val_fraction=0.01, v
     try:
         for i, text in enumerate(documents):
             writer.add(text, to_val=is_val(i))
-        return writer.finish(manifest)
+        manifest = writer.finish(manifest)
     except BaseException:
         writer.abort()
         raise
+    log.info("Wrote %d train + %d val documents (%s chars) of the %s corpus into %d shards in %s",
+             manifest["train_docs"], manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}",
+             manifest["source"], manifest["num_shards"], out_dir)
+    return manifest
 
 
 def ingest(paths, out_dir=None, text_field="text", txt_split="file", val_fraction=0.01, val_docs=None,
@@ -461,23 +410,12 @@ def ingest(paths, out_dir=None, text_field="text", txt_split="file", val_fractio
     docs = iter_input_documents(paths, text_field=text_field, txt_split=txt_split, max_doc_chars=max_doc_chars)
     manifest = {"source": "ingest", "inputs": [os.path.abspath(p) for p in paths], "text_field": text_field,
                 "txt_split": txt_split, "max_doc_chars": max_doc_chars}
-    manifest = write_shards(docs, out_dir, manifest, shard_chars, val_fraction, val_docs, overwrite)
-    log.info("Ingested %d train + %d val documents (%s chars) into %d shards in %s", manifest["train_docs"],
-             manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}", manifest["num_shards"], out_dir)
-    return manifest
-
-
-# -----------------------------------------------------------------------------
-# The offline corpus and the pipeline's entry point
+    return write_shards(docs, out_dir, manifest, shard_chars, val_fraction, val_docs, overwrite)
 
 
 def build_offline_corpus(out_dir=None, max_chars=None, shard_chars=8_000_000, val_fraction=0.02, overwrite=False):
-    """Build shards from real text that ships with this Python (see nanochat/offline_corpus.py).
-
-    max_chars=None means DEFAULT_OFFLINE_CHARS (45M). Deterministic for a given installation: documents
-    are collected in a fixed order, deduplicated, then shuffled with a fixed seed (so the val shard is a
-    sample of everything, not the last package).
-    """
+    """Build shards from real text that ships with this Python (see nanochat/offline_corpus.py); returns the
+    manifest. max_chars=None means DEFAULT_OFFLINE_CHARS. Deterministic for a given installation."""
     import platform
 
     from nanochat import offline_corpus
@@ -487,26 +425,18 @@ def build_offline_corpus(out_dir=None, max_chars=None, shard_chars=8_000_000, va
     log.info("Building the offline corpus (up to %s chars) from Python %s's standard library in %s and the installed "
              "packages in %s; its content depends on the installed Python and packages", f"{max_chars:,}",
              platform.python_version(), offline_corpus.stdlib_dir(), ", ".join(offline_corpus.site_packages_dirs()))
-    # Source files average ~11k characters, far longer than a tiny model's context; the packing loader
-    # would only ever see each file's first row. Cutting them at paragraph boundaries keeps all the text usable.
+    # Source files average ~11k characters: the packing loader would see only each file's first row of them.
     docs = [piece for doc in offline_corpus.iter_offline_documents(max_chars)
             for piece in offline_corpus.split_long_document(doc, OFFLINE_DOC_CHARS)]
-    random.Random(42).shuffle(docs)
+    random.Random(42).shuffle(docs)  # the val shard samples everything, not the last package
     manifest = {"source": "offline", "python": platform.python_version(), "stdlib": offline_corpus.stdlib_dir(),
                 "site_packages": offline_corpus.site_packages_dirs(), "max_chars": max_chars, "max_doc_chars": OFFLINE_DOC_CHARS, "seed": 42}
-    manifest = write_shards(docs, out_dir, manifest, shard_chars, val_fraction=val_fraction, overwrite=overwrite)
-    log.info("Offline corpus: %d train + %d val documents (%s chars) in %d shards in %s", manifest["train_docs"],
-             manifest["val_docs"], f"{manifest['train_chars'] + manifest['val_chars']:,}", manifest["num_shards"], out_dir)
-    return manifest
+    return write_shards(docs, out_dir, manifest, shard_chars, val_fraction=val_fraction, overwrite=overwrite)
 
 
 def ensure_pretraining_data(num_files, data_dir=None, base_url=None, num_workers=4, **download_kwargs):
-    """Make sure there are shards to train on; returns where they came from: climbmix, offline or ingest.
-
-    An ingested or offline shard set already in the data dir is used as is. Otherwise ClimbMix shards
-    are downloaded; if the host can't be reached at all, the offline corpus is built instead (and the
-    log says why, once). Raises DatasetError when some downloads fail for other reasons.
-    """
+    """Make sure there are shards to train on; returns their source: an ingest/offline set already there, else
+    climbmix (downloaded), else offline when the host can't be reached. Raises DatasetError if downloads fail."""
     data_dir = data_dir or get_data_dir()
     manifest = read_manifest(data_dir)
     if manifest is not None and manifest.get("source") != "climbmix" and list_parquet_files(data_dir):
@@ -527,10 +457,6 @@ def ensure_pretraining_data(num_files, data_dir=None, base_url=None, num_workers
         raise DatasetError(f"{len(failed)} shard(s) failed to download: {', '.join(map(shard_filename, failed[:10]))}"
                            f"{' ...' if len(failed) > 10 else ''}; rerun the same command to retry them")
     return "climbmix"
-
-
-# -----------------------------------------------------------------------------
-# CLI
 
 
 def build_parser():

@@ -1,46 +1,27 @@
 """
 Run model-written Python (HumanEval completions, tool calls) in a fresh, fenced-in interpreter.
 
-    from nanochat.execution import execute_code
     result = execute_code("print(1 + 1)", timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024)
     result.success, result.stdout   # True, "2\n"
 
-`python -m nanochat.execution` prints which protection layers this machine supports.
-
-Every call starts a new interpreter (`sys.executable -I -B`) in its own session, in a temporary
-working directory that is removed afterwards, with a scrubbed environment and stdin closed. Before
-the user code runs, a bootstrap inside the child puts up these layers, in this order:
-
-1. rlimits: address space / data / stack capped at `maximum_memory_bytes` (None = no cap), no core
-   files, each file written capped at `maximum_disk_bytes`.
-2. Landlock (Linux >= 5.13): the kernel refuses writes, deletes and renames anywhere except the
-   working directory (and /dev/null), and reads anywhere except the working directory, the Python
-   installation (its sys.path and prefixes), the shared-library directories, /proc/self and a few
-   harmless files (/etc/ld.so.cache, /proc/cpuinfo...): no /etc/shadow, no home directory, no other
-   user's files. With newer ABIs also TCP bind/connect and signals to processes outside the sandbox.
-3. Capabilities dropped (matters when running as root: no reboot, mount, ptrace of others...).
-4. seccomp (x86_64, aarch64): no socket(), fork/vfork/non-thread clone, execve, ptrace,
-   io_uring, no new namespaces (unshare, setns, clone with CLONE_NEW*), and kill/tgkill only aimed
-   at the child itself.
-5. The in-process guard of OpenAI's human-eval (the upstream list: os.kill, os.system, os.remove,
-   shutil.rmtree, subprocess.Popen, os.fork, ... set to None), plus socket creation disabled and
-   `open()` for writing refused outside the working directory.
-
-Layers 2-4 are enforced by the kernel, so ctypes tricks don't get around them; where one is missing
-(older kernel, other OS) the parent logs a warning once and the remaining layers still apply. Layer
-5 alone is best effort only: Python code can always reach the original functions through ctypes or
-introspection. The parent never trusts the child: the wall-clock timeout kills the whole session,
-output is read with a cap (a flood kills the child instead of filling the parent's memory),
-the working directory's disk use is checked every 50 ms and once more at the end (past
-`maximum_disk_bytes` in total the child is killed and fails), and success requires the bootstrap's
-own "finished" record, so `os._exit(0)` halfway is not a pass.
-
-Not contained: CPU time within the timeout, reading the allowed directories above (the Python
-installation may include this repository, installed in development mode), disk written faster than
-the 50 ms check can catch (the per-file cap bounds each file, not a burst of many), and every kernel
-layer this machine lacks (`python -m nanochat.execution` lists them). This is protection against
-accidents and sloppy code during evaluation, not a hardened jail for adversarial code: prefer a
-container or VM for that.
+`python -m nanochat.execution` lists the layers this machine supports; tests: tests/test_execution.py.
+Each call runs `sys.executable -I -B` in its own session and a temporary working directory, with a scrubbed
+environment and stdin closed. A bootstrap in the child puts up, in order:
+1. rlimits: memory capped at `maximum_memory_bytes`, no core files, each file capped at `maximum_disk_bytes`;
+2. Landlock (Linux >= 5.13): writes only in the working directory (and /dev/null); reads only there, in the
+   Python installation, the shared-library dirs, /proc/self and a few harmless files; newer ABIs also
+   refuse TCP bind/connect and signals outside the sandbox;
+3. all capabilities dropped (matters as root);
+4. seccomp (x86_64, aarch64): no socket, fork/vfork/non-thread clone, execve, ptrace, io_uring, new
+   namespaces, and kill/tgkill only at the child itself;
+5. a Python guard (human-eval's list of os/shutil/subprocess functions set to None, no sockets, `open()`
+   for writing only inside the working directory): best effort, ctypes gets around it.
+Layers 2-4 are the kernel's; a missing one is logged once and the rest still apply. The parent kills the
+whole session at the timeout, caps the output it reads, checks the disk use every 50 ms and at the end,
+and counts a run as passed only on the bootstrap's own "done" record (`os._exit(0)` halfway fails).
+Not contained: CPU time within the timeout, reading the allowed directories (which may include this repo),
+disk bursts faster than the 50 ms check, and every kernel layer this machine lacks. Protection against
+accidents and sloppy code, not a jail for adversarial code: use a container or VM for that.
 """
 
 import dataclasses
@@ -67,7 +48,7 @@ _WARNED_LAYERS = set()
 
 @dataclasses.dataclass
 class ExecutionResult:
-    """What happened to one program. `error` is a one-line summary; None on success."""
+    """What happened to one program; `error` is a one-line summary, None on success."""
 
     success: bool
     stdout: str
@@ -79,17 +60,13 @@ class ExecutionResult:
 
     def __repr__(self):
         # Only the fields that say something: a passing run prints as ExecutionResult(success=True, stdout=...).
-        shown = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.default is dataclasses.MISSING or value != field.default:
-                shown.append(f"{field.name}={value!r}")
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default]
         return f"ExecutionResult({', '.join(shown)})"
 
 
-# -----------------------------------------------------------------------------
-# The bootstrap: the first thing the child interpreter runs. `_CONFIG = {...}` is prepended.
-# Kept as source text because it must run in the other process before anything else.
+# The child's first code, as source text because it must run in the other process before anything else;
+# `_CONFIG = {...}` is prepended.
 
 _BOOTSTRAP = r'''
 import builtins, ctypes, errno, faulthandler, io, json, linecache, os, resource, signal, struct, sys, types
@@ -246,8 +223,7 @@ def _python_guard():
     builtins.exit = builtins.quit = builtins.help = None
     realpath, isabs, join, split, fsdecode = os.path.realpath, os.path.isabs, os.path.join, os.path.split, os.fsdecode
 
-    def check_inside(path, follow=True):
-        """Refuse to modify `path` unless it lies inside the working directory (or is /dev/null)."""
+    def check_inside(path, follow=True):  # refuse to modify `path` outside the working directory (or /dev/null)
         if isinstance(path, int):
             return  # an already-open descriptor
         name = fsdecode(path)
@@ -386,10 +362,6 @@ _run(_CONFIG["code"])
 '''
 
 
-# -----------------------------------------------------------------------------
-# Parent side
-
-
 def _kill_session(sid):
     """SIGKILL every process in the child's session: the child, and whatever it managed to spawn."""
     try:
@@ -426,8 +398,7 @@ def _remove_tree(path):
         shutil.rmtree(path)
 
 
-def _disk_use(path):
-    """(bytes allocated, entries) under `path`; stops counting entries past _MAX_DISK_ENTRIES."""
+def _disk_use(path):  # (bytes allocated, entries); stops past _MAX_DISK_ENTRIES entries
     used = entries = 0
     stack = [path]
     while stack and entries <= _MAX_DISK_ENTRIES:
@@ -485,8 +456,7 @@ def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, ke
             for fd in streams:
                 sel.register(fd, selectors.EVENT_READ)
 
-            def pump(wait):
-                """Read whatever becomes readable within `wait` seconds; False if nothing did."""
+            def pump(wait):  # read whatever becomes readable within `wait` seconds; False if nothing did
                 nonlocal overflow
                 events = sel.select(wait)
                 for key, _ in events:
@@ -584,15 +554,9 @@ def _warn_missing_layers(layers):
 
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES,
                  maximum_disk_bytes=DEFAULT_MAX_DISK_BYTES):
-    """Run `code` as a `__main__` script in a sandboxed fresh interpreter and report what happened.
-
-    timeout: wall-clock seconds (interpreter start-up included) before the whole session is killed.
-    maximum_memory_bytes: address-space cap for the child, or None for no cap.
-    max_output_bytes: how much of stdout and of stderr is kept; a program that prints more is killed.
-    maximum_disk_bytes: what the program may write in all (its working directory); past it, it is killed.
-    Whatever the program printed is kept even when it timed out or crashed. Never raises for anything
-    the program does; raises ValueError for bad arguments.
-    """
+    """Run `code` as `__main__` in a sandboxed fresh interpreter; returns an ExecutionResult. timeout: wall-clock
+    seconds, start-up included; maximum_memory_bytes None = no cap. A program that prints more than max_output_bytes
+    per stream or writes more than maximum_disk_bytes is killed. Raises ValueError only for bad arguments."""
     if not isinstance(code, str):
         raise ValueError(f"code must be a str, got {type(code).__name__}")
     if not timeout or timeout <= 0:
@@ -625,7 +589,6 @@ def build_parser():
 
 
 def main(argv=None):
-    """Print the sandbox layers available here, then run a tiny program as a smoke test."""
     build_parser().parse_args(argv)
     for name, state in sandbox_layers().items():
         print(f"{name:>14}: {state}")

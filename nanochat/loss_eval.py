@@ -1,10 +1,7 @@
 """
-Bits per byte: the tokenizer-independent loss used to compare models with different vocabularies.
+Bits per byte: the tokenizer-independent loss that compares models with different vocabularies.
 
-    from nanochat.loss_eval import evaluate_bpb
-    bpb = evaluate_bpb(model, val_loader, steps, get_token_bytes(device))
-
-Run by scripts/base_train.py (validation) and scripts/base_eval.py (train and val splits).
+    bpb = evaluate_bpb(model, val_loader, steps, get_token_bytes(device))   # tests: tests/test_loss_eval.py
 """
 
 import logging
@@ -20,15 +17,9 @@ log = logging.getLogger("nanochat.loss_eval")
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
-    """Bits per byte of `model` over `steps` batches: sum of nats / (ln 2 * sum of target bytes).
-
-    model(x, y, loss_reduction='none') must return the per-token cross-entropy in nats (B*T values).
-    batches: an iterator of (x, y) (extra items, e.g. a loader state, are ignored).
-    token_bytes: int tensor [vocab] with the byte length of every token id, 0 for special tokens.
-    Targets that are ignored (y < 0) or special (0 bytes) count in neither sum, so BOS targets and
-    masked positions do not move the number. Under torch.distributed the sums are added over ranks
-    and every rank returns the same value. Returns inf when no target had any bytes.
-    """
+    """Bits per byte of `model` over `steps` batches: sum of nats / (ln 2 * sum of target bytes), summed over
+    ranks; inf when no target had any bytes. model(x, y, loss_reduction='none') -> (B*T,) nats; batches yield
+    (x, y, ...); token_bytes: int [vocab], 0 for special tokens. Targets < 0 or special count in neither sum."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = token_bytes.device
@@ -62,7 +53,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
 
 
 def evaluate_splits_bpb(model, tokenizer, device, batch_size, seq_len, steps, splits=("train", "val")):
-    """Bits per byte over `steps` packed batches of each split ({split: bpb}); base_eval and base_loss share it."""
+    """{split: bits per byte over `steps` packed batches of it}."""
     from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
     from nanochat.tokenizer import get_token_bytes
 

@@ -1,24 +1,15 @@
 """
-Documents from local files, for `nanochat.dataset` to turn into shards: the user's own text
-(`python -m nanochat.dataset ingest PATH...`) and the offline corpus, real text that is on every
-machine that can run nanochat (`python -m nanochat.dataset offline`, and the fallback when the
-dataset host can't be reached). Nothing here writes files; see nanochat/dataset.py for the CLI.
+Documents from local files, for nanochat/dataset.py (the CLI) to turn into shards; nothing here writes files.
 
-User input (`iter_input_documents`): .txt/.md files are one document each, or blank-line separated
-paragraphs, or lines (`txt_split`); .jsonl lines are objects whose `text_field` is the document;
-.parquet files give the `text_field` column. Directories are walked recursively in sorted order.
+User input (`ingest`): .txt/.md files are one document each, or blank-line separated paragraphs, or lines
+(`txt_split`); .jsonl lines are objects whose `text_field` is the document; .parquet files give the
+`text_field` column. Directories are walked recursively in sorted order.
 
-The offline corpus (`iter_offline_documents`), in this fixed order, each file one document, exact
-duplicates dropped:
-  1. the standard library of the running interpreter (sysconfig "stdlib", e.g. .../lib/python3.11):
-     every .py, .txt and .rst file, skipping site-packages and __pycache__;
-  2. the installed packages (sysconfig "purelib"/"platlib"): READMEs, LICENSE/COPYING/NOTICE/AUTHORS
-     files, .md/.rst files and the METADATA of each *.dist-info (it carries the package's README);
-  3. the installed packages' Python files, reduced to their docstrings (module, class and function).
-Directories are walked depth first with names sorted, so two builds on the same installation see the
-same documents in the same order. The content therefore depends on the installed Python and packages:
-a CPython 3.11 standard library alone is about 32M characters, and with the packages of this project's
-environment about 58M are available.
+The offline corpus (`offline`, and the fallback without network): each file one document, exact duplicates
+dropped, in this order: 1. the running interpreter's standard library (.py, .txt, .rst); 2. the installed
+packages' READMEs, licences, .md/.rst files and dist-info METADATA; 3. the installed packages' Python files,
+reduced to their docstrings. So its content depends on the installation (CPython 3.11's stdlib alone is
+about 32M characters), and two builds on one installation see the same documents in the same order.
 """
 
 import ast
@@ -41,31 +32,23 @@ MAX_FILE_BYTES = 8 << 20  # skip generated giants (data tables) that would domin
 
 
 def stdlib_dir():
-    """The standard library directory of the running interpreter (the base one inside a venv)."""
-    return sysconfig.get_paths()["stdlib"]
+    return sysconfig.get_paths()["stdlib"]  # the base interpreter's, inside a venv too
 
 
 def site_packages_dirs():
-    """The installed packages' directories of the running interpreter, deduplicated, existing only."""
-    paths = sysconfig.get_paths()
-    dirs = []
-    for key in ("purelib", "platlib"):
-        d = os.path.realpath(paths[key])
-        if os.path.isdir(d) and d not in dirs:
-            dirs.append(d)
-    return dirs
+    dirs = [os.path.realpath(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")]
+    return [d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i]]  # often purelib == platlib
 
 
-def _walk_sorted(root, skip_dirs=()):
-    """Yield file paths under `root`, depth first, names sorted at every level."""
+def _walk_sorted(root, skip_dirs=("__pycache__",)):
+    """Yield file paths under `root`, depth first, names sorted at every level: the same order on every run."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and d != "__pycache__")
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
         for name in sorted(filenames):
             yield os.path.join(dirpath, name)
 
 
-def _read_text(path):
-    """The file's text, or None when it is not a small-enough UTF-8 text file."""
+def _read_text(path):  # None unless a small-enough UTF-8 text file
     try:
         if os.path.getsize(path) > MAX_FILE_BYTES:
             return None
@@ -79,15 +62,12 @@ def _read_text(path):
 def _is_package_doc(path):
     name = os.path.basename(path).lower()
     if name == "metadata" and os.path.basename(os.path.dirname(path)).endswith(".dist-info"):
-        return True
+        return True  # it carries the package's README
     return name.startswith(DOC_NAME_PREFIXES) or name.endswith(DOC_EXTENSIONS)
 
 
 def docstrings_of(source):
-    """All docstrings of a Python source (module, classes, functions), cleaned, blank-line separated.
-
-    Returns "" for a source that does not parse (Python 2 files, deliberately broken test inputs).
-    """
+    """All docstrings of a Python source, cleaned, blank-line separated; "" when it does not parse."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escape sequences etc. in third-party code
@@ -106,7 +86,7 @@ def docstrings_of(source):
 def iter_source_documents():
     """Yield (path, text) for every candidate document, in the fixed order the module docstring gives."""
     std = stdlib_dir()
-    for path in _walk_sorted(std, skip_dirs=("site-packages", "dist-packages")):
+    for path in _walk_sorted(std, skip_dirs=("site-packages", "dist-packages", "__pycache__")):
         if path.endswith(STDLIB_EXTENSIONS):
             text = _read_text(path)
             if text is not None:
@@ -128,11 +108,8 @@ def iter_source_documents():
 
 
 def iter_offline_documents(max_chars=None):
-    """Yield deduplicated, non-empty document texts until their total length reaches `max_chars`.
-
-    `max_chars=None` yields everything available. The document that crosses the limit is included
-    whole, so the total can exceed `max_chars` by at most one document.
-    """
+    """Yield deduplicated, non-empty texts until their total reaches `max_chars` (None = everything); the
+    document that crosses the limit is included whole."""
     seen = set()
     total = 0
     for _path, text in iter_source_documents():
@@ -148,9 +125,6 @@ def iter_offline_documents(max_chars=None):
         if max_chars is not None and total >= max_chars:
             return
 
-
-# -----------------------------------------------------------------------------
-# Ingesting the user's own text
 
 TEXT_EXTENSIONS = (".txt", ".md")
 INPUT_EXTENSIONS = TEXT_EXTENSIONS + (".jsonl", ".parquet")
@@ -249,7 +223,7 @@ def _iter_parquet(path, text_field):
 
 
 def split_long_document(text, max_chars):
-    """Cut `text` into pieces of at most max_chars, preferring paragraph, then line, then hard boundaries."""
+    """Yield pieces of `text` of at most max_chars, cut at paragraph, else line, else hard boundaries."""
     while len(text) > max_chars:
         cut = text.rfind("\n\n", 0, max_chars)
         if cut <= 0:

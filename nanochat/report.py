@@ -1,20 +1,11 @@
 """
-The markdown training report. Each stage logs one section; `generate` stitches the header, the
-sections in pipeline order and a summary table into <base>/report/report.md (and ./report.md).
-It also plots each training stage's curves (<base>/report/curves/<stage>.json, written by the training
-loop) as report-<stage>-curves.png beside both copies of report.md, linked under the stage's section,
-and adds to the header what the run trained on: the pretraining shards of the data dir (ClimbMix,
-ingested text or the offline corpus) and every offline stand-in a stage reported using.
+The markdown training report: each stage logs a section, `generate` stitches the header (environment, and
+the data the run trained on), the sections in pipeline order, each training stage's curve plot and a summary
+table into <base>/report/report.md and ./report.md. Tests: tests/test_report.py.
 
     python -m nanochat.report reset       # start of a run: delete old sections, curves and plots; write header.md
     python -m nanochat.report generate    # end of a run (also the default with no argument)
-
-From a stage: get_report().log(section="Chat SFT", data=[vars(args), {"Training loss": 1.1076}])
-
-Section titles come from one table, SECTIONS, that both the writers and generate() use. Upstream's
-chat_sft once logged "SFT" while the report looked for chat-sft.md, and the SFT section silently
-vanished; here "SFT"/"RL" map to their stage, and any other unknown section is kept (appended after
-the known ones) with a warning instead of being dropped.
+    get_report().log(section="Chat SFT", data=[vars(args), {"Training loss": 1.1076}])   # from a stage
 """
 
 import argparse
@@ -24,17 +15,19 @@ import json
 import logging
 import math
 import os
+import pathlib
 import platform
 import re
 import subprocess
 import sys
 
 from nanochat.common import atomic_write, get_base_dir, setup_default_logging
-from nanochat.dataset import LEGACY_DATA_DIR_NAME, get_data_dir, list_parquet_files, read_manifest
+from nanochat.dataset import LEGACY_DATA_DIR_NAME, list_parquet_files, read_manifest, training_data_dir
 
 log = logging.getLogger("nanochat.report")
 
-# (title, summary-table stage) in report order; the file of a section is slugify(title) + ".md".
+# (title, summary-table stage) in report order; the file of a section is slugify(title) + ".md". The writers
+# and generate() share this one table: upstream's SFT section once vanished under a title the report never read.
 SECTIONS = (
     ("Tokenizer training", None),
     ("Tokenizer evaluation", None),
@@ -50,11 +43,10 @@ SECTIONS = (
     ("lm-eval harness", None),  # scripts/lm_eval.py, when used
     ("Hugging Face export", None),  # scripts/export_hf.py, when used
 )
-# Our base_eval writes loss and CORE in one section (as upstream's latest does), so "Base model loss"
-# keeps its place in the order for older writers but is not warned about when absent; neither are the
-# sections of the tools a user runs only when wanted (lm-eval, the Hugging Face export).
+# Not warned about when absent: base_eval writes loss and CORE in one section (as upstream's latest does), and
+# the tools below run only when wanted.
 OPTIONAL_SECTIONS = {"Base model loss", "lm-eval harness", "Hugging Face export"}
-ALIASES = {"sft": "Chat SFT", "rl": "Chat RL"}  # titles upstream's later scripts used
+ALIASES = {"sft": "Chat SFT", "rl": "Chat RL"}  # titles upstream's later scripts used; other unknowns go last
 STAGES = ("base", "mid", "sft", "rl")
 
 # Summary rows: which `- key: value` lines of which section become which row.
@@ -91,16 +83,14 @@ def _now():
     return datetime.datetime.now()
 
 
-def slugify(title):
-    """Section title -> file stem: lower case, anything but [a-z0-9._] becomes '-'."""
+def slugify(title):  # lower case, anything but [a-z0-9._] becomes '-'
     slug = re.sub(r"[^a-z0-9._]+", "-", title.lower()).strip("-")
     if not slug:
         raise ValueError(f"report section title {title!r} has no usable characters")
     return slug
 
 
-def canonical_title(section):
-    """The SECTIONS title a section name stands for, or the name itself when it is not a known stage."""
+def canonical_title(section):  # the SECTIONS title a name stands for, else the name itself
     slug = slugify(section)
     if slug in ALIASES:
         return ALIASES[slug]
@@ -133,11 +123,8 @@ def format_section(section, data, timestamp):
 
 
 def extract_metrics(text, keys):
-    """{row: value} from lines `- {key}: {value}` whose key is exactly one of `keys` (last one wins).
-
-    Exact keys, not substrings: a CLI-argument line `- task_name: GSM8K` is not the GSM8K score,
-    and a value containing ':' is kept whole.
-    """
+    """{row: value} from lines `- {key}: {value}` whose key is exactly one of `keys` (last one wins): a
+    CLI-argument line `- task_name: GSM8K` is not the GSM8K score."""
     found = {}
     for line in text.splitlines():
         for key, row in keys.items():
@@ -157,12 +144,7 @@ def _first_time(text, prefix):
     return None
 
 
-# -----------------------------------------------------------------------------
-# Header: environment facts
-
-
-def _run(cmd, cwd=None):
-    """Stripped stdout of a short command; "" if it printed nothing but succeeded; None if it failed."""
+def _run(cmd, cwd=None):  # stripped stdout; "" if it printed nothing but succeeded; None if it failed
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired):
@@ -184,7 +166,6 @@ def git_info(cwd=None):
 
 
 def gpu_info():
-    """GPU count, names, total memory (GiB), CUDA version; count 0 without CUDA."""
     import torch
 
     if not torch.cuda.is_available():
@@ -194,14 +175,12 @@ def gpu_info():
             "memory_gb": sum(p.total_memory for p in props) / 1024**3, "cuda_version": torch.version.cuda or "unknown"}
 
 
-def hourly_rate(gpu):
-    """Rough $/hour of the machine, priced by the first GPU's name."""
+def hourly_rate(gpu):  # rough $/hour, priced by the first GPU's name
     per_gpu = next((rate for key, rate in HOURLY_RATES if key in gpu["names"][0]), DEFAULT_HOURLY_RATE)
     return per_gpu * gpu["count"]
 
 
-def cpu_model():
-    """The CPU's marketing name ("AMD EPYC 9654 96-Core Processor"), or "" when the system won't say."""
+def cpu_model():  # "AMD EPYC 9654 96-Core Processor", or "" when the system won't say
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -224,29 +203,21 @@ def system_info():
 
 
 def bloat_info(cwd=None):
-    """Size of the tracked source: characters (not bytes), lines, files, ~tokens, uv.lock lines.
-
-    Files come from one `git ls-files` call and are read here, so no shell argument limit can split
-    the count (upstream piped through xargs into `wc -lc`, which counted bytes, and on a long file list
-    ran wc several times and kept only the last batch's total).
-    """
+    """Size of the tracked source: characters (not bytes), lines, files, ~tokens, uv.lock lines."""
     root = _run(["git", "rev-parse", "--show-toplevel"], cwd) or os.path.abspath(cwd or ".")
+    # Read here: upstream's xargs into `wc -lc` counted bytes and, on a long list, only the last batch.
     listing = _run(["git", "ls-files", "-z", "--", *BLOAT_PATTERNS], root) or ""
     chars = lines = files = 0
     for rel in filter(None, listing.split("\0")):
         path = os.path.join(root, rel)
         if not os.path.isfile(path):
             continue  # deleted in the working tree but still in the index
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
         chars += len(text)
         lines += len(text.splitlines())
         files += 1
-    uv_lock = os.path.join(root, "uv.lock")
-    deps = 0
-    if os.path.exists(uv_lock):
-        with open(uv_lock, encoding="utf-8", errors="replace") as f:
-            deps = len(f.read().splitlines())
+    uv_lock = pathlib.Path(root, "uv.lock")
+    deps = len(uv_lock.read_text(encoding="utf-8", errors="replace").splitlines()) if uv_lock.exists() else 0
     return {"chars": chars, "lines": lines, "files": files, "tokens": chars // 4, "deps": deps}
 
 
@@ -255,7 +226,7 @@ def collect_environment(cwd=None):
 
 
 def format_header(env, generated_at):
-    """header.md without the `Run started` line (see Report.reset)."""
+    """header.md without the `Run started` line (Report.reset adds it)."""
     g, gpu, s, b = env["git"], env["gpu"], env["system"], env["bloat"]
     lines = [
         "# nanochat training report", "", f"Generated: {generated_at.strftime(TIME_FORMAT)}", "",
@@ -281,18 +252,9 @@ def format_header(env, generated_at):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# What the run trained on: pretraining shards and offline stand-ins (read when the report is generated,
-# since `reset` runs before the data is downloaded and the stages run)
-
-
-def dataset_info(data_dir=None):
-    """One line naming the pretraining shards in `data_dir` (default: the one training reads) and how many."""
-    if data_dir is None:
-        data_dir = get_data_dir()
-        legacy = os.path.join(get_base_dir(), LEGACY_DATA_DIR_NAME)
-        if not os.path.isdir(data_dir) and os.path.isdir(legacy):  # what the loader falls back to, too
-            data_dir = legacy
+def dataset_info(data_dir=None):  # read by generate(): `reset` runs before the data is downloaded
+    """One line naming the pretraining shards in `data_dir` (default: what training reads) and how many."""
+    data_dir = training_data_dir() if data_dir is None else data_dir
     files = list_parquet_files(data_dir)
     if not files:
         return f"none found in {data_dir}"
@@ -318,8 +280,7 @@ def dataset_info(data_dir=None):
     return f"{kind}: {shards}{f', {chars:,} characters' if chars else ''}, in {data_dir}"
 
 
-def stand_ins(texts):
-    """Every offline stand-in named in the sections' `- Offline stand-ins:` rows, in order, each once."""
+def stand_ins(texts):  # every offline stand-in the sections name, in order, each once
     seen = {}
     for text in texts:
         for value in extract_metrics(text, {STAND_INS_KEY: "x"}).values():
@@ -329,24 +290,16 @@ def stand_ins(texts):
     return list(seen)
 
 
-def with_data_block(header, dataset, fallbacks):
-    """The header with a `### Data` block just before its `Run started:` line (appended when there is none)."""
+def with_data_block(header, dataset, fallbacks):  # a `### Data` block just before `Run started:`, else at the end
     listed = "".join(f"\n  - {item}" for item in fallbacks) or " none"  # one per line: they can be long
     block = f"### Data\n- Pretraining data: {dataset}\n- {STAND_INS_KEY}:{listed}\n\n"
     at = header.find("Run started:")
     return header + block if at < 0 else header[:at] + block + header[at:]
 
 
-# -----------------------------------------------------------------------------
-# Training-curve plots
-
-
 def read_curve(path):
-    """{series: ([steps], [values])} of a curve file's non-empty series; {} when the file is missing or empty.
-
-    Points whose value is null (NaN/inf were written as null) are left out. A file that is not a curve
-    raises (ValueError, TypeError).
-    """
+    """{series: ([steps], [values])} of a curve file's finite points; {} when the file is missing or empty;
+    raises ValueError or TypeError for a file that is not a curve."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return {}
     with open(path, encoding="utf-8") as f:
@@ -362,8 +315,7 @@ def read_curve(path):
     return series
 
 
-def render_curves(series, panels, title):
-    """PNG bytes of one figure: a panel per (series, panel title) that has points, side by side."""
+def render_curves(series, panels, title):  # PNG bytes: a panel per (series, panel title) that has points
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy and optional: only when plotting
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -405,10 +357,7 @@ def render_curves(series, panels, title):
 
 def write_plots(report_dir):
     """Plot each stage's curve file into report_dir; returns {section title: PNG file name} of those written.
-
-    A stage without a curve file, or with one holding no points, gets no plot. A plot that fails (no
-    matplotlib, a malformed file) is a warning with the reason: the report is written without it.
-    """
+    A plot that fails is a warning saying why: the report is written without it."""
     plots = {}
     for stage, (title, panels) in CURVE_PLOTS.items():
         path = os.path.join(report_dir, CURVES_DIR, f"{stage}.json")
@@ -429,18 +378,11 @@ def write_plots(report_dir):
     return plots
 
 
-# -----------------------------------------------------------------------------
-# Summary
-
-
 def format_summary(bloat, metrics, start, end):
-    """The `## Summary` block: bloat lines, the metric table (BASE/MID/SFT/RL), total wall-clock time.
-
-    Columns are at least as wide as the example report's (15 and 8) and widen to fit a longer row name
-    (SyntheticArithmetic) or value, so the table stays aligned.
-    """
+    """The `## Summary` block: bloat lines, the metric table (BASE/MID/SFT/RL), total wall-clock time."""
     rows = set().union(*(metrics[s] for s in STAGES))
     rows = sorted(rows, key=lambda r: (r != "CORE", r == "ChatCORE", r))  # CORE first, ChatCORE last
+    # As wide as the example report's columns (15 and 8), wider for a longer name or value: the table stays aligned.
     name_w = max([15, *map(len, rows)])
     col_w = max([8, *(len(v) for s in STAGES for v in metrics[s].values())])
     table = ["| " + "Metric".ljust(name_w) + " |" + "".join(f" {s.upper():<{col_w}} |" for s in STAGES),
@@ -465,7 +407,7 @@ class Report:
         return os.path.join(self.report_dir, name)
 
     def log(self, section, data):
-        """Write (replace) the section file for `section`; returns its path."""
+        """Write (replace) the section file for `section`; returns its path. data: dicts and strings."""
         title = canonical_title(section)
         if title not in {t for t, _ in SECTIONS}:
             log.warning("Report section %r is not one of the pipeline stages (%s); report.md will show it after them",
@@ -495,20 +437,13 @@ class Report:
         log.info("Reset report and wrote header to %s", self._path("header.md"))
 
     def generate(self, copy_to="."):
-        """Write report.md into the report dir and a copy into `copy_to` (None = no copy); returns the path.
-
-        Layout: header.md (with a `### Data` block: the pretraining shards and every offline stand-in),
-        the known sections in SECTIONS order (missing ones skipped with a warning; a training stage's
-        curve plot linked under it), sections under unknown titles (oldest first, with a warning), then
-        the summary. The wall clock runs from the header's `Run started` to the timestamp of the last
-        known non-RL section. The plots are written beside report.md and copied beside its copy.
-        """
+        """Write report.md (and its plots) into the report dir and a copy into `copy_to` (None = no copy);
+        returns the path."""
         parts, metrics, end = [], {s: {} for s in STAGES}, None
         plots = write_plots(self.report_dir)
         header_path = self._path("header.md")
         if os.path.exists(header_path):
-            with open(header_path, encoding="utf-8") as f:
-                header = f.read()
+            header = pathlib.Path(header_path).read_text(encoding="utf-8")
             start = _first_time(header, "Run started:")
             m = re.search(r"### Bloat\n(.*?)\n\n", header, re.S)
             bloat = m.group(1) if m else "[bloat data missing]"
@@ -524,8 +459,7 @@ class Report:
                 if title not in OPTIONAL_SECTIONS:
                     log.warning("Report section %s is missing (stage not run?); skipping it", name)
                 continue
-            with open(self._path(name), encoding="utf-8") as f:
-                content = f.read()
+            content = pathlib.Path(self._path(name)).read_text(encoding="utf-8")
             if title in plots:  # a relative link: it resolves beside either copy of report.md
                 content += f"![{title} curves]({plots[title]})\n\n"
             parts.append(content + "\n")
@@ -536,10 +470,9 @@ class Report:
         extras = []
         for name in sorted(os.listdir(self.report_dir)) if os.path.isdir(self.report_dir) else []:
             if name.endswith(".md") and name not in known | {"header.md", "report.md"}:
-                with open(self._path(name), encoding="utf-8") as f:
-                    content = f.read()
+                content = pathlib.Path(self._path(name)).read_text(encoding="utf-8")
                 extras.append((_first_time(content, "timestamp:") or datetime.datetime.min, name, content))
-        for _, name, content in sorted(extras):
+        for _, name, content in sorted(extras):  # oldest first
             log.warning("Report section %s is not a pipeline stage; appending it after the known sections", name)
             parts.append(content + "\n")
         parts.append(format_summary(bloat, metrics, start, end))
@@ -552,8 +485,7 @@ class Report:
             copy = os.path.join(copy_to, "report.md")
             if not (os.path.exists(copy) and os.path.samefile(copy, out)):  # generated from inside the report dir
                 for png in plots.values():
-                    with open(self._path(png), "rb") as f:
-                        atomic_write(os.path.join(copy_to, png), f.read())
+                    atomic_write(os.path.join(copy_to, png), pathlib.Path(self._path(png)).read_bytes())
                 atomic_write(copy, text)
                 log.info("Copied it%s to %s", " and its plots" if plots else "", os.path.abspath(copy))
         return out
@@ -562,14 +494,10 @@ class Report:
 class DummyReport:
     """What non-zero ranks get: every call does nothing, so stages can log unconditionally."""
 
-    def log(self, *args, **kwargs):
+    def _nothing(self, *args, **kwargs):
         return None
 
-    def reset(self, *args, **kwargs):
-        return None
-
-    def generate(self, *args, **kwargs):
-        return None
+    log = reset = generate = _nothing
 
 
 def get_report():

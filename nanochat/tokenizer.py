@@ -1,20 +1,18 @@
 """
-The BPE tokenizer: trained with our Rust crate `rustbpe`, run with tiktoken, plus the chat format.
+The BPE tokenizer, trained with our Rust crate `rustbpe` and run with tiktoken, plus the chat format.
+`python -m scripts.tok_train` writes <base>/tokenizer/tokenizer.pkl (a pickled tiktoken Encoding) and
+token_bytes.pt (bits per byte needs it). Tests: tests/test_tokenizer.py.
 
-Training (`python -m scripts.tok_train`) learns GPT-4-style byte-level merges with rustbpe, then hands
-the merges to a `tiktoken.Encoding` (fast, multi-threaded encoding) with the nine chat special tokens
-appended after them. The Encoding is pickled to <base>/tokenizer/tokenizer.pkl; the number of raw
-bytes of every token goes to <base>/tokenizer/token_bytes.pt (bits-per-byte needs it).
-
-    from nanochat.tokenizer import get_tokenizer
     tok = get_tokenizer()
     ids, mask = tok.render_conversation({"messages": [{"role": "user", "content": "hi"},
                                                       {"role": "assistant", "content": "hello"}]})
 """
 
+import collections
 import hashlib
 import logging
 import os
+import pathlib
 import pickle
 import re
 import tempfile
@@ -51,7 +49,7 @@ class TokenizerNotFoundError(UserError, FileNotFoundError):
 
 
 class EncodingUnavailableError(UserError, RuntimeError):
-    """A tiktoken reference encoding (GPT-2, GPT-4) could not be loaded, typically for lack of network."""
+    """A tiktoken reference encoding (GPT-2, GPT-4) could not be loaded."""
 
 
 def _import_rustbpe():
@@ -68,10 +66,7 @@ def _import_rustbpe():
 
 
 class RustBPETokenizer:
-    """A tiktoken Encoding with nanochat's special tokens and chat rendering on top.
-
-    Train with `train_from_iterator`, load with `from_directory`, persist with `save`.
-    """
+    """A tiktoken Encoding with nanochat's special tokens and chat rendering on top."""
 
     def __init__(self, enc, bos_token):
         self.enc = enc
@@ -82,10 +77,7 @@ class RustBPETokenizer:
 
     @classmethod
     def from_mergeable_ranks(cls, mergeable_ranks, pattern=SPLIT_PATTERN):
-        """Build a tokenizer from `{token_bytes: rank}` (ranks 0..N-1), appending the 9 special tokens.
-
-        With only the 256 byte ranks this gives a merge-free byte-level tokenizer, handy in tests.
-        """
+        """A tokenizer from `{token_bytes: rank}` (ranks 0..N-1) with the 9 special tokens after them."""
         ranks = dict(mergeable_ranks)
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError("mergeable ranks must be exactly 0..N-1 (one rank per token, no gaps)")
@@ -97,10 +89,7 @@ class RustBPETokenizer:
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size, buffer_size=8192):
         """Train BPE merges with rustbpe on an iterable of str; `vocab_size` includes the 9 special tokens.
-
-        If the corpus runs out of pairs before enough merges, the vocabulary comes out smaller than
-        asked (the special ids shift down with it) and a warning says so.
-        """
+        A corpus that runs out of pairs gives a smaller vocabulary, with a warning."""
         vocab_size_no_special = vocab_size - len(SPECIAL_TOKENS)
         if vocab_size_no_special < NUM_BYTE_TOKENS:
             raise ValueError(f"vocab_size must be at least {NUM_BYTE_TOKENS + len(SPECIAL_TOKENS)} "
@@ -112,11 +101,7 @@ class RustBPETokenizer:
         pairs = [(bytes(k), v) for k, v in trainer.get_mergeable_ranks()]
         ranks = dict(pairs)
         if len(ranks) != len(pairs):
-            seen, dupes = set(), []
-            for k, _ in pairs:
-                if k in seen:
-                    dupes.append(k)
-                seen.add(k)
+            dupes = [k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1]
             raise RuntimeError(f"rustbpe produced {len(pairs) - len(ranks)} duplicate token byte strings "
                                f"(e.g. {dupes[:3]}); tiktoken needs each token's bytes to be unique")
         if len(ranks) < vocab_size_no_special:
@@ -137,14 +122,12 @@ class RustBPETokenizer:
 
     @classmethod
     def from_pretrained(cls, tiktoken_name, offline=False, timeout=10.0):
-        """A tiktoken reference encoding ("gpt2", "cl100k_base"), with <|endoftext|> as the BOS token.
-
-        Raises EncodingUnavailableError (never hangs) when it's not cached and can't be downloaded.
-        """
+        """A tiktoken reference encoding ("gpt2", "cl100k_base") with <|endoftext|> as BOS; raises
+        EncodingUnavailableError, never hangs, when it is neither cached nor downloadable."""
         return cls(load_tiktoken_encoding(tiktoken_name, offline=offline, timeout=timeout), "<|endoftext|>")
 
     def save(self, tokenizer_dir):
-        """Pickle the Encoding to <tokenizer_dir>/tokenizer.pkl (atomically)."""
+        """Pickle the Encoding to <tokenizer_dir>/tokenizer.pkl (atomically); returns the path."""
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         atomic_write(path, pickle.dumps(self.enc))
         log.info("Saved tokenizer encoding to %s", path)
@@ -187,11 +170,8 @@ class RustBPETokenizer:
         raise ValueError(f"{what} must be a special-token string or an int id, got {type(token).__name__}")
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
-        """Ordinary encoding of a str, or of a list of str (in `num_threads` threads).
-
-        Special-token names inside the text are encoded as plain text, never as special ids.
-        `prepend`/`append` (a special-token name or an id) go at the start/end of every row.
-        """
+        """Ids of a str, or a list of id lists for a list of str (in `num_threads` threads). Special-token names
+        in the text stay plain text; `prepend`/`append` (a special-token name or an id) go around every row."""
         pre = None if prepend is None else self._special_or_id(prepend, "prepend")
         post = None if append is None else self._special_or_id(append, "append")
         if isinstance(text, str):
@@ -216,12 +196,8 @@ class RustBPETokenizer:
     # ------------------------------------------------------------------ chat format
 
     def render_conversation(self, conversation, max_tokens=2048):
-        """Tokenize a chat conversation for training. Returns (ids, mask), both lists of length <= max_tokens.
-
-        mask[i] = 1 where the assistant is trained to produce ids[i]: its text, its python tool calls
-        and <|assistant_end|>. Everything else (BOS, user turns, the tool's output) is 0.
-        A leading system message is folded into the first user message (fold_system).
-        """
+        """(ids, mask) of a conversation for training, both at most max_tokens long. mask[i] = 1 where the
+        assistant produces ids[i] (its text, tool calls, <|assistant_end|>); a system message is folded in."""
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         ids, mask = [self.encode_special("<|bos|>")], [0]
@@ -232,13 +208,9 @@ class RustBPETokenizer:
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_message(self, role, content, tool_names=False):
-        """(ids, mask) of one user or assistant turn in the chat format; the server builds its prompts from these.
-
-        content: a str, or for the assistant a list of (part_type, text) as _checked_part gives.
-        tool_names: the calculator's token names written literally in an assistant's str content become the
-        special tokens again (a reply a client sends back, as Reply(tools="raw") showed it). Never for user text,
-        so nobody can type a tool token into a place the model never saw one.
-        """
+        """(ids, mask) of one user or assistant turn; content is a str, or for the assistant a list of
+        (part_type, text). tool_names: tool-token names written in an assistant's str content become the special
+        tokens again (a reply a client sends back as Reply(tools="raw") showed it); never for user text."""
         ids, mask = [], []
 
         def add(tokens, value):
@@ -308,8 +280,7 @@ _TOOL_PAIRS = {"<|python_start|>": ("<|python_end|>", "python"), "<|output_start
 
 
 def _tool_parts(text):
-    """Assistant text with literal tool-token names -> render_message's parts: "a<|python_start|>1+1<|python_end|>"
-    -> [("text", "a"), ("python", "1+1")]. A name without its pair stays one ("token", name) part."""
+    # "a<|python_start|>1+1<|python_end|>" -> [("text", "a"), ("python", "1+1")]; an unpaired name stays a "token".
     pieces = [piece for piece in _TOOL_NAME.split(text) if piece]
     parts, i = [], 0
     while i < len(pieces):
@@ -335,11 +306,7 @@ def _messages_of(conversation):
 
 
 def _checked_messages(conversation):
-    """Validate a conversation and yield (role, content) after the system-message merge.
-
-    Assistant content comes out either as a str or as a list of (part_type, text) tuples.
-    The caller's conversation is never modified.
-    """
+    """Validate a conversation and yield (role, content), the system message folded in, the input unmodified."""
     messages = _messages_of(conversation)
     if not messages:
         raise ValueError("conversation has no messages")
@@ -384,16 +351,8 @@ def _checked_part(i, j, part):
     return part["type"], part["text"]
 
 
-# -----------------------------------------------------------------------------
-# token_bytes: the byte length of every token, for bits per byte
-
-
 def compute_token_bytes(tokenizer):
-    """int32 tensor [vocab]: number of raw bytes of each token, 0 for special tokens.
-
-    Counts the token's own bytes. Decoding a token to str first (what upstream did before Jul 2026)
-    turns every incomplete UTF-8 sequence into U+FFFD, 3 bytes, and overstates the bytes of such tokens.
-    """
+    """int32 tensor [vocab]: number of raw bytes of each token, 0 for special tokens."""
     import torch
 
     special_ids = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
@@ -402,7 +361,7 @@ def compute_token_bytes(tokenizer):
         if token_id in special_ids:
             counts.append(0)
             continue
-        try:
+        try:  # the token's own bytes: decoding to str would count a partial UTF-8 sequence as U+FFFD, 3 bytes
             counts.append(len(tokenizer.decode_single_token_bytes(token_id)))
         except KeyError:
             # An id no token owns (only in some tiktoken reference vocabularies): encode never emits it.
@@ -425,10 +384,6 @@ def token_bytes_summary(token_bytes):
     }
 
 
-# -----------------------------------------------------------------------------
-# Loading the trained tokenizer
-
-
 def get_tokenizer():
     """The tokenizer trained by `python -m scripts.tok_train`, from <base>/tokenizer."""
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
@@ -444,16 +399,9 @@ def get_token_bytes(device="cpu"):
     return torch.load(path, map_location=device)
 
 
-# -----------------------------------------------------------------------------
-# Training text
-
-
 class CappedTexts:
-    """Iterate documents from batches of str, each cropped to `doc_cap` characters, until more than
-    `max_chars` characters were yielded (the document that crosses the limit is included).
-
-    `chars` and `docs` count what was yielded; `progress` (e.g. a tqdm bar) gets update(n_chars).
-    """
+    """Documents from batches of str, each cut to `doc_cap` characters, until more than `max_chars` were
+    yielded (counted in `chars` and `docs`); `progress` (e.g. a tqdm bar) gets update(n_chars)."""
 
     def __init__(self, doc_batches, max_chars, doc_cap, progress=None):
         if max_chars < 1 or doc_cap < 1:
@@ -475,20 +423,14 @@ class CappedTexts:
                     return
 
 
-# -----------------------------------------------------------------------------
-# Compression measurements for tok_eval
-
 TOK_EVAL_SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tok_eval_samples")
 TOK_EVAL_SAMPLE_NAMES = ["news", "korean", "code", "math", "science"]
 
 
 def load_tok_eval_samples():
     """[(name, text)] for the short sample texts shipped in nanochat/data/tok_eval_samples/."""
-    samples = []
-    for name in TOK_EVAL_SAMPLE_NAMES:
-        with open(os.path.join(TOK_EVAL_SAMPLES_DIR, f"{name}.txt"), encoding="utf-8") as f:
-            samples.append((name, f.read()))
-    return samples
+    return [(name, pathlib.Path(TOK_EVAL_SAMPLES_DIR, f"{name}.txt").read_text(encoding="utf-8"))
+            for name in TOK_EVAL_SAMPLE_NAMES]
 
 
 def measure_compression(tokenizer, text, label="tokenizer"):
@@ -499,9 +441,6 @@ def measure_compression(tokenizer, text, label="tokenizer"):
     n_bytes = len(text.encode("utf-8"))
     return n_bytes, len(ids), n_bytes / max(len(ids), 1)
 
-
-# -----------------------------------------------------------------------------
-# Reference encodings (GPT-2, GPT-4) for tok_eval, without ever blocking on the network
 
 # The files tiktoken fetches for each encoding (tiktoken_ext/openai_public.py); cached by tiktoken
 # under sha1(url) in its cache directory.
@@ -515,8 +454,7 @@ TIKTOKEN_FILES = {
 }
 
 
-def tiktoken_cache_dir():
-    """Where tiktoken caches downloaded vocabularies (same rule as tiktoken.load); "" = caching disabled."""
+def tiktoken_cache_dir():  # tiktoken.load's rule; "" = caching disabled
     for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
         if var in os.environ:
             return os.environ[var]
@@ -524,12 +462,7 @@ def tiktoken_cache_dir():
 
 
 def load_tiktoken_encoding(name, offline=False, timeout=10.0):
-    """tiktoken.get_encoding(name), but never blocking on the network.
-
-    Uses tiktoken's cache when the files are there. Otherwise (unless `offline`) downloads them into
-    that cache with a `timeout`, because tiktoken's own download has none. Raises
-    EncodingUnavailableError saying why when the encoding can't be had.
-    """
+    """tiktoken.get_encoding(name) that never blocks on the network; raises EncodingUnavailableError saying why."""
     urls = TIKTOKEN_FILES.get(name)
     cache_dir = tiktoken_cache_dir()
     if urls is None or cache_dir == "":
@@ -541,7 +474,7 @@ def load_tiktoken_encoding(name, offline=False, timeout=10.0):
     if missing and offline:
         raise EncodingUnavailableError(f"not in tiktoken's cache {cache_dir} and offline; run once with network access "
                                        "or point TIKTOKEN_CACHE_DIR at a cache that has it")
-    if missing:
+    if missing:  # downloaded here, into tiktoken's cache, because tiktoken's own download has no timeout
         import requests
 
         for url in missing:

@@ -256,6 +256,17 @@ def test_legacy_dir_is_used_when_climbmix_dir_is_missing(base_dir, caplog):
     assert "legacy" in caplog.text
 
 
+def test_report_names_the_dir_that_training_reads(base_dir):
+    # The report and the loader once chose between the ClimbMix and legacy dirs each in their own copy.
+    from nanochat import report
+
+    for name in ("base_data", "base_data_climbmix"):  # the legacy dir alone, then both: ClimbMix wins
+        write_shard(str(base_dir / name / "shard_00000.parquet"), ["a"])
+        write_shard(str(base_dir / name / "shard_00001.parquet"), ["b"])
+        where = os.path.dirname(list_parquet_files()[0])
+        assert where == str(base_dir / name) == dataset.training_data_dir()
+        assert report.dataset_info().endswith(f", in {where}")
+
 # -----------------------------------------------------------------------------
 # ingestion
 
