@@ -164,23 +164,18 @@ _block_masks = {}  # (Tq, Tk, window, device) -> BlockMask, built outside compil
 _MAX_BLOCK_MASKS = 64  # inference sees a new (Tq, Tk) per prompt length: keep the cache bounded
 
 
-def _window_mask_mod(Tq, Tk, window):
-    offset = Tk - Tq  # query q_idx sits at absolute position q_idx + offset
-
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + offset
-
-    def windowed(b, h, q_idx, kv_idx):
-        pos = q_idx + offset
-        return (kv_idx <= pos) & (pos - kv_idx <= window)
-
-    return causal if window < 0 else windowed
+def _visible(pos, key, window):
+    """The one masking rule of every path: a query at absolute position `pos` sees key position `key` when
+    key <= pos and, with a window (w >= 0), pos - key <= w. Broadcasts over tensors."""
+    return key <= pos if window < 0 else (key <= pos) & (pos - key <= window)
 
 
 def _make_block_mask(Tq, Tk, window, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(_window_mask_mod(Tq, Tk, window), None, None, Tq, Tk, device=device)
+    offset = Tk - Tq  # query q_idx sits at absolute position q_idx + offset
+    return create_block_mask(lambda b, h, q_idx, kv_idx: _visible(q_idx + offset, kv_idx, window), None, None, Tq, Tk,
+                             device=device)
 
 
 def _block_mask(Tq, Tk, window, device):
@@ -243,10 +238,7 @@ def _sdpa_math(q, k, v, window_size, enable_gqa, mask=None):
             k, v = k[:, :, start:], v[:, :, start:]
         return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=enable_gqa)
     row = (Tk - Tq) + torch.arange(Tq, device=q.device).unsqueeze(1)  # (Tq, 1) absolute query positions
-    col = torch.arange(Tk, device=q.device).unsqueeze(0)  # (1, Tk)
-    mask = col <= row
-    if 0 <= window < Tk:
-        mask = mask & (row - col <= window)
+    mask = _visible(row, torch.arange(Tk, device=q.device), window)  # (Tq, Tk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
@@ -359,10 +351,8 @@ def _ragged_mask(cache_seqlens, lengths, new, Tn, window, dtype, device):
     qpos = (cache_seqlens.to(device=device, dtype=torch.long) + (new - Tn)).unsqueeze(1) + offsets
     end = max(lengths) + new
     start = max(0, min(lengths) + new - Tn - window) if window >= 0 else 0
-    keys = torch.arange(start, end, device=device)  # (Tk,) absolute key positions
-    visible = keys <= qpos.unsqueeze(-1)  # (B, Tn, Tk): causal, and nothing past the row's own end
-    if window >= 0:
-        visible &= qpos.unsqueeze(-1) - keys <= window
+    # (B, Tn, Tk): causal, within the window, and nothing past the row's own end
+    visible = _visible(qpos.unsqueeze(-1), torch.arange(start, end, device=device), window)
     bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
     value = (start, end, qpos, bias)
     _last_ragged_mask = (key, value)
