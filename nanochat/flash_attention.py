@@ -276,12 +276,9 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
                             window_size=(-1, -1), cache_pos=None):
     """Attention of new queries against a KV cache, after writing the new keys/values into it in place.
-
-    q: (B, Tn, H, D); k_cache, v_cache: (B, T_max, Hkv, D); k, v: (B, Tn, Hkv, D) or None (then the queries
-    are the last Tn cached positions); cache_seqlens: (B,) int32 positions already filled per row. Rows may
-    hold different lengths (a continuously batched cache): each row sees only its own keys, as in FA3.
-    cache_pos: host copy of cache_seqlens (an int, or per-row ints) that spares SDPA a device sync per layer.
-    """
+    q: (B, Tn, H, D); k_cache, v_cache: (B, T_max, Hkv, D); k, v: (B, Tn, Hkv, D) or None (the queries are then
+    the last Tn cached positions); cache_seqlens: (B,) int32 filled positions per row, which may differ (each row
+    sees only its own keys). cache_pos: their host copy (an int or per-row ints): spares SDPA a sync per layer."""
     _check_causal(causal)
     plan = attention_plan(q.device.type, q.dtype)
     if plan.impl == "fa3":  # FA3 reads cache_seqlens on the device and ignores cache_pos
