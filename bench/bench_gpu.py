@@ -116,8 +116,8 @@ def environment(device):
             env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
         except (OSError, subprocess.TimeoutExpired) as err:
             env["driver"] = f"unknown ({type(err).__name__})"
-    available, reason = fa.fa3_status()
-    env["fa3"] = {"available": available, "reason": reason}
+    module, reason = fa.load_fa3()
+    env["fa3"] = {"available": module is not None, "reason": reason}
     return env
 
 

@@ -1,9 +1,6 @@
 """
-Utilities every stage shares: the base directory, logging, device and dtype choice,
-torch.distributed setup/teardown, atomic file writes, peak-FLOPs tables for MFU.
-
-Nothing here runs at import time: no logging setup, no CUDA probe, no directory creation.
-Scripts call `setup_default_logging()` and `compute_init()` from their `main()`.
+What every stage shares: user errors, logging, files, device and dtype choice, torch.distributed, peak FLOPs.
+Nothing runs at import (no logging setup, CUDA probe or mkdir): scripts call these from their `main()`.
 """
 
 import contextlib
@@ -29,19 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 class UserError(Exception):
-    """A problem the user can fix (missing tokenizer or data, a bad flag, a wrong checkpoint).
-
-    Its message names the problem and the fix in one line; `script_main` prints exactly that, with no
-    traceback. Specific errors (CheckpointNotFoundError, TokenizerNotFoundError, ...) subclass it.
-    """
+    """A problem the user can fix, whose one-line message names it and the fix; `script_main` prints just that."""
 
 
 class ConfigError(UserError, ValueError):
     """A flag or environment variable with a value that can't work."""
-
-
-def _one_line(err):
-    return " ".join(str(err).split())
 
 
 def add_runtime_flags(group, seed_help="seed of torch's generators"):
@@ -59,12 +48,8 @@ def add_debug_flag(parser):
 
 
 def script_main(name):
-    """Decorator for a script's `main(argv=None)`: a UserError becomes one line on stderr and exit code 1.
-
-    Under torchrun every rank prints the same line (each rank hits the same check). With --debug in argv
-    or NANOCHAT_DEBUG=1 the exception propagates with its traceback. The process group, if any, is torn
-    down first so the other ranks are not left waiting in a collective.
-    """
+    """Decorator for a script's `main(argv=None)`: a UserError becomes one line on stderr and exit code 1
+    (the traceback with --debug or NANOCHAT_DEBUG=1)."""
 
     def decorate(main):
         @functools.wraps(main)
@@ -76,8 +61,8 @@ def script_main(name):
             except UserError as err:
                 if debug:
                     raise
-                compute_cleanup()
-                raise SystemExit(f"{name}: error: {_one_line(err)}") from None
+                compute_cleanup()  # tear the process group down so no other rank waits in a collective
+                raise SystemExit(f"{name}: error: {' '.join(str(err).split())}") from None
             except KeyboardInterrupt:
                 if debug:
                     raise
@@ -137,12 +122,6 @@ def setup_default_logging(level=logging.INFO):
     root.setLevel(level if get_dist_info()[1] == 0 else max(level, logging.WARNING))
 
 
-def print0(s="", **kwargs):
-    """print() on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(s, **kwargs)
-
-
 def print_banner():
     banner = r"""
                                                    __          __
@@ -151,7 +130,8 @@ def print_banner():
  / / / // /_/ /  / / / // /_/ // /__ / / / // /_/ / / /_
 /_/ /_/ \__,_/  /_/ /_/ \____/ \___//_/ /_/ \__,_/  \__/
 """
-    print0(banner)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(banner)
 
 
 # -----------------------------------------------------------------------------
@@ -165,18 +145,10 @@ def get_base_dir():
     return base
 
 
-def _publish(tmp, path):
-    """Give the temp file normal permissions (mkstemp makes it 0600) and rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _atomic_file(path, mode):
-    """Open a temp file beside `path` for writing; on success fsync it and rename it over `path`, on any
-    error remove it. The rename is atomic (same directory, so same filesystem)."""
+    """A temp file beside `path` (same filesystem, so the rename is atomic), fsynced and renamed over `path` on
+    success, removed on any error."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -186,7 +158,10 @@ def _atomic_file(path, mode):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600: give it the permissions open() would
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -206,12 +181,8 @@ def atomic_torch_save(obj, path):
 
 
 def download_file_with_lock(url, filename, postprocess_fn=None, desc=None):
-    """Download `url` to <base_dir>/<filename> once, even when several ranks ask at the same time.
-
-    A file lock makes one process download while the others wait; the download goes through a
-    temp file so an interrupted transfer never looks finished. Raises RuntimeError with a one-line
-    explanation when the host can't be reached.
-    """
+    """Download `url` to <base_dir>/<filename> once (a file lock makes the other ranks wait); RuntimeError with a
+    one-line explanation when the host can't be reached."""
     import requests
     from filelock import FileLock
     from tqdm import tqdm
@@ -225,7 +196,7 @@ def download_file_with_lock(url, filename, postprocess_fn=None, desc=None):
             with requests.get(url, stream=True, timeout=30) as r:
                 r.raise_for_status()
                 total = int(r.headers.get("content-length", 0)) or None
-                tmp = path + ".tmp"
+                tmp = path + ".tmp"  # an interrupted transfer never looks finished
                 with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=desc or filename) as bar:
                     for chunk in r.iter_content(chunk_size=1 << 20):
                         f.write(chunk)
@@ -249,11 +220,7 @@ NVIDIA_PROC_VERSION = "/proc/driver/nvidia/version"
 
 
 def nvidia_driver():
-    """The NVIDIA driver version when this machine shows an NVIDIA GPU, else None.
-
-    First sign: `nvidia-smi` on the PATH lists a GPU. Second: /proc/driver/nvidia/version (the kernel module
-    is loaded, even where nvidia-smi is missing or broken); "unknown" when neither says a version.
-    """
+    """The NVIDIA driver version when this machine shows an NVIDIA GPU ("unknown" when nothing says which), else None."""
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -263,7 +230,7 @@ def nvidia_driver():
         versions = [line.strip() for line in out.splitlines() if re.fullmatch(r"\d+(\.\d+)+", line.strip())]
         if versions:
             return versions[0]
-    try:
+    try:  # the kernel module is loaded even where nvidia-smi is missing or broken
         with open(NVIDIA_PROC_VERSION) as f:
             found = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", f.read())
         return found.group(1) if found else "unknown"
@@ -272,8 +239,7 @@ def nvidia_driver():
 
 
 def unusable_gpu_problem():
-    """One line naming why torch can't use the NVIDIA GPU this machine has, with the fix; None when torch
-    sees CUDA or the machine shows no NVIDIA GPU (a CPU machine is not a problem)."""
+    """One line naming why torch can't use this machine's NVIDIA GPU, with the fix; None when it can or there is none."""
     if torch.cuda.is_available():
         return None
     driver = nvidia_driver()
@@ -294,7 +260,7 @@ def unusable_gpu_problem():
 
 
 def require_cuda(what):
-    """Raise ConfigError unless torch can use a CUDA GPU: `what` needs one (a script, a flag)."""
+    """Raise ConfigError unless torch can use a CUDA GPU, which `what` (a script, a flag) needs."""
     if torch.cuda.is_available():
         return
     problem = unusable_gpu_problem()
@@ -304,13 +270,9 @@ def require_cuda(what):
 
 
 def autodetect_device_type():
-    """cuda if available, else mps, else cpu.
-
-    A machine with an NVIDIA GPU that torch can't use (a driver older than torch's CUDA) is never quietly
-    run on the CPU under torchrun: N CPU ranks look like a hung GPU run. A single process warns and goes on.
-    """
+    """cuda if available, else mps, else cpu."""
     problem = unusable_gpu_problem()
-    if problem and get_dist_info()[3] > 1:
+    if problem and get_dist_info()[3] > 1:  # N CPU ranks on a GPU machine would look like a hung GPU run
         raise ConfigError(problem)
     if problem:
         logger.warning("Running on the CPU: %s", problem)
@@ -341,16 +303,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 @functools.lru_cache(maxsize=1)
 def get_compute_dtype():
-    """Decide the activation/matmul dtype once per process. Returns (dtype, reason).
-
-    1. $NANOCHAT_DTYPE (bfloat16 | float16 | float32) wins.
-    2. CUDA with compute capability >= 8.0: bf16. Older CUDA: fp32 (fp16 needs a GradScaler, opt in).
-    3. CPU and MPS: fp32. bf16 is opt-in even on CPUs that multiply it natively (AVX512-BF16 / AMX), where
-       it is ~1.7x faster per token: a d4 run measured on such a CPU trained 3.3% worse than fp32 and
-       unevenly across seeds, and on CPUs without native bf16 it is ~200x slower. Pass NANOCHAT_DTYPE=bfloat16
-       after checking the curve with bench/bench_precision_cpu.py on that machine.
-    Master weights stay fp32 in every case.
-    """
+    """(dtype, reason): the activation/matmul dtype of training, decided once per process ($NANOCHAT_DTYPE wins).
+    Master weights stay fp32 in every case."""
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
         if env not in _DTYPES:
@@ -359,9 +313,12 @@ def get_compute_dtype():
         return _DTYPES[env], f"set via NANOCHAT_DTYPE={env}"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
-        if major >= 8:
+        if major >= 8:  # older GPUs: fp32, since fp16 needs a GradScaler (opt in)
             return torch.bfloat16, f"auto-detected: CUDA SM {major}{minor} (bf16 supported)"
         return torch.float32, f"auto-detected: CUDA SM {major}{minor} (pre-Ampere, bf16 not supported; fp16 is opt-in via NANOCHAT_DTYPE)"
+    # CPU and MPS: fp32. Even a CPU with native bf16 (AVX512-BF16 / AMX, ~1.7x faster per token) trained a d4
+    # run 3.3% worse and unevenly across seeds; without native bf16 it is ~200x slower. Opt in after checking
+    # the curve with bench/bench_precision_cpu.py on that machine.
     if torch.backends.mps.is_available():
         return torch.float32, "auto-detected: MPS (bf16 is opt-in via NANOCHAT_DTYPE=bfloat16)"
     if cpu_has_native_bf16():
@@ -370,34 +327,15 @@ def get_compute_dtype():
 
 
 def get_inference_dtype(device_type):
-    """The dtype to generate / evaluate in on `device_type`: the faster one there, for the same results.
-
-    $NANOCHAT_DTYPE wins. CUDA takes the training compute dtype (bf16 on SM >= 8.0). CPU and MPS take
-    fp32: batch-1 to batch-32 decoding of a depth-4 model measured 2.3x slower in bf16 than in fp32 even
-    on a CPU with native bf16 (AMX), because decode is dominated by small ops, not big matmuls.
-    """
+    """The dtype to generate / evaluate in on `device_type` ($NANOCHAT_DTYPE wins)."""
     if os.environ.get("NANOCHAT_DTYPE") or device_type == "cuda":
         return get_compute_dtype()[0]
+    # Decode is dominated by small ops: batch 1-32 on a depth-4 model ran 2.3x slower in bf16 than fp32, even with AMX.
     return torch.float32
-
-
-def __getattr__(name):
-    # COMPUTE_DTYPE / COMPUTE_DTYPE_REASON read like upstream's module constants, but are decided
-    # lazily on first access so that importing this module probes no hardware.
-    if name == "COMPUTE_DTYPE":
-        return get_compute_dtype()[0]
-    if name == "COMPUTE_DTYPE_REASON":
-        return get_compute_dtype()[1]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -----------------------------------------------------------------------------
 # Distributed
-
-
-def is_ddp_requested():
-    """True when launched by torchrun (RANK, LOCAL_RANK and WORLD_SIZE all set)."""
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
 def is_ddp_initialized():
@@ -405,38 +343,30 @@ def is_ddp_initialized():
 
 
 def dist_world_size():
-    """Ranks in the initialised process group; 1 without one, so `if dist_world_size() > 1:` guards every collective."""
+    """Ranks in the process group, 1 without one: `if dist_world_size() > 1:` guards every collective."""
     return dist.get_world_size() if is_ddp_initialized() else 1
 
 
 def usable_cores():
-    """Cores this process may run on: its affinity mask (os.cpu_count() ignores taskset/cgroups), else the CPU count."""
-    if hasattr(os, "sched_getaffinity"):  # Linux only
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):  # Linux only; os.cpu_count() ignores taskset/cgroups
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 
 def get_dist_info():
     """(ddp, rank, local_rank, world_size) from the torchrun environment; (False, 0, 0, 1) without it."""
-    if is_ddp_requested():
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):  # launched by torchrun
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
 
 
-def configure_cuda_allocator():
-    """Expandable segments for CUDA's caching allocator, unless PYTORCH_ALLOC_CONF says otherwise: batches of
-    varying size (evaluation, RL sampling, the batch probe) then reuse freed memory instead of fragmenting it
-    into blocks of the wrong size. Read when CUDA initialises, so compute_init sets it first, for every stage."""
-    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-
-
 def compute_init(device_type="cuda", seed=42):
-    """Seed, pick the device and join the process group. Returns (ddp, rank, local_rank, world_size, device).
-
-    Under torchrun the process group uses NCCL on CUDA and gloo on CPU, so the multi-process paths
-    (optimizer sharding, data sharding, checkpoint files per rank) run and are tested on CPU too.
-    """
-    configure_cuda_allocator()
+    """Seed, pick the device and join the process group (NCCL on CUDA, gloo on CPU, so the multi-process paths are
+    tested on CPU too). Returns (ddp, rank, local_rank, world_size, device)."""
+    # Expandable segments: batches of varying size (evaluation, RL sampling, the batch probe) reuse freed memory
+    # instead of fragmenting it. Read when CUDA initialises, so it is set first, for every stage.
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     if device_type not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"unknown device type {device_type!r}; use --device-type cuda, mps or cpu (or leave it empty to autodetect)")
     if device_type == "cuda":
@@ -481,12 +411,9 @@ class DummyWandb:
 # -----------------------------------------------------------------------------
 # Peak FLOPs and bandwidth, for MFU / MBU
 #
-# Both tables are keyed by a card's model identity, parsed from torch.cuda.get_device_name() by
-# _model_key: lower case, "-" and "_" as spaces, the vendor/brand words in front dropped ("NVIDIA",
-# "GeForce", "Tesla", "AMD Instinct"), memory size and type dropped ("80GB", "HBM3"), "SXM2/4/5"
-# folded to "sxm", and the rest kept in order. A name matches only the entry equal to its whole
-# identity, never a substring of it: "RTX A4000" can't reach "a40", "4070 Ti SUPER" can't reach
-# "4070", and a variant missing from the table (a laptop part, a MIG slice) is unknown, not a guess.
+# Keyed by a card's model identity (_model_key). A name matches only the entry equal to its whole identity,
+# never a substring: "RTX A4000" can't reach "a40", and a variant missing from the table (a laptop part, a
+# MIG slice) is unknown, not a guess.
 
 # Dense peak FLOP/s of the bf16 tensor cores (no 2:4 sparsity), FLOP/s; fp16 where the card has no
 # bf16 (V100, T4). Datacenter and workstation numbers are the spec-sheet "BF16 Tensor Core" values
@@ -567,8 +494,7 @@ _warned_unknown = set()
 
 
 def get_peak_flops(device_name):
-    """Dense bf16 tensor-core peak FLOP/s of a GPU by its torch.cuda.get_device_name(), or None when the
-    card is not in the table (logged once per name; MFU is then shown as n/a)."""
+    """Dense bf16 peak FLOP/s of a GPU by its torch.cuda.get_device_name(); None (logged once) when unknown."""
     peak = _lookup(_PEAK_FLOPS, device_name)
     if peak is None and device_name not in _warned_unknown:
         _warned_unknown.add(device_name)

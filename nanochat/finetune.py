@@ -30,7 +30,8 @@ from nanochat.chateval import evaluate_available_chatcore
 from nanochat.checkpoint_manager import get_checkpoints_dir, load_model, load_optimizer_state, resolve_checkpoint
 from nanochat.common import add_runtime_flags, compute_cleanup
 from nanochat.engine import Engine
-from nanochat.loop import Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop, log_attention_path, start_run
+from nanochat.flash_attention import log_attention_plan
+from nanochat.loop import Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop, start_run
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import ShardMismatchError
 from nanochat.report import get_report
@@ -172,7 +173,7 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
     device = run.device
     start = load_start(stage.name, args.source, args.model_tag, args.model_step, args.resume_from_step, device)
     model, tokenizer, source_meta, tag, resume = start.model, start.tokenizer, start.meta, start.tag, start.resume
-    log_attention_path(device, run.compute_dtype, model.config.window_pattern)
+    log_attention_plan(device, run.compute_dtype, model.config.window_pattern)
     hp = resolve_hyperparameters(args, source_meta, resume)
     if isinstance(source_meta.get("device_batch_size"), int) and isinstance(hp["device_batch_size"], int) \
             and hp["device_batch_size"] > source_meta["device_batch_size"]:

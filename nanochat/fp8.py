@@ -1,18 +1,12 @@
 """
-Minimal FP8 training for the big matmuls: tensorwise dynamic scaling with torch._scaled_mm.
-
-Forward quantises activations and the fp32 master weight to float8_e4m3fn (one scale per tensor);
-backward quantises the incoming gradient to float8_e5m2 (more range, less precision). FP8 tensors,
-not bf16 ones, are saved for backward, which is where most of the memory saving comes from. Needs a
-CUDA GPU with compute capability >= 8.9 (Ada, Hopper) and pays off only with torch.compile at large
-widths (upstream LOG: about 1.17x tok/s at d26, slower at d12).
+Minimal FP8 training for the big matmuls: tensorwise dynamic scaling with torch._scaled_mm, e4m3 forward and
+e5m2 gradients. Needs CUDA SM >= 8.9 (Ada, Hopper); pays off only compiled at large widths (upstream: about
+1.17x tok/s at d26, slower at d12).
 
     from nanochat import fp8
     converted, skipped = fp8.convert_to_float8_training(model)        # before torch.compile
     with fp8.disable_fp8(model):                                      # eval / sampling in bf16
         ...
-
-FLOPs accounting is unaffected: `GPT.estimate_flops()` counts every nn.Linear, Float8Linear included.
 
 Tests: python -m pytest tests/test_fp8.py -q      (the numeric test needs a GPU: -m gpu)
 """
@@ -34,16 +28,11 @@ FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 @torch.no_grad()
 def _to_fp8(x, dtype):
-    """Tensorwise dynamic scaling: returns (x_fp8, inv_scale) with x ≈ x_fp8.float() * inv_scale.
-
-    The scale maps max|x| to the format's largest finite value; it is computed in float64 so that
-    tiny amaxes don't overflow it, and the values are clamped first because a plain cast to fp8
-    would turn out-of-range values into NaN instead of saturating.
-    """
+    """(x_fp8, inv_scale) with x ≈ x_fp8.float() * inv_scale; max|x| maps to the format's largest finite value."""
     fp8_max = FP8_MAX[dtype]
     amax = x.abs().max().float()
-    scale = (fp8_max / amax.double().clamp(min=1e-12)).float()
-    x_fp8 = (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
+    scale = (fp8_max / amax.double().clamp(min=1e-12)).float()  # in float64: a tiny amax can't overflow it
+    x_fp8 = (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)  # a plain cast turns out-of-range values into NaN
     return x_fp8, scale.reciprocal()
 
 
@@ -59,7 +48,7 @@ class _Float8Matmul(torch.autograd.Function):
     def forward(ctx, input, weight):
         in_fp8, in_inv = _to_fp8(input, torch.float8_e4m3fn)
         w_fp8, w_inv = _to_fp8(weight, torch.float8_e4m3fn)  # the fp32 master weight, quantised directly
-        ctx.save_for_backward(in_fp8, in_inv, w_fp8, w_inv)
+        ctx.save_for_backward(in_fp8, in_inv, w_fp8, w_inv)  # fp8, not bf16: most of the memory saving
         # w_fp8 is (out, in) row-major, so its transpose is already the column-major operand.
         return torch._scaled_mm(in_fp8, w_fp8.t(), scale_a=in_inv, scale_b=w_inv, out_dtype=input.dtype,
                                 use_fast_accum=True)
@@ -133,24 +122,15 @@ def check_fp8_support(device):
 
 
 def default_module_filter(module, fqn):
-    """base_train's rule: convert a Linear only when both dims are multiples of 16 and the smaller is >= 128.
-
-    That converts every attention/MLP matrix and lm_head and keeps the tiny gates (ve_gate 12->Hkv,
-    smear_gate 24->1) in the compute dtype, where fp8 would only add quantisation noise.
-    """
+    """Convert a Linear when both dims are multiples of 16 and the smaller is >= 128: every attention/MLP matrix
+    and lm_head, but not the tiny gates (ve_gate, smear_gate), where fp8 would only add quantisation noise."""
     return (isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
             and min(module.in_features, module.out_features) >= 128)
 
 
 def convert_to_float8_training(module, *, config=None, module_filter_fn=None, recipe=None, compute_dtype=None):
-    """Swap qualifying nn.Linear submodules for Float8Linear in place (children first). Returns
-    (converted, skipped): how many Linears were swapped and how many were left as they were.
-
-    config / recipe: a Float8LinearConfig or a recipe name (default "tensorwise"; anything else is a
-    ValueError). module_filter_fn(module, fqn) -> bool, default `default_module_filter`.
-    Parameters on CUDA must be on an SM >= 8.9 GPU; CPU parameters are refused; a meta-device model
-    (shapes only, e.g. for FLOPs counting) converts fine.
-    """
+    """Swap the nn.Linears that module_filter_fn(module, fqn) keeps (default `default_module_filter`) for
+    Float8Linear in place; returns (converted, skipped). Refuses parameters off an SM >= 8.9 GPU, except meta."""
     # torch.compile traces the FP8 matmul as one opaque node. Registered here rather than with a decorator at
     # import, which would load torch._dynamo (seconds of imports) into every script that imports this module.
     import torch._dynamo
@@ -187,8 +167,8 @@ def convert_to_float8_training(module, *, config=None, module_filter_fn=None, re
 
 @contextlib.contextmanager
 def disable_fp8(model):
-    """Temporarily put nanochat Linears back in place of every Float8Linear (sharing the same weights),
-    so evaluation and sampling run in the compute dtype; the Float8Linears come back on exit."""
+    """Within the block, plain Linears (sharing the weights) replace every Float8Linear: eval and sampling
+    run in the compute dtype."""
     from nanochat.gpt import Linear
 
     swapped = []

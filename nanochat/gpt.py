@@ -1,15 +1,9 @@
 """
-The GPT: a decoder-only Transformer, all the math and nothing else.
-
-Architecture (nanochat, July 2026): RoPE (base 100K, half-split layout) with QK-norm scaled by 1.2,
-ReLU² MLP, parameter-free RMSNorm, no biases, untied token embedding / lm_head, GQA-capable attention
-with sliding windows ("SSSL" pattern, last layer always long), value embeddings (ResFormer-style) on
-every other layer with a 12-channel gate of range (0, 3), a "smear" that mixes the previous token's
-embedding into the current one, per-layer residual and x0 lambdas, a "backout" that subtracts a
-fraction of the middle layer's output before the head, and logits soft-capped at 15.
-
-Precision is explicit (no autocast): master weights are fp32 except the token and value embeddings,
-which live in the compute dtype; every Linear casts its weight to the activation dtype on the fly.
+The GPT: a decoder-only Transformer, all the math and nothing else. RoPE with QK-norm, ReLU² MLP, RMSNorm
+without parameters or biases, untied embedding / lm_head, GQA, sliding windows ("SSSL"), value embeddings on
+every other layer, a "smear" of the previous token's embedding, residual and x0 lambdas, a "backout" of the
+middle layer before the head, logits soft-capped at 15. Precision is explicit (no autocast): fp32 master
+weights (embeddings in the compute dtype), each Linear casting its weight to the activations' dtype.
 
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=12, n_head=6, n_kv_head=6, n_embd=768))
@@ -75,24 +69,20 @@ def padded_vocab_size(vocab_size, multiple=64):
 
 
 def window_sizes_for(config):
-    """(left, right) attention window per layer in FA3 convention, from the tiled pattern.
-
-    L = the full context; S = a quarter of it rounded UP to a multiple of 128 (the FA3 tile), e.g.
-    2048 -> 512. The last layer is always L so the final representation sees the whole context.
-    """
+    """(left, right) attention window per layer in FA3 convention, from the tiled S/L pattern."""
     pattern = config.window_pattern.upper()
     if not pattern or set(pattern) - {"S", "L"}:
         raise ValueError(f"window_pattern must be a non-empty string of S and L, got {config.window_pattern!r}")
     long_window = config.sequence_len
-    short_window = -(-config.sequence_len // 4 // 128) * 128
+    short_window = -(-config.sequence_len // 4 // 128) * 128  # a quarter, rounded UP to the FA3 tile: 2048 -> 512
     sizes = [(long_window if pattern[i % len(pattern)] == "L" else short_window, 0) for i in range(config.n_layer)]
-    sizes[-1] = (long_window, 0)
+    sizes[-1] = (long_window, 0)  # the final representation sees the whole context
     return sizes
 
 
 def apply_rotary_emb(x, cos, sin):
-    """Rotate (B, T, H, D) by position, half-split layout. Rotates by -θ (upstream's convention, which
-    checkpoints depend on); only the relative rotation of q against k matters."""
+    """Rotate (B, T, H, D) by position, half-split layout."""
+    # By -θ (upstream's convention, which checkpoints depend on); only q's rotation relative to k matters.
     d = x.size(3) // 2
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin
@@ -177,11 +167,8 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """Build under torch.device("meta"), then `to_empty(device)` and `init_weights()`.
-
-    compute_dtype: activation/matmul dtype; None takes nanochat.common.get_compute_dtype() once, here.
-    embedding_dtype: storage dtype of the token and value embedding tables (their AdamW moments follow it);
-      None = the compute dtype, except fp16, which keeps fp32 tables (GradScaler cannot unscale fp16 grads).
-    """
+    compute_dtype: None = nanochat.common.get_compute_dtype(). embedding_dtype: of the embedding tables (and
+    their AdamW moments); None = the compute dtype, or fp32 under fp16 (GradScaler can't unscale fp16 grads)."""
 
     def __init__(self, config, pad_vocab_size_to=64, compute_dtype=None, embedding_dtype=None):
         super().__init__()
@@ -238,11 +225,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Fill every parameter and the rotary tables on the model's current device.
-
-        Draw order (for bit-reproducibility): wte, lm_head, per block c_q/c_k/c_v/c_fc, smear_gate,
-        value embeddings by layer, ve_gates by block. bf16 tables draw in fp32, then round.
-        """
+        """Fill every parameter and the rotary tables on the model's current device. The draw order below is
+        part of bit-reproducibility; bf16 tables draw in fp32, then round."""
         L, d = self.config.n_layer, self.config.n_embd
         s = math.sqrt(3) / math.sqrt(d)  # Uniform(-s, s) has std 1/sqrt(d)
         _fill(self.transformer.wte.weight, lambda t: t.normal_(0.0, 0.8))
@@ -276,7 +260,7 @@ class GPT(nn.Module):
     # -- forward ---------------------------------------------------------------
 
     def _smear(self, x, kv_cache):
-        """Mix the previous token's (normalised, pre-smear) embedding into each position: a cheap bigram."""
+        """Mix the previous token's normalised embedding into each position: a cheap bigram."""
         lam = self.smear_lambda.to(x.dtype)
         prev = None
         if kv_cache is not None:
@@ -341,22 +325,18 @@ class GPT(nn.Module):
         return norm(x - self.backout_lambda.to(x.dtype) * x_backout)
 
     def logits(self, x):
-        """(..., n_embd) hidden states -> fp32 soft-capped logits (..., vocab_size); the padded vocab
-        columns are dropped. Callers that score a few positions pass only those rows (core_eval)."""
+        """(..., n_embd) hidden states -> fp32 soft-capped logits (..., vocab_size), padded columns dropped."""
         return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
 
     # -- counting --------------------------------------------------------------
 
     def num_matmul_params(self):
-        """Weights of every Linear (transformer matrices incl. ve_gate, lm_head, smear_gate).
-
-        Counts any nn.Linear, so FP8-converted layers (Float8Linear) still count: upstream only
-        counted its own Linear class and undercounted FLOPs/MFU ~8x with --fp8.
-        """
+        """Weights of every Linear (transformer matrices incl. ve_gate, lm_head, smear_gate)."""
+        # Any nn.Linear, so Float8Linear counts too (counting only our Linear undercounts MFU ~8x with --fp8).
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def num_scaling_params(self):
-        """Parameter counts per group, mirroring the optimizer groups. scaling params = matrices + lm_head."""
+        """Parameter counts per optimizer group, and their total."""
         counts = {
             "wte": self.transformer.wte.weight.numel(),
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
@@ -405,11 +385,7 @@ class GPT(nn.Module):
     # -- optimizer ----------------------------------------------------------------
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
-        """MuonAdamW with the model's param groups (their order fixes the comms order and the state_dict layout).
-
-        The lm_head/wte/value-embedding LRs scale with (d/768)^-0.5; the Muon groups hold the block
-        matrices grouped by shape, in sorted shape order.
-        """
+        """MuonAdamW with the model's param groups; their order fixes the comms order and the state_dict layout."""
         from nanochat.optim import MuonAdamW
 
         dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
@@ -443,9 +419,7 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         """Naive sampler, the reference for the KV-cached Engine: batch 1, full recompute every step.
-
-        tokens: list of ints (a 1-token prompt works). Yields one token id per step, max_tokens times.
-        """
+        tokens: a non-empty list of ints. Yields max_tokens token ids."""
         if not tokens:
             raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
         if temperature < 0:

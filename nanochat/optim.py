@@ -1,35 +1,13 @@
 """
-MuonAdamW: one optimizer for the whole GPT, on one process or many.
+MuonAdamW: one optimizer for the whole GPT, on one process or many. AdamW groups (embeddings, lm_head, scalars)
+and Muon groups (the transformer matrices, one group per shape, stacked (K, m, n) and updated together:
+Nesterov momentum -> MuonEq -> Polar Express -> Muon+ -> NorMuon -> cautious weight decay).
 
-Two kinds of param group live side by side:
+No DDP wrapper: with world size W > 1, `step()` averages the gradients itself and shards the optimizer state
+ZeRO-2 style, so each rank saves and loads its own shard and a resume needs the same W. With W = 1 every
+collective is skipped and the same code updates full tensors.
 
-* ``kind="adamw"``: embeddings, lm_head and the scalar knobs. Plain AdamW with decoupled weight decay,
-  all math in fp32 even when a parameter (and its moments) is stored in bf16.
-* ``kind="muon"``: the transformer matrices, one group per distinct shape. The K same-shape matrices of a
-  group are stacked into one (K, m, n) tensor and updated together:
-  Nesterov momentum -> MuonEq row equilibration -> Polar Express orthogonalisation -> Muon+ renormalisation
-  -> NorMuon per-row/column variance reduction -> cautious weight decay and the update.
-
-Distributed (no DDP wrapper anywhere): when ``torch.distributed`` is initialised with world size W > 1, the
-gradients are averaged *here*, inside ``step()``, and the optimizer state is sharded ZeRO-2 style.
-``step()`` runs in three phases so communication overlaps compute:
-
-1. launch every async reduce in param-group order: reduce-scatter (big AdamW params along dim 0, and each
-   Muon stack, padded to a multiple of W) or all-reduce (small AdamW params, replicated on every rank);
-2. per group: wait for its reduce, update the slice this rank owns, launch an async all-gather of the result;
-3. wait for every gather and copy the gathered Muon stacks back into the individual parameters.
-
-With W = 1 (or no process group) every collective is skipped and the same code updates full tensors.
-Each rank's ``state_dict()`` holds only its own shard, so every rank saves and loads its own file, and a
-resume needs the same world size (checked on load).
-
-Collectives keep their ``Work`` handles and call ``.wait()``: gloo (the CPU backend our tests use) does not
-implement ``get_future()`` for reduce_scatter.
-
-Hyperparameters reach the kernels as reusable 0-D fp32 CPU tensors, so LR / momentum / WD schedules never
-trigger a recompile when the kernels are compiled (on CUDA by default; see ``MuonAdamW(compile=...)``).
-
-Tests: ``python -m pytest tests/test_optim.py tests/test_optim_distributed.py -q``.
+Tests: python -m pytest tests/test_optim.py tests/test_optim_distributed.py -q
 """
 
 import functools
@@ -106,11 +84,8 @@ def _fused_adamw_cpu(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 
 
 
 def muon_eq(X):
-    """MuonEq row equilibration: give every row of each (m, n) matrix in the (K, m, n) stack the same norm.
-
-    Each row is rescaled to the RMS of the row norms, ||X||_F / sqrt(m), so the Frobenius norm is kept but no
-    single output neuron dominates the orthogonalisation. Computed in fp32, returned in X's dtype.
-    """
+    """MuonEq row equilibration of the (K, m, n) stack: every row rescaled to the RMS row norm ||X||_F / sqrt(m),
+    so the Frobenius norm is kept but no output neuron dominates the orthogonalisation. fp32 math, X's dtype out."""
     Xf = X.float()
     target = Xf.norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))  # (K, 1, 1)
     rownorm = Xf.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (K, m, 1); all-zero rows stay zero
@@ -118,15 +93,11 @@ def muon_eq(X):
 
 
 def polar_express(X, steps=5):
-    """Approximate the polar factor U V^T of each matrix in the (K, m, n) stack X = U S V^T.
-
-    Normalises so every singular value is below 1, then applies `steps` (<= 5) Polar Express polynomials.
-    The Gram matrix is built on the short side (X^T X for tall, X X^T for wide/square) so it is the small one.
-    """
+    """Approximate the polar factor U V^T of each matrix in the (K, m, n) stack X = U S V^T (1 <= steps <= 5)."""
     if not 1 <= steps <= len(POLAR_EXPRESS_COEFFS):
         raise ValueError(f"Polar Express has coefficients for 1..{len(POLAR_EXPRESS_COEFFS)} steps, got {steps}")
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * POLAR_EXPRESS_NORM_MARGIN + 1e-6)
-    if X.size(-2) > X.size(-1):
+    if X.size(-2) > X.size(-1):  # the Gram matrix on the short side, so it is the small one
         for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
             A = X.mT @ X  # (K, n, n)
             X = a * X + X @ (b * A + c * (A @ A))
@@ -138,12 +109,9 @@ def polar_express(X, steps=5):
 
 
 def normuon(g, second_moment, beta2, red_dim):
-    """NorMuon variance reduction (arXiv 2510.05491) on the (K, m, n) orthogonalised update `g`.
-
-    Keeps an EMA (no bias correction) of each row's (red_dim=-1, shape (K, m, 1)) or column's (red_dim=-2,
-    shape (K, 1, n)) mean square in `second_moment` (fp32, updated in place), divides each row/column by the
-    root of it, then rescales every matrix back to its Frobenius norm before the scaling.
-    """
+    """NorMuon variance reduction (arXiv 2510.05491) of the (K, m, n) update `g`: divide each row (red_dim=-1) or
+    column (-2) by the root of an EMA of its mean square (`second_moment`, fp32, in place, no bias correction),
+    then restore each matrix's Frobenius norm."""
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)  # (K, m, 1) or (K, 1, n)
     size = g.size(red_dim)
     v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()  # (K, 1, 1) == ||g||_F
@@ -154,12 +122,9 @@ def normuon(g, second_moment, beta2, red_dim):
 
 
 def muon_step(grads, params, momentum_buffer, second_moment, momentum, lr, wd, beta2, ns_steps, red_dim, ortho_dtype):
-    """One Muon update of the (K, m, n) stack `params` in place.
-
-    grads: (K, m, n), used as scratch. momentum_buffer: (K, m, n) in the param dtype. second_moment: fp32,
-    (K, m, 1) if red_dim == -1 else (K, 1, n). momentum, lr (already multiplied by the shape factor), wd, beta2:
-    0-D fp32 tensors. ortho_dtype: dtype of the orthogonalisation (bf16 on bf16 hardware, else fp32).
-    """
+    """One Muon update of the (K, m, n) stack `params` in place; `grads` is used as scratch.
+    second_moment: fp32 (K, m, 1) if red_dim == -1 else (K, 1, n). momentum, lr (shape factor included), wd,
+    beta2: 0-D fp32 tensors."""
     mu = momentum.to(grads.dtype)
     # Nesterov momentum in EMA form: M <- mu*M + (1-mu)*G, then step along (1-mu)*G + mu*M.
     momentum_buffer.lerp_(grads, 1 - mu)
@@ -200,7 +165,7 @@ class ShardMismatchError(common.UserError, ValueError):
 
 
 class _Done:
-    """Stands in for a collective's Work handle when there was nothing to communicate (world size 1)."""
+    """A collective's Work handle when there was nothing to communicate (world size 1)."""
 
     def wait(self):
         return True
@@ -208,12 +173,11 @@ class _Done:
 
 _DONE = _Done()
 
-# Shapes already warned about (replicated instead of sharded), so the warning appears once per process.
-_warned_replicated = set()
+_warned_replicated = set()  # shapes replicated instead of sharded: warned once per process
 
 
 def _dist_info():
-    """(rank, world_size) of the default process group, or (0, 1) when torch.distributed is not in use."""
+    """(rank, world_size) of the default process group, (0, 1) without one."""
     world_size = common.dist_world_size()
     return (dist.get_rank() if world_size > 1 else 0), world_size
 
@@ -254,15 +218,13 @@ def _require_grad(p, kind):
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """AdamW + Muon in one optimizer, single-process or distributed (see the module docstring).
+    """AdamW + Muon in one optimizer, single-process or distributed.
 
-    param_groups: list of dicts, each with `params`, `kind` and all of its own hyperparameters:
+    param_groups: dicts with `params`, `kind` and every hyperparameter of that kind (no defaults):
       adamw: lr, betas=(beta1, beta2), eps, weight_decay
       muon:  lr, momentum, ns_steps (1..5), beta2 (NorMuon EMA), weight_decay (cautious); params of one shape
-    compile: torch.compile the two kernels. None (default) compiles only when every parameter lives on CUDA;
-      on CPU compilation is slow to start and the eager kernels compute the same math.
-    ortho_dtype: dtype of the Muon orthogonalisation. None follows nanochat.common's COMPUTE_DTYPE: bf16 where
-      the hardware multiplies bf16 natively, otherwise the gradient dtype (fp32; fp16 is not stable enough).
+    compile: torch.compile the kernels; None = only when every parameter is on CUDA (CPU: slow to start, same math).
+    ortho_dtype: of the Muon orthogonalisation; None = bf16 when the compute dtype is bf16, else the grads' dtype.
     """
 
     def __init__(self, param_groups, *, compile=None, ortho_dtype=None):
@@ -270,10 +232,10 @@ class MuonAdamW(torch.optim.Optimizer):
         if compile is None:
             compile = all(p.is_cuda for group in self.param_groups for p in group["params"])
         self.compile = bool(compile)
-        if ortho_dtype is None:
+        if ortho_dtype is None:  # None: the grads' dtype, fp32 (fp16 is not stable enough to orthogonalise in)
             ortho_dtype = torch.bfloat16 if common.get_compute_dtype()[0] == torch.bfloat16 else None
         self.ortho_dtype = ortho_dtype
-        # Reusable 0-D fp32 CPU tensors: filled before each kernel call, so schedules don't recompile.
+        # Hyperparameters reach the kernels as reusable 0-D fp32 tensors, so LR/momentum/WD schedules never recompile.
         names = ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")
         self._hp = {name: torch.tensor(0.0, dtype=torch.float32) for name in names}
 
@@ -295,14 +257,14 @@ class MuonAdamW(torch.optim.Optimizer):
     # --- state_dict: per-rank shards, tagged with their rank and world size ---------------------------------
 
     def state_dict(self):
-        """Standard optimizer state_dict plus {"distributed": {"rank", "world_size"}}: the state is this rank's shard."""
+        """This rank's shard, tagged {"distributed": {"rank", "world_size"}}."""
         sd = super().state_dict()
         rank, world = _dist_info()
         sd["distributed"] = {"rank": rank, "world_size": world}
         return sd
 
     def load_state_dict(self, state_dict):
-        """Load this rank's shard (saved by the same rank under the same world size) and every group's hyperparameters."""
+        """Load this rank's shard (saved by the same rank under the same world size) and the groups' hyperparameters."""
         rank, world = _dist_info()
         saved = state_dict.get("distributed")
         if saved is not None and (saved["rank"], saved["world_size"]) != (rank, world):
@@ -422,6 +384,8 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         """Average gradients across ranks (if distributed) and apply one update to every parameter."""
+        # Three phases so communication overlaps compute. Collectives keep their Work handles and .wait():
+        # gloo (the CPU backend of our tests) has no get_future() for reduce_scatter.
         rank, world = _dist_info()
         reduce = {"adamw": self._adamw_reduce, "muon": self._muon_reduce}
         update = {"adamw": self._adamw_update, "muon": self._muon_update}

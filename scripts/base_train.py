@@ -25,9 +25,9 @@ from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import (tokenizing_distributed_data_loader_bos_bestfit,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
 from nanochat.engine import complete_prompts
+from nanochat.flash_attention import log_attention_plan
 from nanochat.gpt import GPT
-from nanochat.loop import (Checkpointer, FixedHorizon, Periodic, TrainLoop, log_attention_path, model_config_meta,
-                           start_run)
+from nanochat.loop import Checkpointer, FixedHorizon, Periodic, TrainLoop, model_config_meta, start_run
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -83,7 +83,7 @@ def main(argv=None):
     user_config = vars(args).copy()
     run = start_run(args.device_type, args.seed, "nanochat", args.run, user_config)
     device = run.device
-    log_attention_path(device, run.compute_dtype, args.window_pattern)
+    log_attention_plan(device, run.compute_dtype, args.window_pattern)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)

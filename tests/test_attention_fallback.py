@@ -202,9 +202,9 @@ def test_fa3_load_reason_is_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(fa, "_fa3_reason", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.INFO, logger="nanochat.flash_attention"):
-        assert fa.has_fa3() is False
-        assert fa.has_fa3() is False
-        assert fa.fa3_status() == (False, "no CUDA device")
+        assert fa.load_fa3()[0] is None
+        assert fa.load_fa3()[0] is None
+        assert fa.load_fa3() == (None, "no CUDA device")
     records = [r for r in caplog.records if r.name == "nanochat.flash_attention"]
     assert len(records) == 1 and "no CUDA device" in records[0].getMessage()
 
@@ -214,21 +214,21 @@ def test_missing_kernels_package_falls_back(monkeypatch):
     monkeypatch.setattr(fa, "_fa3_reason", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "kernels", None)  # makes `import kernels` raise ImportError
-    assert fa.has_fa3() is False
-    assert "kernels" in fa.fa3_status()[1]
+    assert fa.load_fa3()[0] is None
+    assert "kernels" in fa.load_fa3()[1]
 
 
 def test_override_mechanism():
     fa.set_impl("sdpa")
-    assert fa.use_fa3(torch.bfloat16) is False and fa.USE_FA3 is False
+    assert fa.attention_plan("cuda", torch.bfloat16).impl == "sdpa"
     fa.set_impl(None)
-    assert fa.use_fa3(torch.float32) is False  # FA3 never runs fp32
-    assert fa.use_fa3(torch.bfloat16) == fa.HAS_FA3
+    assert fa.attention_plan("cuda", torch.float32).impl != "fa3"  # FA3 never runs fp32
+    assert (fa.attention_plan("cuda", torch.bfloat16).impl == "fa3") == (fa.load_fa3()[0] is not None)
     fa.set_impl("flex")
-    assert fa.use_fa3(torch.bfloat16) is False
+    assert fa.attention_plan("cuda", torch.bfloat16).impl == "flex"
     with pytest.raises(ValueError, match="sdpa"):
         fa.set_impl("flash")
-    if not fa.has_fa3():
+    if fa.load_fa3()[0] is None:
         with pytest.raises(RuntimeError, match="FA3"):
             fa.set_impl("fa3")
 
@@ -249,9 +249,7 @@ class FakeCudaTensor:
 
 def kernel_for(q, Tk, window):
     """What flash_attn_func / flash_attn_with_kvcache would run for q against Tk keys."""
-    if fa._fa3_for(q) is not None:
-        return "fa3"
-    return fa._choose(q.device, q.size(1), Tk, window)
+    return fa.attention_plan(q.device.type, q.dtype).kernel(q.size(1), Tk, window)
 
 
 @pytest.fixture
@@ -276,7 +274,7 @@ def test_cuda_without_fa3_sends_sliding_windows_to_flex(cuda_without_fa3):
     assert kernel_for(FakeCudaTensor(1), 700, 512) == "sdpa"  # decode: the crop path, no mask
     assert kernel_for(FakeCudaTensor(16), 80, T) == "flex"  # a chunk appended to a non-empty cache
     assert kernel_for(FakeCudaTensor(T, torch.float32), T, 512) == "flex"  # pre-Ampere fp32 too
-    assert fa.attention_plan("cuda", torch.bfloat16) == ("flex", "no FA3 kernel build for SM 100")
+    assert fa.attention_plan("cuda", torch.bfloat16)[:2] == ("flex", "no FA3 kernel build for SM 100")
 
 
 def test_sssl_model_layers_pick_flex_for_short_windows_on_cuda_without_fa3(cuda_without_fa3):
@@ -298,8 +296,8 @@ def test_fa3_wins_when_it_loaded(cuda_with_fa3):
 def test_cpu_defaults_stay_on_sdpa():
     fa._override_impl = None
     for Tq, Tk, window in ((64, 64, 8), (64, 64, -1), (16, 80, 100), (1, 80, 8)):
-        assert fa._choose(torch.device("cpu"), Tq, Tk, window) == "sdpa"
-    impl, reason = fa.attention_plan("cpu", torch.float32)
+        assert fa.attention_plan("cpu", torch.float32).kernel(Tq, Tk, window) == "sdpa"
+    impl, reason = fa.attention_plan("cpu", torch.float32)[:2]
     assert impl == "sdpa" and "cpu" in reason
 
 
@@ -307,10 +305,103 @@ def test_forcing_flex_and_sdpa(cuda_with_fa3):
     fa.set_impl("flex")
     assert kernel_for(FakeCudaTensor(64), 64, -1) == "flex"  # every multi-token call, even full context
     assert kernel_for(FakeCudaTensor(1), 64, 8) == "sdpa"  # decode stays on the crop path
-    assert fa._choose(torch.device("cpu"), 64, 64, 8) == "flex"
+    assert fa.attention_plan("cpu", torch.float32).kernel(64, 64, 8) == "flex"
     assert fa.attention_plan("cpu", torch.float32)[0] == "flex"
     fa.set_impl("sdpa")
     assert kernel_for(FakeCudaTensor(64), 64, 8) == "sdpa"
+
+
+def test_cpu_attends_reduced_precision_in_fp32(cuda_with_fa3, monkeypatch):
+    assert fa.attention_plan("cpu", torch.bfloat16).dtype == torch.float32
+    assert fa.attention_plan("cpu", torch.float16).dtype == torch.float32
+    assert fa.attention_plan("cuda", torch.bfloat16).dtype == torch.bfloat16  # the GPU recipe stays bf16
+    monkeypatch.setattr(fa, "CPU_ATTENTION_IN_FP32", False)
+    assert fa.attention_plan("cpu", torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("impl,forced,model_kernels,cache_kernels", [
+    ("fa3", False, ["fa3", "fa3"], ["fa3", "fa3", "fa3"]),
+    ("flex", False, ["flex", "sdpa"], ["flex", "sdpa", "sdpa"]),  # S layer masked, L layer plain causal
+    ("flex", True, ["flex", "flex"], ["flex", "sdpa", "sdpa"]),
+    ("sdpa", False, ["sdpa", "sdpa"], ["sdpa", "sdpa", "sdpa"]),
+])
+def test_every_call_runs_the_logged_plan(monkeypatch, caplog, tiny_gpt, impl, forced, model_kernels, cache_kernels):
+    # Whatever attention_plan decides (here: each machine's decision, mocked on CPU), the startup log and every
+    # call of the model and the KV cache follow it: a second rule in the call path would show up as a mismatch.
+    from types import SimpleNamespace
+
+    ran = []
+    real_sdpa = fa._sdpa_math
+
+    def fake_fa3(q, *args, window_size, **kwargs):
+        ran.append("fa3")
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(fa, "_fa3", SimpleNamespace(flash_attn_func=fake_fa3, flash_attn_with_kvcache=fake_fa3))
+    monkeypatch.setattr(fa, "_flex_attention", lambda q, k, v, w, gqa: ran.append("flex") or real_sdpa(q, k, v, w, gqa))
+    monkeypatch.setattr(fa, "_sdpa_math", lambda q, k, v, w, gqa, mask=None: ran.append("sdpa") or real_sdpa(q, k, v, w, gqa, mask))
+    plan = fa.AttentionPlan(impl, "mocked", forced, torch.float32)
+    monkeypatch.setattr(fa, "attention_plan", lambda device_type, dtype: plan)
+    caplog.set_level(logging.INFO, logger="nanochat.flash_attention")
+    assert fa.log_attention_plan(torch.device("cpu"), torch.float32, "SL") is plan
+    name = {"fa3": "Flash Attention 3", "flex": "FlexAttention", "sdpa": "PyTorch SDPA"}[impl]
+    assert name in caplog.records[0].getMessage() and "(mocked)" in caplog.records[0].getMessage()
+
+    model = tiny_gpt(n_layer=2, sequence_len=512, window_pattern="SL")  # windows 128 (S) and 512 (L)
+    model(torch.randint(0, 265, (1, 200)))
+    assert ran == model_kernels
+    ran.clear()
+    q, k = rand(2, 4, 2, 16), rand(2, 4, 2, 16, seed=1)
+    k_cache, v_cache = torch.zeros(2, 32, 2, 16), torch.zeros(2, 32, 2, 16)
+    seqlens = torch.tensor([8, 8], dtype=torch.int32)
+    fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=k, cache_seqlens=seqlens, causal=True, window_size=(6, 0))
+    fa.flash_attn_with_kvcache(q[:, :1], k_cache, v_cache, k=k[:, :1], v=k[:, :1], cache_seqlens=seqlens + 4,
+                               causal=True, window_size=(6, 0))  # decode
+    fa.flash_attn_with_kvcache(q[:, :1], k_cache, v_cache, k=k[:, :1], v=k[:, :1], cache_seqlens=seqlens,
+                               causal=True, window_size=(6, 0), cache_pos=[9, 12])  # rows at different lengths
+    assert ran == cache_kernels
+
+
+def test_attention_plan_log_counts_fa3_only_in_bf16(monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(fa, "load_fa3", lambda: (object(), "loaded for SM 90"))
+    monkeypatch.setattr(fa, "_override_impl", None)
+    fa.log_attention_plan(torch.device("cuda"), torch.float32, "L")
+    fa.log_attention_plan(torch.device("cuda"), torch.bfloat16, "SSSL")
+    lines = [r.getMessage() for r in caplog.records]
+    assert "PyTorch SDPA" in lines[0] and "runs only in bf16" in lines[0]
+    assert lines[1] == "Attention: Flash Attention 3 (loaded for SM 90)"
+
+
+def test_hopper_without_fa3_warns_once_on_rank_0(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    def get_kernel(repo):
+        raise FileNotFoundError(f"no build of {repo} for this torch")
+
+    monkeypatch.setattr(fa, "_fa3", None)
+    monkeypatch.setattr(fa, "_fa3_reason", None)
+    monkeypatch.setattr(fa, "_override_impl", None)
+    monkeypatch.setattr(fa, "_hopper_warned", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "kernels", SimpleNamespace(get_kernel=get_kernel, has_kernel=lambda repo: True))
+    caplog.set_level(logging.INFO)
+    for _ in range(2):
+        fa.log_attention_plan(torch.device("cuda"), torch.bfloat16, "SSSL")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    text = warnings[0]
+    assert text.startswith("Flash Attention 3 did not load on this Hopper GPU (loading varunneal/flash-attention-3 failed")
+    assert "loading kernels-community/flash-attn3 failed" in text  # the stable-ABI build was tried too
+    assert "FlexAttention" in text and "1.5-2x slower" in text and "uv sync --extra gpu" in text
+    # another rank stays quiet
+    monkeypatch.setattr(fa, "_hopper_warned", False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fa.log_attention_plan(torch.device("cuda"), torch.bfloat16, "SSSL")
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
 
 
 def test_choosing_loads_no_flex_attention():
@@ -417,8 +508,8 @@ def test_flex_gradients_match_naive(flex, window, hkv):
 def _needs_fa3():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    if not fa.has_fa3():
-        pytest.skip(f"FA3 unavailable: {fa.fa3_status()[1]}")
+    if fa.load_fa3()[0] is None:
+        pytest.skip(f"FA3 unavailable: {fa.load_fa3()[1]}")
 
 
 def both_impls(fn):

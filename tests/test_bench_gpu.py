@@ -14,7 +14,7 @@ from nanochat import flash_attention as fa
 
 @pytest.mark.usefixtures("one_thread")
 def test_dry_run_writes_every_part(tmp_path):
-    fa.fa3_status()  # the one-time FA3 load (the bench does it too); then nothing of the loader may change
+    fa.load_fa3()  # the one-time FA3 load (the bench does it too); then nothing of the loader may change
     saved = fa._fa3, fa._fa3_reason, fa._override_impl
     report = bench_gpu.main(["--dry-run", "--out", str(tmp_path)])
     assert (fa._fa3, fa._fa3_reason, fa._override_impl) == saved  # attention paths are restored

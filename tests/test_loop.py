@@ -6,7 +6,6 @@ import logging
 import pytest
 import torch
 
-from nanochat import loop as loop_module
 from nanochat.checkpoint_manager import load_checkpoint
 from nanochat.loop import Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop
 from nanochat.training import StepMeter, TrainStep
@@ -92,47 +91,3 @@ def test_data_horizon_stops_when_the_pending_batch_is_past_the_data(tmp_path):
     assert result.step == 3
 
 
-def test_attention_path_log_counts_fa3_only_in_bf16(monkeypatch, caplog):
-    from nanochat import flash_attention
-
-    caplog.set_level(logging.INFO)
-    monkeypatch.setattr(flash_attention, "fa3_status", lambda: (True, "loaded for SM 90"))
-    loop_module.log_attention_path(torch.device("cuda"), torch.float32, "L")
-    loop_module.log_attention_path(torch.device("cuda"), torch.bfloat16, "SSSL")
-    lines = [r.getMessage() for r in caplog.records]
-    assert "PyTorch SDPA" in lines[0] and "runs only in bf16" in lines[0]
-    assert lines[1] == "Attention: Flash Attention 3 (loaded for SM 90)"
-
-
-def test_hopper_without_fa3_warns_once_on_rank_0(monkeypatch, caplog):
-    import sys
-    from types import SimpleNamespace
-
-    from nanochat import flash_attention
-
-    def get_kernel(repo):
-        raise FileNotFoundError(f"no build of {repo} for this torch")
-
-    monkeypatch.setattr(flash_attention, "_fa3", None)
-    monkeypatch.setattr(flash_attention, "_fa3_reason", None)
-    monkeypatch.setattr(flash_attention, "_override_impl", None)
-    monkeypatch.setattr(loop_module, "_hopper_warned", False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setitem(sys.modules, "kernels", SimpleNamespace(get_kernel=get_kernel, has_kernel=lambda repo: True))
-    caplog.set_level(logging.INFO)
-    for _ in range(2):
-        loop_module.log_attention_path(torch.device("cuda"), torch.bfloat16, "SSSL")
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1
-    text = warnings[0]
-    assert text.startswith("Flash Attention 3 did not load on this Hopper GPU (loading varunneal/flash-attention-3 failed")
-    assert "loading kernels-community/flash-attn3 failed" in text  # the stable-ABI build was tried too
-    assert "FlexAttention" in text and "1.5-2x slower" in text and "uv sync --extra gpu" in text
-    # another rank stays quiet
-    monkeypatch.setattr(loop_module, "_hopper_warned", False)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    loop_module.log_attention_path(torch.device("cuda"), torch.bfloat16, "SSSL")
-    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
