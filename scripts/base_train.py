@@ -20,7 +20,7 @@ import torch
 
 from nanochat import fp8, training
 from nanochat.checkpoint_manager import load_checkpoint
-from nanochat.common import add_runtime_flags, compute_cleanup, get_base_dir, script_main, setup_default_logging
+from nanochat.common import add_runtime_flags, get_base_dir, script_main, setup_default_logging
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import (tokenizing_distributed_data_loader_bos_bestfit,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
@@ -194,10 +194,11 @@ def main(argv=None):
         weight_decay=training.muon_weight_decay(it, num_iterations, plan.weight_decay))
     train = TrainLoop(
         step=step, batches=train_loader, horizon=FixedHorizon(num_iterations), schedule=schedule,
-        periodic=[Periodic("val bpb", args.eval_every, val_bpb, at_start=True),
-                  Periodic("CORE", args.core_metric_every, core_metric),
-                  Periodic("samples", args.sample_every, samples, master_only=True)],
-        checkpointer=checkpointer, meter=training.StepMeter(total_batch_size, num_flops_per_token, run.peak_flops, mfu_label=run.mfu_label),
+        periodic=[job for job in (Periodic("val bpb", args.eval_every, val_bpb, at_start=True),
+                                  Periodic("CORE", args.core_metric_every, core_metric),
+                                  Periodic("samples", args.sample_every, samples, master_only=True))
+                  if job.every > 0],  # -1 disables a job
+        checkpointer=checkpointer, meter=run.meter(total_batch_size, num_flops_per_token),
         wandb_run=run.wandb_run, sync=run.sync,
         describe=lambda st: f"epoch: {st['epoch']} pq: {st['pq_idx']} rg: {st['rg_idx']}", curve="base")
     result = train.run(resume=meta)
@@ -222,8 +223,7 @@ def main(argv=None):
             **result.report_rows(),
         },
     ])
-    run.wandb_run.finish()
-    compute_cleanup()
+    run.finish()
     return result
 
 
