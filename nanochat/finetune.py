@@ -25,7 +25,7 @@ from nanochat.checkpoint_manager import add_checkpoint_flags, get_checkpoints_di
 from nanochat.common import add_runtime_flags
 from nanochat.engine import Engine
 from nanochat.loop import (Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop, log_attention_path, model_config_meta,
-                           start_run)
+                           start_run, token_batch_step)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import ShardMismatchError
 from nanochat.report import get_report
@@ -176,12 +176,8 @@ def run_stage(stage, args):
             log.warning("The source checkpoint has no optimizer state for rank %d: starting with fresh moments (slightly worse)", run.rank)
     optimizer = make_optimizer(orig_model, hp, args.weight_decay, args.init_lr_frac, warm_start=warm)
     T = hp["max_seq_len"]
-    B = training.resolve_device_batch_size(hp["device_batch_size"], training.CPU_DEVICE_BATCH_SIZE, model, optimizer, hp["total_batch_size"],
-                                           T, run.world_size, tokenizer.get_vocab_size(), device, log=log.info)
+    step, B = token_batch_step(run, model, optimizer, hp["device_batch_size"], hp["total_batch_size"], T, tokenizer.get_vocab_size())
     hp["device_batch_size"] = B
-    grad_accum_steps = training.grad_accum_steps_for(hp["total_batch_size"], B, T, run.world_size)
-    log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, T,
-             f"{hp['total_batch_size']:,}", grad_accum_steps)
     if resume is not None:
         optimizer.load_state_dict(load_optimizer_state(stage.name, device, run.rank, model_tag=tag, step=start.source_step, required=True))
 
@@ -193,7 +189,7 @@ def run_stage(stage, args):
     if args.num_iterations > 0:
         horizon = FixedHorizon(args.num_iterations)
     else:
-        horizon = DataHorizon(lambda state: training_progress(state, -1, batches_per_step=grad_accum_steps), device)
+        horizon = DataHorizon(lambda state: training_progress(state, -1, batches_per_step=step.grad_accum_steps), device)
     token_bytes = get_token_bytes(device=device)
 
     def val_bpb(step):
@@ -227,9 +223,6 @@ def run_stage(stage, args):
     schedule = lambda step, progress: dict(  # noqa: E731
         lrm=training.progress_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
         momentum=training.momentum_warmup(step))
-    scaler = torch.amp.GradScaler() if run.compute_dtype == torch.float16 else None
-    step = training.TrainStep(model, optimizer, grad_accum_steps, scaler=scaler,
-                              oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)")
     result = TrainLoop(step=step, batches=batches, horizon=horizon, schedule=schedule, periodic=periodic, checkpointer=checkpointer,
                        meter=run.meter(hp["total_batch_size"], orig_model.estimate_flops()),
                        wandb_run=run.wandb_run, sync=run.sync, wandb_every=10,
@@ -241,7 +234,7 @@ def run_stage(stage, args):
         get_report().log(section=stage.title, data=[
             user_config,
             {"Source checkpoint": f"{args.source} {tag}", "Training rows": len(train_data), "Number of iterations": result.step,
-             "DDP world size": run.world_size, "Device batch size": B, "Gradient accumulation steps": grad_accum_steps,
+             "DDP world size": run.world_size, "Device batch size": B, "Gradient accumulation steps": step.grad_accum_steps,
              "Conversations truncated to the row": batches.truncated,
              "Offline stand-ins": "; ".join(fallbacks_used()) or "none"},
             {**({"ChatCORE metric": result.metrics.get("chatcore_metric"), "ChatCORE_cat": result.metrics.get("chatcore_cat")}

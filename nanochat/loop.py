@@ -2,11 +2,11 @@
 The training loop that pretraining, midtraining, SFT and RL all run; they differ only in what they pass in
 (data, horizon, schedule, evaluations, hyperparameters).
 
-    result = TrainLoop(step=TrainStep(model, optimizer, grad_accum_steps), batches=loader,
+    result = TrainLoop(step=training.TrainStep(model, optimizer, grad_accum_steps), batches=loader,
                        horizon=FixedHorizon(num_iterations), schedule=lambda step, progress: {"lrm": 1.0},
                        periodic=[Periodic("val", every=250, fn=evaluate, at_start=True)],
                        checkpointer=Checkpointer(checkpoint_dir, every=-1, model=orig_model, optimizer=optimizer),
-                       meter=StepMeter(...), wandb_run=wandb_run).run(resume=meta_or_None)
+                       meter=training.StepMeter(...), wandb_run=wandb_run).run(resume=meta_or_None)
 
 The loop runs num_iterations + 1 times: the extra pass only evaluates and saves the final weights. State that
 must survive a resume is one dict, `loop_state` in the checkpoint meta; a meta without it (an older run, or
@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from nanochat import training  # by module: tests swap its functions (one CPU thread for the golden curve)
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import (DummyWandb, atomic_write, autodetect_device_type, compute_cleanup, compute_init, dist_world_size,
                              get_base_dir, get_compute_dtype, get_dist_info, get_peak_flops, measure_matmul_flops,
                              print_banner, strict_json, usable_cores)
-from nanochat.training import StepMeter, configure_cpu_threads, mfu_label
 
 log = logging.getLogger(__name__)
 
@@ -316,11 +316,24 @@ class Run:
     sync: Callable | None
 
     def meter(self, tokens_per_step, flops_per_token):
-        return StepMeter(tokens_per_step, flops_per_token, self.peak_flops, mfu_label=self.mfu_label)
+        return training.StepMeter(tokens_per_step, flops_per_token, self.peak_flops, mfu_label=self.mfu_label)
 
     def finish(self):
         self.wandb_run.finish()
         compute_cleanup()
+
+
+def token_batch_step(run, model, optimizer, device_batch_size, total_batch_size, seq_len, vocab_size):
+    """(TrainStep, device batch size) of the stages that train on token rows (base, mid, SFT): the device batch
+    size resolved ("auto" probes it), gradient accumulation up to the total batch, a GradScaler on the fp16 path."""
+    B = training.resolve_device_batch_size(device_batch_size, training.CPU_DEVICE_BATCH_SIZE, model, optimizer, total_batch_size, seq_len,
+                                  run.world_size, vocab_size, run.device, log=log.info)
+    accum = training.grad_accum_steps_for(total_batch_size, B, seq_len, run.world_size)
+    log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, seq_len,
+             f"{total_batch_size:,}", accum)
+    scaler = torch.amp.GradScaler() if run.compute_dtype == torch.float16 else None  # bf16 and fp32 need no loss scaling
+    return training.TrainStep(model, optimizer, accum, scaler=scaler,
+                     oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)"), B
 
 
 def start_run(device_type, seed, wandb_project, run_name, user_config):
@@ -329,7 +342,7 @@ def start_run(device_type, seed, wandb_project, run_name, user_config):
 
     _, rank, _, world_size, device = compute_init(device_type or autodetect_device_type(), seed=seed)
     if device.type == "cpu":
-        threads = configure_cpu_threads(max(1, usable_cores() // world_size))  # oversubscribed matmul threads only thrash
+        threads = training.configure_cpu_threads(max(1, usable_cores() // world_size))  # oversubscribed matmul threads only thrash
         log.info("CPU: %d torch threads per rank, denormals flushed to zero", threads)
     if rank == 0:
         print_banner()
@@ -350,7 +363,7 @@ def start_run(device_type, seed, wandb_project, run_name, user_config):
         wandb_run = wandb.init(project=wandb_project, name=run_name, config=user_config)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     return Run(rank, world_size, device, compute_dtype, peak * world_size if peak else None,
-               mfu_label(device.type, compute_dtype), wandb_run, sync)
+               training.mfu_label(device.type, compute_dtype), wandb_run, sync)
 
 
 def log_attention_path(device, compute_dtype, window_pattern):

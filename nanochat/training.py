@@ -3,6 +3,7 @@ What every training stage shares, each in one place: the scaling rules behind `-
 optimizer step, the device batch-size probe and the step line's bookkeeping. nanochat/loop.py runs them.
 """
 
+import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -395,8 +396,6 @@ def batch_views(buffer, B, T):
 def window_pattern_arg(value):
     """argparse type of --window-pattern: a non-empty string of S (short window) and L (full context)."""
     if not value or set(value.upper()) - {"S", "L"}:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"must be a string of S and L such as SSSL or L, got {value!r}")
     return value.upper()
 
@@ -405,13 +404,8 @@ def device_batch_size_arg(value):
     """argparse type of --device-batch-size: a positive int, or "auto" (probe on CUDA)."""
     if value == "auto":
         return value
-    try:
-        rows = int(value)
-    except ValueError:
-        rows = 0
+    rows = int(value) if value.strip().isdigit() else 0
     if rows < 1:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
     return rows
 

@@ -27,7 +27,7 @@ from nanochat.dataloader import (tokenizing_distributed_data_loader_bos_bestfit,
 from nanochat.engine import complete_prompts
 from nanochat.gpt import GPT
 from nanochat.loop import (Checkpointer, FixedHorizon, Periodic, TrainLoop, log_attention_path, model_config_meta,
-                           start_run)
+                           start_run, token_batch_step)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -137,19 +137,14 @@ def main(argv=None):
     optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr * s, embedding_lr=args.embedding_lr * s,
                                            scalar_lr=args.scalar_lr * s, matrix_lr=args.matrix_lr * s,
                                            weight_decay=plan.weight_decay)
-    B, T = training.resolve_device_batch_size(args.device_batch_size, training.CPU_DEVICE_BATCH_SIZE, model, optimizer, total_batch_size,
-                                              args.max_seq_len, run.world_size, vocab_size, device, log=log.info), args.max_seq_len
-    grad_accum_steps = training.grad_accum_steps_for(total_batch_size, B, T, run.world_size)
-    log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, T, f"{total_batch_size:,}", grad_accum_steps)
+    T = args.max_seq_len
+    step, B = token_batch_step(run, model, optimizer, args.device_batch_size, total_batch_size, T, vocab_size)
     log.info("Batch LR scale: %.6f | scaled weight decay: %.6f | iterations: %s | tokens: %s | tokens:scaling-params %.2f | total FLOPs %e",
              plan.batch_lr_scale, plan.weight_decay, f"{num_iterations:,}", f"{total_batch_size * num_iterations:,}",
              total_batch_size * num_iterations / scaling_params(orig_model), num_flops_per_token * total_batch_size * num_iterations)
     if meta is not None:
         optimizer.load_state_dict(optim_data)  # restores each group's saved hyperparameters, initial_lr included
         del optim_data
-    scaler = torch.amp.GradScaler() if run.compute_dtype == torch.float16 else None
-    step = training.TrainStep(model, optimizer, grad_accum_steps, scaler=scaler,
-                              oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)")
 
     loader_state = (meta or {}).get("dataloader_state_dict")
     if meta is not None and loader_state is None:

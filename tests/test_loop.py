@@ -185,3 +185,11 @@ def test_every_checkpoint_loading_script_declares_the_same_source_flags():
     assert evals[0]["-g"][1] is None and evals[0]["-s"][1] is None and "largest d<N>" in evals[0]["-g"][2]
     assert "-i" not in evals[1] and evals[2]["-i"][1] is None  # base_loss reads base only; chat_eval requires -i
     assert [f["-i"][1] for f in trainers] == ["sft", "base", "mid"]
+
+
+def test_a_job_without_a_period_runs_only_where_its_start_and_last_flags_say():
+    # mid/SFT's --eval-every -1: val bpb at the end only (no "huge period" stand-in for "never in between")
+    only_last = Periodic("val bpb", -1, lambda s: None)
+    assert [s for s in range(7) if only_last.due(s, last_step=s == 6)] == [6]
+    both_ends = Periodic("val bpb", 0, lambda s: None, at_start=True)
+    assert [s for s in range(7) if both_ends.due(s, last_step=s == 6)] == [0, 6]
