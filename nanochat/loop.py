@@ -160,7 +160,7 @@ class TrainLoop:
             inputs, targets, state = self.pending or next(self.batches)
             self.pending = None
             yield inputs, targets
-            self.trained_state = state
+            self.trained_state = state  # reached when the step asks for more, i.e. after this micro-batch's backward
             if self.prefetch:
                 self.pending = next(self.batches)  # may overwrite the loader's buffers: the backward is queued already
 
