@@ -36,6 +36,7 @@ Tests: python -m pytest tests/test_bench_gpu.py -q     (the dry run)
 import argparse
 import contextlib
 import importlib.metadata
+import itertools
 import logging
 import os
 import platform
@@ -235,12 +236,12 @@ def train_row(cfg, depth, path, pattern, batch, seed, use_fp8=False, steps=None,
             times, losses = [], []
             warmup = max(1, total // 10)
             for it in range(total):
-                training.apply_schedule(optimizer, training.lr_multiplier(it, total, warmup_steps=warmup),
-                                        momentum=training.muon_momentum(it, total),
-                                        weight_decay=training.muon_weight_decay(it, total, plan.weight_decay))
+                micro_batches = ((x, y) for x, y, _ in itertools.islice(batches, accum))  # as TrainLoop hands them over
                 _sync(device)
                 t0 = time.perf_counter()
-                result = step(batches)
+                result = step(micro_batches, lrm=training.lr_multiplier(it, total, warmup_steps=warmup),
+                              momentum=training.muon_momentum(it, total),
+                              weight_decay=training.muon_weight_decay(it, total, plan.weight_decay))
                 _sync(device)
                 times.append(time.perf_counter() - t0)
                 losses.append(result.loss)

@@ -1,18 +1,12 @@
 """
 Checkpoints: save and load model / optimizer / meta files, find the newest one, rebuild a GPT from it.
 
-Layout, under <base>/<source dir>/<model_tag>/ (source dirs: base_checkpoints, mid_checkpoints,
-chatsft_checkpoints, chatrl_checkpoints; the tag defaults to d<depth>):
+Layout, under <base>/<source dir (SOURCE_DIRS)>/<model_tag, default d<depth>>/:
     model_{step:06d}.pt              model state_dict (rank 0)
-    meta_{step:06d}.json             step, model_config, user_config, loop/loader state (rank 0)
+    meta_{step:06d}.json             step, model_config, user_config, loop/loader state (rank 0), written last
     optim_{step:06d}_rank{r}.pt      optimizer state shard of rank r (every rank; state is sharded)
 
-    from nanochat.checkpoint_manager import load_model
-    model, tokenizer, meta = load_model("sft", device, phase="eval")          # newest tag, last step
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag="d12", step=5000)
-
-Every file is written to a temp file and renamed into place, and the meta file goes last, after all
-ranks' files: a step whose meta exists is complete, and a crash mid-save never leaves a half file.
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag="d12", step=5000)  # None = newest
 """
 
 import json
@@ -67,6 +61,21 @@ def get_checkpoints_dir(source):
     return os.path.join(get_base_dir(), SOURCE_DIRS[source])
 
 
+def add_checkpoint_flags(group, default="base", sources=tuple(SOURCE_DIRS), source_help="checkpoint family to load",
+                         training=False):
+    """-i/--source, -g/--model-tag and -s/--step: which checkpoint a script loads. default=None makes -i required,
+    sources=() leaves it out (a fixed source); training stages, which also save under the tag, name the step
+    -s/--model-step."""
+    if sources:
+        group.add_argument("-i", "--source", choices=sources, default=default, required=default is None, help=source_help)
+    if training:
+        group.add_argument("-g", "--model-tag", type=str, default=None, help="tag to load and to save under (default: the source's largest d<N>)")
+        group.add_argument("-s", "--model-step", type=int, default=None, help="source checkpoint step (default: the last one)")
+    else:
+        group.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint directory tag (default: the largest d<N>)")
+        group.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
+
+
 def _how_to_make(path):
     """'run <script> first' for the stage that writes checkpoints under `path`."""
     for part in reversed(os.path.normpath(path).split(os.sep)):
@@ -102,12 +111,9 @@ def remove_stale_temporaries(checkpoint_dir):
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
-    """Write one checkpoint step. Under torch.distributed every rank must call this (it waits for all).
-
-    Rank 0 writes the model and meta, each rank its own optimizer shard (skipped when optimizer_data
-    is None). The meta is written last, after a barrier, so that it marks a complete step; a second
-    barrier keeps ranks from moving on (or exiting) before the checkpoint is on disk.
-    """
+    """Write one checkpoint step: rank 0 the model and meta, each rank its optimizer shard (none when
+    optimizer_data is None). Under torch.distributed every rank must call this. Each file goes to a temp file
+    renamed into place, so a crash mid-save never leaves a half file."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     if checkpoint_dir not in _swept_dirs:  # every rank keeps the same set, so all take this barrier together
         _swept_dirs.add(checkpoint_dir)
@@ -118,12 +124,12 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         atomic_torch_save(model_data, model_path(checkpoint_dir, step))
     if optimizer_data is not None:
         atomic_torch_save(optimizer_data, optim_path(checkpoint_dir, step, rank))
-    _barrier()
+    _barrier()  # the meta goes last, after every rank's files: a step whose meta exists is complete
     if rank == 0:
         # Strict JSON (NaN / inf become null): the meta must load in any JSON parser, not only Python's.
         atomic_write(meta_path(checkpoint_dir, step), strict_json(meta_data, indent=2, ensure_ascii=False))
         log.info("Saved checkpoint step %d to %s", step, checkpoint_dir)
-    _barrier()
+    _barrier()  # no rank moves on (or exits) before the checkpoint is on disk
 
 
 def _corrupt(path, err):
@@ -219,15 +225,8 @@ def find_largest_model(checkpoints_dir):
 
 
 def resolve_checkpoint(source, model_tag=None, step=None):
-    """(checkpoint_dir, model_tag, step) that load_model(source, ...) would load: the largest tag and last step
-    unless given."""
+    """(checkpoint_dir, model_tag, step) that load_model(source, ...) loads: the largest tag and last step unless given."""
     checkpoints_dir = get_checkpoints_dir(source)
-    tag = model_tag or find_largest_model(checkpoints_dir)
-    checkpoint_dir, step = _resolve(checkpoints_dir, tag, step)
-    return checkpoint_dir, tag, step
-
-
-def _resolve(checkpoints_dir, model_tag, step):
     if model_tag is None:
         model_tag = find_largest_model(checkpoints_dir)
         log.info("No model tag given, using %s", model_tag)
@@ -239,7 +238,7 @@ def _resolve(checkpoints_dir, model_tag, step):
     if step is None:
         step = find_last_step(checkpoint_dir)
         log.info("No step given, using the last one: %d", step)
-    return checkpoint_dir, step
+    return checkpoint_dir, model_tag, step
 
 
 # -----------------------------------------------------------------------------
@@ -258,14 +257,8 @@ def _patch_missing_keys(model_data, expected, path):
 
 
 def build_model(checkpoint_dir, step, device, phase):
-    """(model, tokenizer, meta) from one checkpoint step; phase "train" or "eval" sets the module mode
-    and the dtype: the training compute dtype, or the faster inference dtype of the device (fp32 on CPU).
-
-    Strips torch.compile's `_orig_mod.` key prefix, fills config/parameters that older checkpoints
-    lack (window_pattern -> "L", the full context they were trained with; see _patch_missing_keys),
-    stores every tensor in the dtype a fresh model has on this device (bf16 checkpoints become fp32
-    on an fp32 CPU), and checks the tokenizer's vocab size against the config.
-    """
+    """(model, tokenizer, meta) from one checkpoint step; phase "train" or "eval" sets the module mode and the
+    dtype: the training compute dtype, or the device's faster inference dtype (fp32 on CPU)."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
@@ -274,7 +267,7 @@ def build_model(checkpoint_dir, step, device, phase):
     from nanochat.tokenizer import get_tokenizer
 
     path = model_path(checkpoint_dir, step)
-    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}  # saved from a torch.compile'd model
     config_kwargs = dict(meta["model_config"])
     if "window_pattern" not in config_kwargs:
         log.info("%s has no window_pattern in its config: using 'L' (full context, as it was trained)", path)
@@ -287,7 +280,7 @@ def build_model(checkpoint_dir, step, device, phase):
     model.init_weights()  # the rotary tables are buffers, not in the checkpoint
     expected = model.state_dict()
     _patch_missing_keys(model_data, expected, path)
-    for key, value in model_data.items():
+    for key, value in model_data.items():  # a fresh model's dtype on this device (bf16 becomes fp32 on an fp32 CPU)
         if key in expected and value.is_floating_point() and value.dtype != expected[key].dtype:
             model_data[key] = value.to(expected[key].dtype)
     try:
@@ -307,23 +300,15 @@ def build_model(checkpoint_dir, step, device, phase):
     return model, tokenizer, meta
 
 
-def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
-    """build_model on `checkpoints_dir`/<tag>, guessing the tag (largest model) and step (last) if not given."""
-    checkpoint_dir, step = _resolve(checkpoints_dir, model_tag, step)
+def load_model(source, device, phase, model_tag=None, step=None):
+    """(model, tokenizer, meta) for source base, mid, sft or rl: the largest tag and last step unless given."""
+    checkpoint_dir, _, step = resolve_checkpoint(source, model_tag, step)
     return build_model(checkpoint_dir, step, device, phase)
 
 
-def load_model(source, device, phase, model_tag=None, step=None):
-    """(model, tokenizer, meta) for source base, mid, sft or rl (see SOURCE_DIRS)."""
-    return load_model_from_dir(get_checkpoints_dir(source), device, phase, model_tag=model_tag, step=step)
-
-
 def load_optimizer_state(source, device, rank, model_tag=None, step=None, required=False):
-    """This rank's optimizer shard of a checkpoint, or None (logged) if that checkpoint has none.
-
-    required: a missing shard is an error (a resume needs every rank's shard, so the same world size).
-    """
-    checkpoint_dir, step = _resolve(get_checkpoints_dir(source), model_tag, step)
+    """This rank's optimizer shard of a checkpoint, or None (logged) if it has none; `required`: that is an error."""
+    checkpoint_dir, _, step = resolve_checkpoint(source, model_tag, step)
     path = optim_path(checkpoint_dir, step, rank)
     if not os.path.exists(path):
         if required:

@@ -5,16 +5,10 @@ only their flags and a `Stage`; RL (scripts/chat_rl.py) reuses `load_start` and 
     python -m scripts.mid_train        # base checkpoint -> mid_checkpoints/<tag>
     python -m scripts.chat_sft         # mid checkpoint  -> chatsft_checkpoints/<tag>
 
-Both continue training a checkpoint on a mixture of conversations (tasks/mixtures.py) packed into rows by
-the BOS-aligned best-fit loader (nanochat/chat_dataloader.py), on the shared loop (nanochat/loop.py):
-- midtraining trains on every token of a conversation (special tokens, user turns, tool outputs), so the
-  model learns the chat format; SFT only on what the assistant writes (completion-only loss mask);
-- the horizon is one epoch of the mixture unless --num-iterations is given, and the LR schedule follows the
-  progress through it (flat, then linear to 0 over the last warmdown fraction); Muon momentum warms up
-  0.85 -> 0.95 over 300 steps;
-- val bits per byte on the mixture's validation split (SFT: only assistant tokens count), and SFT adds a
-  quick ChatCORE check;
-- the output tag is the source checkpoint's tag (d<depth>) unless --model-tag says otherwise.
+Both continue a checkpoint on a mixture of conversations (tasks/mixtures.py) packed into rows
+(nanochat/chat_dataloader.py). Midtraining trains on every token, so the model learns the chat format; SFT
+only on what the assistant writes. The horizon is one epoch of the mixture unless --num-iterations is given,
+and the LR follows the progress through it.
 """
 
 import logging
@@ -27,11 +21,12 @@ import torch
 from nanochat import training
 from nanochat.chat_dataloader import packed_conversation_loader, training_progress
 from nanochat.chateval import evaluate_available_chatcore
-from nanochat.checkpoint_manager import get_checkpoints_dir, load_model, load_optimizer_state, resolve_checkpoint
-from nanochat.common import add_runtime_flags, compute_cleanup
+from nanochat.checkpoint_manager import add_checkpoint_flags, get_checkpoints_dir, load_model, load_optimizer_state, resolve_checkpoint
+from nanochat.common import add_runtime_flags
 from nanochat.engine import Engine
 from nanochat.flash_attention import log_attention_plan
-from nanochat.loop import Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop, start_run
+from nanochat.loop import (Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop, model_config_meta, start_run,
+                           token_batch_step)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import ShardMismatchError
 from nanochat.report import get_report
@@ -55,6 +50,7 @@ class Stage:
     mask_mode: str  # "all" (every token is a target) | "assistant" (completion-only)
     mixture: Callable  # (split, args) -> Task
     sources: tuple  # checkpoint sources it may start from; the first is the default
+    chatcore: bool = False  # a ChatCORE check beside val bpb (SFT; its --chatcore-* flags)
 
 
 def add_flags(p, stage, defaults):
@@ -64,9 +60,7 @@ def add_flags(p, stage, defaults):
     add_runtime_flags(g, seed_help="seed of torch's generators (the data order is fixed by the mixture)")
     g.add_argument("--dry-run", action="store_true", help="train and evaluate but write no checkpoint and no report section")
     g = p.add_argument_group("checkpoints")
-    g.add_argument("-i", "--source", choices=stage.sources, default=stage.sources[0], help="checkpoint to start from")
-    g.add_argument("-g", "--model-tag", type=str, default=None, help="tag to load and to save under (default: the source's largest d<N>)")
-    g.add_argument("-s", "--model-step", type=int, default=None, help="source checkpoint step (default: the last one)")
+    add_checkpoint_flags(g, default=stage.sources[0], sources=stage.sources, source_help="checkpoint to start from", training=True)
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step of this stage's own checkpoints (-1 = start from --source)")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
     inherit = " (default: the source checkpoint's)" if defaults["max_seq_len"] is None else ""
@@ -119,11 +113,8 @@ def load_start(stage_name, source, model_tag, model_step, resume_from_step, devi
 
 
 def make_optimizer(model, lrs, weight_decay, init_lr_frac, warm_start=None):
-    """MuonAdamW with the model's groups at `lrs` x init_lr_frac (which becomes each group's initial_lr).
-
-    warm_start: an optimizer state shard to take the moments (and saved hyperparameters) from, keeping the
-    fresh learning rates; one from another world size is skipped with a warning (fresh moments).
-    """
+    """MuonAdamW at `lrs` x init_lr_frac (each group's initial_lr), its moments taken from the optimizer shard
+    `warm_start` when given (the fresh learning rates kept; a shard of another world size is skipped)."""
     optimizer = model.setup_optimizer(unembedding_lr=lrs["unembedding_lr"], embedding_lr=lrs["embedding_lr"],
                                       matrix_lr=lrs["matrix_lr"], weight_decay=weight_decay)
     if warm_start is not None:
@@ -162,12 +153,8 @@ def resolve_hyperparameters(args, source_meta, resume):
 # The runner
 
 
-def run_stage(stage, args, extra_periodic=None, report_rows=None):
-    """Train one finetuning stage end to end; returns the loop's LoopResult.
-
-    extra_periodic(ctx) -> list of Periodic jobs beyond val bpb (SFT's ChatCORE); ctx is a dict with the
-    model, tokenizer, device and batch size. report_rows(ctx) -> extra rows for the report section.
-    """
+def run_stage(stage, args):
+    """Train one finetuning stage end to end; returns the loop's LoopResult."""
     user_config = vars(args).copy()
     run = start_run(args.device_type, args.seed, stage.wandb_project, args.run, user_config)
     device = run.device
@@ -179,7 +166,7 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
             and hp["device_batch_size"] > source_meta["device_batch_size"]:
         log.warning("--device-batch-size %d is larger than the %d the source trained with: it may not fit in memory",
                     hp["device_batch_size"], source_meta["device_batch_size"])
-    orig_model = model
+    orig_model = model  # for evaluations with varying shapes and saving; `model` may be compiled
     if device.type == "cuda":
         model = torch.compile(model, dynamic=False)
 
@@ -190,12 +177,8 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
             log.warning("The source checkpoint has no optimizer state for rank %d: starting with fresh moments (slightly worse)", run.rank)
     optimizer = make_optimizer(orig_model, hp, args.weight_decay, args.init_lr_frac, warm_start=warm)
     T = hp["max_seq_len"]
-    B = training.resolve_device_batch_size(hp["device_batch_size"], training.CPU_DEVICE_BATCH_SIZE, model, optimizer, hp["total_batch_size"],
-                                           T, run.world_size, tokenizer.get_vocab_size(), device, log=log.info)
+    step, B = token_batch_step(run, model, optimizer, hp["device_batch_size"], hp["total_batch_size"], T, tokenizer.get_vocab_size())
     hp["device_batch_size"] = B
-    grad_accum_steps = training.grad_accum_steps_for(hp["total_batch_size"], B, T, run.world_size)
-    log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, T,
-             f"{hp['total_batch_size']:,}", grad_accum_steps)
     if resume is not None:
         optimizer.load_state_dict(load_optimizer_state(stage.name, device, run.rank, model_tag=tag, step=start.source_step, required=True))
 
@@ -207,7 +190,7 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
     if args.num_iterations > 0:
         horizon = FixedHorizon(args.num_iterations)
     else:
-        horizon = DataHorizon(lambda state: training_progress(state, -1, batches_per_step=grad_accum_steps), device)
+        horizon = DataHorizon(lambda state: training_progress(state, -1, batches_per_step=step.grad_accum_steps), device)
     token_bytes = get_token_bytes(device=device)
 
     def val_bpb(step):
@@ -219,25 +202,30 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
         log.info("Step %05d | Validation bpb: %.6f", step, bpb)
         return {"val_bpb": bpb}
 
-    ctx = dict(model=orig_model, tokenizer=tokenizer, device=device, batch_size=B, run=run)
-    periodic = [Periodic("val bpb", args.eval_every if args.eval_every > 0 else 1 << 62, val_bpb, at_start=args.eval_every > 0)]
-    periodic += extra_periodic(ctx) if extra_periodic else []
-    model_config = {k: getattr(orig_model.config, k) for k in orig_model.config.__dataclass_fields__}
-    checkpointer = Checkpointer(os.path.join(get_checkpoints_dir(stage.name), tag), args.save_every if not args.dry_run else -1,
-                                orig_model, optimizer, meta=dict(model_config=model_config, user_config=user_config, hyperparameters=hp,
-                                                                 device_batch_size=B, max_seq_len=T, total_batch_size=hp["total_batch_size"],
-                                                                 world_size=run.world_size, source=args.source))
-    if args.dry_run:
-        checkpointer.due = lambda *a: False
+    def chatcore(step):
+        orig_model.eval()  # uncompiled: prompt shapes vary
+        scores = evaluate_available_chatcore(orig_model, tokenizer, Engine(orig_model, tokenizer), batch_size=B,
+                                             max_categorical=None if args.chatcore_max_cat < 0 else args.chatcore_max_cat,
+                                             max_generative=None if args.chatcore_max_sample < 0 else args.chatcore_max_sample)
+        orig_model.train()
+        log.info("Step %05d | %s", step, " | ".join(f"{name}: {100 * acc:.2f}%" for name, acc in scores["accuracies"].items()))
+        log.info("Step %05d | ChatCORE: %s | ChatCORE_cat: %s", step, _fmt(scores["chatcore"]), _fmt(scores["chatcore_cat"]))
+        return {"chatcore_metric": scores["chatcore"], "chatcore_cat": scores["chatcore_cat"],
+                **{f"chatcore/{name}": acc for name, acc in scores["accuracies"].items()}}
+
+    # --eval-every -1 still evaluates at the end; --chatcore-every -1 never runs ChatCORE.
+    periodic = [Periodic("val bpb", args.eval_every, val_bpb, at_start=args.eval_every > 0)]
+    if stage.chatcore and args.chatcore_every > 0:
+        periodic.append(Periodic("ChatCORE", args.chatcore_every, chatcore))
+    checkpointer = None if args.dry_run else Checkpointer(
+        os.path.join(get_checkpoints_dir(stage.name), tag), args.save_every, orig_model, optimizer,
+        meta=dict(model_config=model_config_meta(orig_model), user_config=user_config, hyperparameters=hp, device_batch_size=B,
+                  max_seq_len=T, total_batch_size=hp["total_batch_size"], world_size=run.world_size, source=args.source))
     schedule = lambda step, progress: dict(  # noqa: E731
         lrm=training.progress_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
         momentum=training.momentum_warmup(step))
-    scaler = torch.amp.GradScaler() if run.compute_dtype == torch.float16 else None
-    step = training.TrainStep(model, optimizer, grad_accum_steps, scaler=scaler,
-                              oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)")
     result = TrainLoop(step=step, batches=batches, horizon=horizon, schedule=schedule, periodic=periodic, checkpointer=checkpointer,
-                       meter=training.StepMeter(hp["total_batch_size"], orig_model.estimate_flops(), run.peak_flops,
-                                                mfu_label=run.mfu_label),
+                       meter=run.meter(hp["total_batch_size"], orig_model.estimate_flops()),
                        wandb_run=run.wandb_run, sync=run.sync, wandb_every=10,
                        describe=lambda state: f"epoch: {state['epoch']}", curve=stage.name).run(resume=resume)
     if batches.truncated:
@@ -247,36 +235,14 @@ def run_stage(stage, args, extra_periodic=None, report_rows=None):
         get_report().log(section=stage.title, data=[
             user_config,
             {"Source checkpoint": f"{args.source} {tag}", "Training rows": len(train_data), "Number of iterations": result.step,
-             "DDP world size": run.world_size, "Device batch size": B, "Gradient accumulation steps": grad_accum_steps,
+             "DDP world size": run.world_size, "Device batch size": B, "Gradient accumulation steps": step.grad_accum_steps,
              "Conversations truncated to the row": batches.truncated,
              "Offline stand-ins": "; ".join(fallbacks_used()) or "none"},
-            {**(report_rows(result) if report_rows else {}), **result.report_rows()},
+            {**({"ChatCORE metric": result.metrics.get("chatcore_metric"), "ChatCORE_cat": result.metrics.get("chatcore_cat")}
+                if stage.chatcore else {}), **result.report_rows()},
         ])
-    run.wandb_run.finish()
-    compute_cleanup()
+    run.finish()
     return result
-
-
-def chatcore_job(every, max_categorical, max_generative):
-    """SFT's periodic ChatCORE check, on the uncompiled model (prompt shapes vary) through an Engine."""
-
-    def make(ctx):
-        def job(step):
-            model = ctx["model"]
-            model.eval()
-            scores = evaluate_available_chatcore(model, ctx["tokenizer"], Engine(model, ctx["tokenizer"]), batch_size=ctx["batch_size"],
-                                                 max_categorical=None if max_categorical < 0 else max_categorical,
-                                                 max_generative=None if max_generative < 0 else max_generative)
-            model.train()
-            accs = " | ".join(f"{name}: {100 * acc:.2f}%" for name, acc in scores["accuracies"].items())
-            log.info("Step %05d | %s", step, accs)
-            log.info("Step %05d | ChatCORE: %s | ChatCORE_cat: %s", step, _fmt(scores["chatcore"]), _fmt(scores["chatcore_cat"]))
-            return {"chatcore_metric": scores["chatcore"], "chatcore_cat": scores["chatcore_cat"],
-                    **{f"chatcore/{name}": acc for name, acc in scores["accuracies"].items()}}
-
-        return [Periodic("ChatCORE", every, job)]
-
-    return make
 
 
 def _fmt(value):

@@ -2,22 +2,15 @@
 The training loop that pretraining, midtraining, SFT and RL all run; they differ only in what they pass in
 (data, horizon, schedule, evaluations, hyperparameters).
 
-    loop = TrainLoop(step=TrainStep(model, optimizer, grad_accum_steps), batches=loader,
-                     horizon=FixedHorizon(num_iterations), schedule=lambda step, progress: {"lrm": 1.0},
-                     periodic=[Periodic("val", every=250, fn=evaluate, at_start=True)],
-                     checkpointer=Checkpointer(checkpoint_dir, every=-1, model=orig_model, optimizer=optimizer,
-                                               meta={"model_config": ..., "user_config": ...}),
-                     meter=StepMeter(...), wandb_run=wandb_run)
-    result = loop.run(resume=meta_or_None)
+    result = TrainLoop(step=training.TrainStep(model, optimizer, grad_accum_steps), batches=loader,
+                       horizon=FixedHorizon(num_iterations), schedule=lambda step, progress: {"lrm": 1.0},
+                       periodic=[Periodic("val", every=250, fn=evaluate, at_start=True)],
+                       checkpointer=Checkpointer(checkpoint_dir, every=-1, model=orig_model, optimizer=optimizer),
+                       meter=training.StepMeter(...), wandb_run=wandb_run).run(resume=meta_or_None)
 
-One iteration, top to bottom: decide whether this is the last step (all ranks agree), run whatever is due
-(evaluations, samples), save a checkpoint if due, stop after the last one, then schedule the optimizer's
-hyperparameters, take the step, log it. The loop runs num_iterations + 1 times: the extra pass at
-step == num_iterations only evaluates and saves the final weights.
-
-State that must survive a resume is one dict, `loop_state` in the checkpoint meta (step, the loader state
-of the pending batch, meters, last metrics). A meta without it (an older run, or upstream's format)
-resumes with fresh meters.
+The loop runs num_iterations + 1 times: the extra pass only evaluates and saves the final weights. State that
+must survive a resume is one dict, `loop_state` in the checkpoint meta; a meta without it (an older run, or
+upstream's format) resumes with fresh meters.
 """
 
 import gc
@@ -30,9 +23,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from nanochat import training  # by module: tests swap its functions (one CPU thread for the golden curve)
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import dist_world_size, get_dist_info
-from nanochat.training import apply_schedule
+from nanochat.common import (DummyWandb, atomic_write, autodetect_device_type, compute_cleanup, compute_init, dist_world_size,
+                             get_base_dir, get_compute_dtype, get_dist_info, get_peak_flops, measure_matmul_flops,
+                             print_banner, strict_json, usable_cores)
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +52,14 @@ class FixedHorizon:
 @dataclass
 class DataHorizon:
     """Until the loader has consumed its data once (mid/SFT default): `progress_fn(state) -> (progress, last)`.
-
-    Every rank reads its own share, so ranks may run out at different batches: last_step is all-reduced (MAX)
-    so that all of them stop at the same step and none waits alone in a collective. `device` is the run's
-    device: NCCL refuses a flag tensor left on the CPU.
-    """
+    `device` is the run's device: NCCL refuses a flag tensor left on the CPU."""
 
     progress_fn: Callable
     device: torch.device
 
     def __call__(self, step, state):
         progress, last = self.progress_fn(state)
-        if dist_world_size() > 1:
+        if dist_world_size() > 1:  # ranks may run out at different batches: all stop when one does, none waits alone
             flag = torch.tensor(int(last), device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             last = bool(flag.item())
@@ -79,11 +70,10 @@ class DataHorizon:
 
 @dataclass
 class Periodic:
-    """Something done once in a while, before the step: `fn(step) -> dict of metrics or None`.
-
-    Runs every `every` steps (every <= 0: never), at step 0 only if `at_start`, and at the last step if
-    `at_last`. `master_only` work (samples) runs on rank 0 alone, so it must not use collectives.
-    """
+    """Something done once in a while, before the step: `fn(step) -> dict of metrics or None`. It runs every
+    `every` steps (every <= 0: none between start and end; a job its flag disables is left out of the list),
+    at step 0 if `at_start`, and at the last step if `at_last`. `master_only` work runs on rank 0 alone, so
+    it must not use collectives."""
 
     name: str
     every: int
@@ -93,38 +83,32 @@ class Periodic:
     master_only: bool = False
 
     def due(self, step, last_step):
-        if self.every <= 0:
-            return False
         if last_step:
             return self.at_last
         if step == 0:
             return self.at_start
-        return step % self.every == 0
+        return self.every > 0 and step % self.every == 0
 
 
 @dataclass
 class Checkpointer:
     """Saves model + this rank's optimizer shard + meta (rank 0) every `every` steps and after the last step.
-
-    meta: what this stage records beside the loop state (model_config with window_pattern, user_config,
-    batch geometry, ...). Saving is collective: every rank calls it.
-    """
+    `meta` is what the stage records beside the loop and loader state. Saving is collective: every rank calls it."""
 
     checkpoint_dir: str
     every: int
     model: torch.nn.Module
     optimizer: object
     meta: dict = field(default_factory=dict)
-    save_optimizer: bool = True
 
     def due(self, step, last_step, resume_step):
         # Never re-save the step we resumed from: it is on disk already.
         return last_step or (step > 0 and step != resume_step and self.every > 0 and step % self.every == 0)
 
-    def save(self, step, loop_state, metrics):
-        meta = dict(step=step, **{k: v for k, v in metrics.items() if k == "val_bpb"}, **self.meta, loop_state=loop_state)
-        optim = self.optimizer.state_dict() if self.save_optimizer else None
-        save_checkpoint(self.checkpoint_dir, step, self.model.state_dict(), optim, meta, rank=get_dist_info()[1])
+    def save(self, step, loop_state, metrics, loader_state):
+        meta = dict(step=step, **{k: v for k, v in metrics.items() if k == "val_bpb"}, **self.meta,
+                    dataloader_state_dict=loader_state, loop_state=loop_state)
+        save_checkpoint(self.checkpoint_dir, step, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=get_dist_info()[1])
 
 
 @dataclass
@@ -152,18 +136,38 @@ class LoopResult:
 
 
 class TrainLoop:
-    """Runs a stage's training (see the module docstring). `describe(state)` runs on every rank after each
-    step (it may use collectives) and returns text for the step line (the data position), or a dict of
-    metrics, which also go to wandb and to the curves; `wandb_every` sets how often the loss goes to wandb."""
+    """Runs a stage's training. The loop owns the data: it fetches the micro-batches it hands the step and keeps
+    the loader state a checkpoint records. `describe(state)` runs on every rank after each step (it may use
+    collectives) and returns text for the step line, or a dict of metrics that also go to wandb and the curves.
+    prefetch=False fetches each micro-batch only when it is needed (RL: its batches are sampled from the weights
+    the previous step updated). checkpointer=None saves nothing (--dry-run)."""
 
     def __init__(self, *, step, batches, horizon, schedule, periodic, checkpointer, meter, wandb_run,
-                 describe=None, wandb_every=100, sync=None, curve=None):
-        self.step_fn, self.batches, self.horizon, self.schedule = step, batches, horizon, schedule
+                 prefetch=True, describe=None, wandb_every=100, sync=None, curve=None):
+        self.train_step, self.batches, self.horizon, self.schedule = step, batches, horizon, schedule
         self.periodic, self.checkpointer, self.meter, self.wandb_run = periodic, checkpointer, meter, wandb_run
-        self.describe = describe or (lambda state: "")
+        self.prefetch, self.describe = prefetch, describe or (lambda state: "")
         self.wandb_every, self.sync = wandb_every, sync
         self.curve = curve  # stage name: rank 0 writes the loss / val bpb curves to <base>/report/curves/<curve>.json
         self.rank = get_dist_info()[1]
+        self.pending = None  # (inputs, targets, loader state) fetched ahead: the first micro-batch of the next step
+        self.trained_state = None  # loader state after the last micro-batch trained on: a resumed loader goes on from it
+
+    def _micro_batches(self, n):
+        """The step's n micro-batches. The step asks for the next one after queueing a backward, so the prefetch
+        of the next micro-batch runs on the host while the device still computes."""
+        for _ in range(n):
+            inputs, targets, state = self.pending or next(self.batches)
+            self.pending = None
+            yield inputs, targets
+            self.trained_state = state  # reached when the step asks for more, i.e. after this micro-batch's backward
+            if self.prefetch:
+                self.pending = next(self.batches)  # may overwrite the loader's buffers: the backward is queued already
+
+    def position(self):
+        """Where the data stands for the horizon and the step line: the pending batch's loader state, if any
+        (mid/SFT stop when the pending batch is past the data)."""
+        return self.pending[2] if self.pending is not None else self.trained_state
 
     def run(self, resume=None):
         """Train from step 0, or from a checkpoint's meta (`resume`); returns a LoopResult."""
@@ -183,15 +187,14 @@ class TrainLoop:
                 metrics.setdefault("val_bpb", resume["val_bpb"])
             best = loop_state.get("min_val_bpb")
             min_val_bpb = float("inf") if best is None else best
-        if resume is not None:
-            self.step_fn.state = resume.get("dataloader_state_dict")  # where the resumed loader starts
-        if self.step_fn.prefetch:
-            self.step_fn.fetch(self.batches)  # the first batch, so the horizon can read its loader state
+            self.trained_state = resume.get("dataloader_state_dict")  # where the resumed loader starts
+        if self.prefetch:
+            self.pending = next(self.batches)  # the first batch, so the horizon can read its loader state
         first_step = step
         lrm, last = 1.0, None
 
         while True:
-            progress, last_step = self.horizon(step, self.step_fn.state)
+            progress, last_step = self.horizon(step, self.position())
             flops_so_far = self.meter.flops_per_token * self.meter.tokens_per_step * step
 
             # once in a while: evaluations and samples (before the step, so step 0 sees the initial model)
@@ -208,11 +211,12 @@ class TrainLoop:
                                         "total_training_time": self.meter.total_time, **_scalars(out)})
 
             # once in a while: a checkpoint (every rank writes its optimizer shard)
-            if self.checkpointer.due(step, last_step, resume_step):
+            if self.checkpointer is not None and self.checkpointer.due(step, last_step, resume_step):
                 loop_state = dict(step=step, progress=progress, min_val_bpb=None if min_val_bpb == float("inf") else min_val_bpb,
                                   meter=self.meter.state_dict(), metrics=_scalars(metrics))
-                self.checkpointer.meta["dataloader_state_dict"] = _gather(self.step_fn.resume_state)
-                self.checkpointer.save(step, loop_state, metrics)
+                # The state after the last batch trained on, not the pending one's: the resumed loader yields the
+                # pending batch again, which this run fetched but never trained on.
+                self.checkpointer.save(step, loop_state, metrics, _gather(self.trained_state))
 
             if last_step:
                 break
@@ -220,13 +224,12 @@ class TrainLoop:
             # the step
             sched = self.schedule(step, progress)
             lrm = sched["lrm"]
-            apply_schedule(self.step_fn.optimizer, lrm, momentum=sched.get("momentum"), weight_decay=sched.get("weight_decay"))
             self.meter.start(self.sync)
-            result = self.step_fn(self.batches)
+            result = self.train_step(self._micro_batches(self.train_step.grad_accum_steps), **sched)
             last = self.meter.stop(step, result.loss, progress, self.sync, tokens=result.tokens)
 
             history["train_loss"].append([step, last["loss"]])
-            extra = self.describe(self.step_fn.state)
+            extra = self.describe(self.position())
             if isinstance(extra, dict):  # step metrics of the stage's own (RL's reward): logged, plotted, sent to wandb
                 for key, value in extra.items():
                     history.setdefault(key, []).append([step, value])
@@ -266,15 +269,9 @@ class TrainLoop:
 
 
 def _write_curve(name, history, resumed_from):
-    """<base>/report/curves/<name>.json: this run's train loss (debiased EMA) and val bpb by step.
-
-    A resumed run starts its curve at the resume step; the steps before it are in the curve file of the run
-    it resumed, which this one replaces, so they are carried over from it when it is there.
-    """
-    from nanochat.common import atomic_write, get_base_dir, strict_json
-
+    """<base>/report/curves/<name>.json: this run's train loss (debiased EMA) and val bpb by step."""
     path = os.path.join(get_base_dir(), "report", "curves", f"{name}.json")
-    if resumed_from is not None and os.path.exists(path):
+    if resumed_from is not None and os.path.exists(path):  # the steps before the resume are in the file this one replaces
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         for key in history:
@@ -309,7 +306,6 @@ def model_config_meta(model):
 class Run:
     """The process's place in the run: device, ranks, dtype, MFU peak, wandb."""
 
-    ddp: bool
     rank: int
     world_size: int
     device: torch.device
@@ -319,24 +315,34 @@ class Run:
     wandb_run: object
     sync: Callable | None
 
-    @property
-    def master(self):
-        return self.rank == 0
+    def meter(self, tokens_per_step, flops_per_token):
+        return training.StepMeter(tokens_per_step, flops_per_token, self.peak_flops, mfu_label=self.mfu_label)
+
+    def finish(self):
+        self.wandb_run.finish()
+        compute_cleanup()
+
+
+def token_batch_step(run, model, optimizer, device_batch_size, total_batch_size, seq_len, vocab_size):
+    """(TrainStep, device batch size) of the stages that train on token rows (base, mid, SFT): the device batch
+    size resolved ("auto" probes it), gradient accumulation up to the total batch, a GradScaler on the fp16 path."""
+    B = training.resolve_device_batch_size(device_batch_size, training.CPU_DEVICE_BATCH_SIZE, model, optimizer, total_batch_size, seq_len,
+                                  run.world_size, vocab_size, run.device, log=log.info)
+    accum = training.grad_accum_steps_for(total_batch_size, B, seq_len, run.world_size)
+    log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, seq_len,
+             f"{total_batch_size:,}", accum)
+    scaler = torch.amp.GradScaler() if run.compute_dtype == torch.float16 else None  # bf16 and fp32 need no loss scaling
+    return training.TrainStep(model, optimizer, accum, scaler=scaler,
+                     oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)"), B
 
 
 def start_run(device_type, seed, wandb_project, run_name, user_config):
     """Join the process group, seed, pick threads and dtype, log what was chosen, open wandb (rank 0).
+    device_type "" = autodetect."""
 
-    device_type: "" = autodetect. On CPU the cores are split between ranks: oversubscribed matmul
-    threads only thrash. MFU's peak is the GPU's datasheet bf16 number, or this CPU's measured rate.
-    """
-    from nanochat.common import (DummyWandb, autodetect_device_type, compute_init, get_compute_dtype, get_peak_flops,
-                                 measure_matmul_flops, print_banner, usable_cores)
-    from nanochat.training import configure_cpu_threads, mfu_label
-
-    ddp, rank, _, world_size, device = compute_init(device_type or autodetect_device_type(), seed=seed)
+    _, rank, _, world_size, device = compute_init(device_type or autodetect_device_type(), seed=seed)
     if device.type == "cpu":
-        threads = configure_cpu_threads(max(1, usable_cores() // world_size))
+        threads = training.configure_cpu_threads(max(1, usable_cores() // world_size))  # oversubscribed matmul threads only thrash
         log.info("CPU: %d torch threads per rank, denormals flushed to zero", threads)
     if rank == 0:
         print_banner()
@@ -347,7 +353,7 @@ def start_run(device_type, seed, wandb_project, run_name, user_config):
         peak = get_peak_flops(name)
         log.info("GPU: %s | peak bf16 FLOP/s: %s", name, f"{peak:.3e}" if peak else "n/a (unknown card)")
     else:
-        peak = measure_matmul_flops(device, compute_dtype)
+        peak = measure_matmul_flops(device, compute_dtype)  # no datasheet number: this device's measured rate
         log.info("%s: measured %s matmul rate %.3e FLOP/s (used as the MFU peak)", device.type.upper(),
                  str(compute_dtype).removeprefix("torch."), peak)
     wandb_run = DummyWandb()
@@ -356,5 +362,5 @@ def start_run(device_type, seed, wandb_project, run_name, user_config):
 
         wandb_run = wandb.init(project=wandb_project, name=run_name, config=user_config)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    return Run(ddp, rank, world_size, device, compute_dtype, peak * world_size if peak else None,
-               mfu_label(device.type, compute_dtype), wandb_run, sync)
+    return Run(rank, world_size, device, compute_dtype, peak * world_size if peak else None,
+               training.mfu_label(device.type, compute_dtype), wandb_run, sync)

@@ -1,13 +1,9 @@
 """
-Training-loop pieces that every training stage (base, mid, SFT) shares, each in one place:
-the scaling rules that turn `--depth` into batch size / LR / weight decay, the LR / momentum /
-weight-decay schedules, the gradient-accumulation step (NaN and fp16 found-inf decisions made
-together by every rank), the start-up probe of the device batch size, and the loss / throughput /
-MFU / ETA bookkeeping behind the step log line.
-
-Everything here is a plain function or a small class; nanochat/loop.py runs them for every stage.
+What every training stage shares, each in one place: the scaling rules behind `--depth`, the schedules, the
+optimizer step, the device batch-size probe and the step line's bookkeeping. nanochat/loop.py runs them.
 """
 
+import argparse
 import ctypes
 import math
 import time
@@ -27,17 +23,13 @@ B_REF = 2**19
 
 
 def configure_cpu_threads(num_threads=None):
-    """Thread and float settings for training on CPU; returns the intra-op thread count in use.
-
-    num_threads: torch intra-op threads; None = usable_cores(). More threads than cores only adds context
-    switches to every matmul. Denormals are flushed to zero: tiny gradients (e.g. of rarely seen
-    embedding rows in the AdamW moments) otherwise take the slow microcode path on x86.
-    """
+    """Thread and float settings for training on CPU (None = usable_cores() threads); returns the thread count."""
     if num_threads is None:
         num_threads = usable_cores()
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    torch.set_num_threads(num_threads)
+    torch.set_num_threads(num_threads)  # more threads than cores only adds context switches to every matmul
+    # Tiny gradients (rarely seen embedding rows in the AdamW moments) take x86's slow denormal path otherwise.
     torch.set_flush_denormal(True)
     keep_freed_heap_memory()
     return num_threads
@@ -92,13 +84,8 @@ def auto_total_batch_size(target_tokens, ref_tokens):
 
 def scaling_plan(scaling_params, ref_scaling_params, flops_per_token, total_batch_size=-1,
                  num_iterations=-1, target_flops=-1.0, target_param_data_ratio=12.0, weight_decay=0.28):
-    """Resolve batch size, LR scale, weight decay and horizon the way base_train does.
-
-    scaling_params: the model's transformer matrices + lm_head (GPT.num_scaling_params()["total"]-style
-    count used for the data:param ratio); ref_scaling_params: the same for d12 with the same flags.
-    The batch size and WD depend only on the ratio of the two (the data ratio cancels), so they work
-    in --target-flops mode too.
-    """
+    """Batch size, LR scale, weight decay and horizon from the model's scaling params (transformer matrices +
+    lm_head) and d12's with the same flags. Batch and WD depend only on their ratio, so --target-flops works too."""
     if num_iterations <= 0 and target_flops <= 0 and target_param_data_ratio <= 0:
         raise ValueError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
     target_tokens = int(target_param_data_ratio * scaling_params)
@@ -135,11 +122,7 @@ def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_siz
 
 
 def eval_steps_for(eval_tokens, device_batch_size, seq_len, world_size, flag="--eval-tokens"):
-    """Batches per evaluation for a budget of `eval_tokens` over all ranks (rounded down to whole batches).
-
-    Every stage and eval script turns its token budget into steps here; a budget below one batch is an error
-    that names `flag`, not a silent zero-step evaluation.
-    """
+    """Batches per evaluation for `eval_tokens` over all ranks, rounded down; below one batch is an error naming `flag`."""
     per_step = device_batch_size * seq_len * world_size
     if eval_tokens < per_step:
         raise ConfigError(f"{flag} {eval_tokens:,} is less than one batch of {device_batch_size} x {seq_len} x {world_size} "
@@ -181,9 +164,8 @@ def muon_weight_decay(it, num_iterations, weight_decay):
 
 
 def progress_lr_multiplier(progress, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0):
-    """LR multiplier from training progress in [0, 1] (mid and SFT, whose horizon may be one data epoch):
-    linear warmup over `warmup_ratio`, flat, then linear to `final_lr_frac` over the last `warmdown_ratio`.
-    Midtraining's "flat to 80%, then linear to 0" is warmdown_ratio=0.2."""
+    """LR multiplier from progress in [0, 1] (mid and SFT, whose horizon may be one epoch of data): linear warmup
+    over `warmup_ratio`, flat, then linear to `final_lr_frac` over the last `warmdown_ratio`."""
     if progress < warmup_ratio:
         return (progress + 1e-8) / warmup_ratio
     if progress <= 1 - warmdown_ratio:
@@ -247,12 +229,9 @@ def _loss_verdict(losses):
     """Start summing the step's losses and counting the non-finite ones over all ranks; returns a function that
     waits for [loss sum, non-finite count, loss count].
 
-    The optimizer step must wait for this answer (no NaN may reach the weights, and every rank must decide
-    alike), so the host waits once per step. Queued after the last forward, before its backward, the wait
-    ends as soon as the forward and a 3-float all-reduce are done, while the GPU still runs the backward: the
-    host launches the optimizer step behind it and the GPU never idles. Waiting after the backward (the
-    obvious order) drained the GPU's queue each step, leaving it idle while the optimizer step was launched.
-    """
+    The optimizer step must wait for this answer, so the host waits once per step. Queued before the last
+    backward, the wait ends while the GPU still runs that backward, and the host launches the optimizer step
+    behind it; queued after the backward, the wait drained the GPU's queue every step."""
     stacked = torch.stack(losses).float()
     finite = torch.isfinite(stacked)
     totals = torch.stack([torch.where(finite, stacked, 0.0).sum(), (~finite).sum().float(),
@@ -273,74 +252,44 @@ def _loss_verdict(losses):
 
 
 class TrainStep:
-    """One optimizer step with gradient accumulation over `grad_accum_steps` micro-batches.
+    """One optimizer step: forward and backward over `grad_accum_steps` micro-batches, one all-reduced verdict
+    on their losses, then the optimizer. The caller (TrainLoop) fetches the micro-batches and so alone knows
+    where the loader stands.
 
-    `batches` yields (inputs, targets, state) micro-batches. With prefetch (pretraining, mid, SFT) the next
-    micro-batch is fetched right after each backward, while the device still works, so the batch that
-    starts the next step is already here; `state` is then the loader state of that pending batch, which
-    is what the horizon reads (mid/SFT stop when the pending batch is past the data), while
-    `resume_state` is what a checkpoint records. Without prefetch (RL, whose batches are sampled from the current
-    weights) each micro-batch is fetched when it is needed.
-
-    The loss of every micro-batch is kept. Before the optimizer step one all-reduce sums the losses and
-    counts the non-finite ones over all ranks: if any micro-batch on any rank was NaN/inf, every rank
-    drops its gradients and raises NonFiniteLossError, so nothing bad reaches the weights and no rank is
-    left waiting in a collective. The reported loss is the mean over micro-batches and ranks.
-
-    loss_fn(model, inputs, targets) -> scalar loss, the mean over the micro-batch (default: model(x, y)).
-    Each micro-batch's loss is divided by grad_accum_steps, so the gradient is the mean of the
-    micro-batch means (the same as one big batch when every micro-batch has as many targets).
-    scaler: a torch.amp.GradScaler on the fp16 path; its found-inf flags are all-reduced (MAX) so that
-    every rank skips, or steps, together.
+    loss_fn(model, inputs, targets) -> the micro-batch's mean loss (default: model(inputs, targets)).
+    scaler: a torch.amp.GradScaler on the fp16 path.
     """
 
-    def __init__(self, model, optimizer, grad_accum_steps, scaler=None, loss_fn=None, prefetch=True, oom_hint=""):
+    def __init__(self, model, optimizer, grad_accum_steps, scaler=None, loss_fn=None, oom_hint=""):
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.grad_accum_steps = grad_accum_steps
         self.loss_fn = loss_fn or _default_loss
-        self.prefetch = prefetch
         self.oom_hint = oom_hint
-        self.pending = None  # the prefetched (inputs, targets) that starts the next step
-        self.state = None  # loader state after the most recently fetched micro-batch
-        self._before_pending = None  # loader state after the last micro-batch actually trained on
 
-    def fetch(self, batches):
-        """Take the next micro-batch from `batches` (used to prefetch the first one before the loop)."""
-        inputs, targets, state = next(batches)
-        self._before_pending, self.state = self.state, state
-        self.pending = (inputs, targets)
-        return state
-
-    @property
-    def resume_state(self):
-        """The loader state a checkpoint must record: after the last batch trained on, so that a resumed
-        loader produces the pending (prefetched, not yet trained) batch again."""
-        return self._before_pending if self.pending is not None else self.state
-
-    def __call__(self, batches):
+    def __call__(self, micro_batches, lrm=1.0, momentum=None, weight_decay=None):
+        """Train on the (inputs, targets) of `micro_batches` (exactly grad_accum_steps of them) at the scheduled
+        hyperparameters; returns a StepResult."""
+        apply_schedule(self.optimizer, lrm, momentum=momentum, weight_decay=weight_decay)
         losses, tokens = [], 0
         try:
-            for micro_step in range(self.grad_accum_steps):
-                if self.pending is None:
-                    self.fetch(batches)
-                (inputs, targets), self.pending = self.pending, None
+            for micro_step, (inputs, targets) in enumerate(micro_batches):
                 loss = self.loss_fn(self.model, inputs, targets)
-                losses.append(loss.detach())
+                losses.append(loss.detach())  # every micro-batch's loss goes into the NaN verdict, not just the last
                 tokens += inputs.numel()
                 if micro_step == self.grad_accum_steps - 1:
                     verdict = _loss_verdict(losses)  # queued before the last backward: see _loss_verdict
+                # Each loss is divided by the count, so the gradient is the mean of the micro-batch means (one big
+                # batch's gradient when every micro-batch has as many targets).
                 loss = loss / self.grad_accum_steps
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-                if self.prefetch:
-                    self.fetch(batches)  # overwrites the loader's buffers: inputs/targets are done with
         except torch.OutOfMemoryError as err:
             self.model.zero_grad(set_to_none=True)
             raise OutOfMemory(f"out of memory on {inputs.device} in a training step at {inputs.size(0)} rows x "
                               f"{inputs.size(1)} tokens per micro-batch; {self.oom_hint or 'lower --device-batch-size'}") from err
         loss_sum, bad, count = verdict()
-        if bad > 0:
+        if bad > 0:  # on any rank: every rank got the same sums, so all of them stop here, before the weights change
             self.model.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"the training loss was NaN/inf in {int(bad)} of {int(count)} micro-batches "
                                      "(over all ranks); stopped before the optimizer step, so the last checkpoint "
@@ -350,7 +299,7 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
             found = self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"]
             for flag in found.values():
-                _all_reduce(flag, dist.ReduceOp.MAX)
+                _all_reduce(flag, dist.ReduceOp.MAX)  # one rank's overflow makes every rank skip, or none would be in step
             skipped = any(flag.item() > 0 for flag in found.values())
             self.scaler.step(self.optimizer)  # skips the update when found-inf is set (now on every rank)
             self.scaler.update()
@@ -372,9 +321,8 @@ def batch_size_candidates(total_batch_size, seq_len, world_size, largest=64):
 
 
 def _memory_budget(device):
-    """Bytes this process may fill on `device`: what it holds plus what is free on the card (another process's
-    memory is not ours), capped by torch.cuda.set_per_process_memory_fraction when one is set (the way to
-    emulate a 12 GB card on a bigger one)."""
+    """Bytes this process may fill: what it holds plus what is free on the card, capped by a per-process memory
+    fraction when one is set (the way to emulate a 12 GB card on a bigger one)."""
     free, total = torch.cuda.mem_get_info(device)
     budget = torch.cuda.memory_reserved(device) + free
     fraction = torch.cuda.get_per_process_memory_fraction(device)
@@ -389,14 +337,9 @@ def _everywhere(flag, device):
 
 
 def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print):
-    """The largest device batch size in `candidates` for which `try_batch(B)` fits, with a safety margin.
-
-    try_batch(B) runs one real forward + backward at B rows of the full sequence length (the caller sets
-    up the model and its optimizer state first, so their memory is counted). It fits when it raises no
-    torch.OutOfMemoryError and, on CUDA, the peak allocated memory stays within `margin` of the memory this
-    process can have (_memory_budget; room for fragmentation and the optimizer's temporaries). Every rank must
-    agree: the per-size verdict is all-reduced (MIN), so all ranks try the same sizes and pick the same one.
-    """
+    """The largest device batch size in `candidates` for which `try_batch(B)` (one real forward + backward at B rows,
+    model and optimizer state already allocated) raises no OOM and, on CUDA, peaks within `margin` of what this
+    process can have (room for fragmentation and the optimizer's temporaries)."""
     if not candidates:
         raise ConfigError("no device batch size divides the total batch evenly; set --device-batch-size and --total-batch-size explicitly")
     budget = None
@@ -415,7 +358,7 @@ def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print
             detail = f"peak {peak / 2**30:.1f} GiB of {budget / 2**30:.1f} GiB available" if peak is not None else "no memory limit checked off CUDA"
         except torch.OutOfMemoryError:
             fits, detail = False, "out of memory"
-        fits_everywhere = _everywhere(fits, device)
+        fits_everywhere = _everywhere(fits, device)  # all ranks try the same sizes and pick the same one
         log(f"device batch size probe: {b} rows -> {'fits' if fits_everywhere else 'does not fit'} ({detail}, {time.perf_counter() - t0:.1f}s)")
         if fits_everywhere:
             return b
@@ -424,15 +367,10 @@ def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print
 
 
 def probe_training_step(model, optimizer, seq_len, vocab_size, device):
-    """A `try_batch` for probe_device_batch_size: forward + backward of random tokens through `model`.
-
-    The batch has the loaders' layout, inputs and targets as two views of one buffer (batch_views), so that a
-    compiled model traces the graph training then reuses: the same tensor passed twice would compile another.
-    An optimizer without state gets it allocated by one zero-learning-rate step on zero gradients (the update
-    is exactly zero, so the weights are untouched) and dropped again after the probe by `reset()`. An optimizer
-    that has state already (SFT's warm start) keeps it as it is: its memory is counted, and a zero step would
-    decay its moments. The returned function leaves no gradients behind.
-    """
+    """A `try_batch` for probe_device_batch_size: forward + backward of random tokens through `model`, leaving no
+    gradients behind; its `reset()` drops the optimizer state the probe allocated."""
+    # An optimizer without state gets it from one zero-LR step on zero gradients (the weights stay exactly as they
+    # are), so its memory is counted. One with state (SFT's warm start) keeps it: a zero step would decay its moments.
     owns_state = not optimizer.state
 
     def allocate_state():
@@ -448,6 +386,7 @@ def probe_training_step(model, optimizer, seq_len, vocab_size, device):
 
     def try_batch(b):
         try:
+            # The loaders' layout (two views of one buffer), so a compiled model traces the graph training reuses.
             inputs, targets = batch_views(torch.randint(0, vocab_size, (2 * b * seq_len,), device=device), b, seq_len)
             model(inputs, targets).backward()
         finally:
@@ -467,16 +406,13 @@ def probe_training_step(model, optimizer, seq_len, vocab_size, device):
 
 
 def batch_views(buffer, B, T):
-    """(inputs, targets), each (B, T), as two views of one (2*B*T,) buffer: the layout every loader hands the
-    model (one host-to-device copy per batch), and the one the batch probe compiles."""
+    """(inputs, targets), each (B, T), as two views of one (2*B*T,) buffer: one host-to-device copy per batch."""
     return buffer[:B * T].view(B, T), buffer[B * T:].view(B, T)
 
 
 def window_pattern_arg(value):
     """argparse type of --window-pattern: a non-empty string of S (short window) and L (full context)."""
     if not value or set(value.upper()) - {"S", "L"}:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"must be a string of S and L such as SSSL or L, got {value!r}")
     return value.upper()
 
@@ -485,13 +421,8 @@ def device_batch_size_arg(value):
     """argparse type of --device-batch-size: a positive int, or "auto" (probe on CUDA)."""
     if value == "auto":
         return value
-    try:
-        rows = int(value)
-    except ValueError:
-        rows = 0
+    rows = int(value) if value.strip().isdigit() else 0
     if rows < 1:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
     return rows
 
@@ -522,8 +453,8 @@ def add_lr_flags(group, stage):
 
 def resolve_device_batch_size(value, fallback, model, optimizer, total_batch_size, seq_len, world_size, vocab_size,
                               device, log=print):
-    """--device-batch-size as an int: the value itself, or for "auto" the largest size whose real training
-    step fits on this CUDA device (probed once, here), or `fallback` off CUDA, where nothing can be probed."""
+    """--device-batch-size as an int: for "auto" the largest size whose training step fits on this CUDA device,
+    or `fallback` off CUDA, where nothing can be probed."""
     if value != "auto":
         return value
     if device.type != "cuda":
@@ -544,8 +475,8 @@ def resolve_device_batch_size(value, fallback, model, optimizer, total_batch_siz
 
 
 def mfu_label(device_type, dtype):
-    """The step line's name for the MFU figure: on CUDA it is against the card's bf16 tensor-core peak
-    ("bf16_mfu"), elsewhere against the matmul rate measured on this device in the compute dtype ("cpu_fp32_mfu")."""
+    """The step line's name for MFU: against the card's bf16 peak on CUDA ("bf16_mfu"), elsewhere against the
+    measured matmul rate in the compute dtype ("cpu_fp32_mfu")."""
     if device_type == "cuda":
         return "bf16_mfu"
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))

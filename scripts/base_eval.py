@@ -16,6 +16,7 @@ import logging
 import os
 import time
 
+from nanochat.checkpoint_manager import add_checkpoint_flags
 from nanochat.common import (add_debug_flag, atomic_write, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, script_main, setup_default_logging)
 from nanochat.core_eval import EvalBundleError, evaluate_core, format_results_csv
@@ -43,9 +44,7 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--eval", type=parse_eval_modes, default="core,bpb,sample", help="comma list of evaluations: core, bpb, sample")
     g = p.add_argument_group("model")
-    g.add_argument("-i", "--source", choices=SOURCES, default="base", help="checkpoint family to load")
-    g.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint directory tag (default: the largest d<N>)")
-    g.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
+    add_checkpoint_flags(g, default="base", sources=SOURCES)
     g.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     add_debug_flag(g)
     g = p.add_argument_group("CORE")

@@ -11,6 +11,7 @@ Writes the "Base model loss" section of the report.
 import argparse
 import logging
 
+from nanochat.checkpoint_manager import add_checkpoint_flags
 from nanochat.common import (add_debug_flag, autodetect_device_type, compute_cleanup, compute_init, script_main,
                              setup_default_logging)
 from nanochat.training import eval_steps_for
@@ -21,8 +22,7 @@ log = logging.getLogger("nanochat.base_loss")
 def build_parser():
     p = argparse.ArgumentParser(description="Train/val bits per byte and samples of a base checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint directory tag (default: the largest d<N>)")
-    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
+    add_checkpoint_flags(p, sources=())  # base checkpoints only
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split (rounded down to whole steps)")

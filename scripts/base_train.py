@@ -20,14 +20,15 @@ import torch
 
 from nanochat import fp8, training
 from nanochat.checkpoint_manager import load_checkpoint
-from nanochat.common import add_runtime_flags, compute_cleanup, get_base_dir, script_main, setup_default_logging
+from nanochat.common import add_runtime_flags, get_base_dir, script_main, setup_default_logging
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import (tokenizing_distributed_data_loader_bos_bestfit,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
 from nanochat.engine import complete_prompts
 from nanochat.flash_attention import log_attention_plan
 from nanochat.gpt import GPT
-from nanochat.loop import Checkpointer, FixedHorizon, Periodic, TrainLoop, model_config_meta, start_run
+from nanochat.loop import (Checkpointer, FixedHorizon, Periodic, TrainLoop, model_config_meta, start_run,
+                           token_batch_step)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -137,19 +138,14 @@ def main(argv=None):
     optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr * s, embedding_lr=args.embedding_lr * s,
                                            scalar_lr=args.scalar_lr * s, matrix_lr=args.matrix_lr * s,
                                            weight_decay=plan.weight_decay)
-    B, T = training.resolve_device_batch_size(args.device_batch_size, training.CPU_DEVICE_BATCH_SIZE, model, optimizer, total_batch_size,
-                                              args.max_seq_len, run.world_size, vocab_size, device, log=log.info), args.max_seq_len
-    grad_accum_steps = training.grad_accum_steps_for(total_batch_size, B, T, run.world_size)
-    log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, T, f"{total_batch_size:,}", grad_accum_steps)
+    T = args.max_seq_len
+    step, B = token_batch_step(run, model, optimizer, args.device_batch_size, total_batch_size, T, vocab_size)
     log.info("Batch LR scale: %.6f | scaled weight decay: %.6f | iterations: %s | tokens: %s | tokens:scaling-params %.2f | total FLOPs %e",
              plan.batch_lr_scale, plan.weight_decay, f"{num_iterations:,}", f"{total_batch_size * num_iterations:,}",
              total_batch_size * num_iterations / scaling_params(orig_model), num_flops_per_token * total_batch_size * num_iterations)
     if meta is not None:
         optimizer.load_state_dict(optim_data)  # restores each group's saved hyperparameters, initial_lr included
         del optim_data
-    scaler = torch.amp.GradScaler() if run.compute_dtype == torch.float16 else None
-    step = training.TrainStep(model, optimizer, grad_accum_steps, scaler=scaler,
-                              oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)")
 
     loader_state = (meta or {}).get("dataloader_state_dict")
     if meta is not None and loader_state is None:
@@ -194,10 +190,11 @@ def main(argv=None):
         weight_decay=training.muon_weight_decay(it, num_iterations, plan.weight_decay))
     train = TrainLoop(
         step=step, batches=train_loader, horizon=FixedHorizon(num_iterations), schedule=schedule,
-        periodic=[Periodic("val bpb", args.eval_every, val_bpb, at_start=True),
-                  Periodic("CORE", args.core_metric_every, core_metric),
-                  Periodic("samples", args.sample_every, samples, master_only=True)],
-        checkpointer=checkpointer, meter=training.StepMeter(total_batch_size, num_flops_per_token, run.peak_flops, mfu_label=run.mfu_label),
+        periodic=[job for job in (Periodic("val bpb", args.eval_every, val_bpb, at_start=True),
+                                  Periodic("CORE", args.core_metric_every, core_metric),
+                                  Periodic("samples", args.sample_every, samples, master_only=True))
+                  if job.every > 0],  # -1 disables a job
+        checkpointer=checkpointer, meter=run.meter(total_batch_size, num_flops_per_token),
         wandb_run=run.wandb_run, sync=run.sync,
         describe=lambda st: f"epoch: {st['epoch']} pq: {st['pq_idx']} rg: {st['rg_idx']}", curve="base")
     result = train.run(resume=meta)
@@ -222,8 +219,7 @@ def main(argv=None):
             **result.report_rows(),
         },
     ])
-    run.wandb_run.finish()
-    compute_cleanup()
+    run.finish()
     return result
 
 

@@ -17,6 +17,7 @@ import argparse
 import logging
 import time
 
+from nanochat.checkpoint_manager import add_checkpoint_flags
 from nanochat.common import (ConfigError, add_debug_flag, autodetect_device_type, compute_cleanup, compute_init, script_main,
                              setup_default_logging)
 
@@ -28,7 +29,7 @@ SOURCES = ("mid", "sft", "rl")
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a chat model on the ChatCORE tasks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", required=True, choices=SOURCES, help="checkpoint family to evaluate")
+    add_checkpoint_flags(p, default=None, sources=SOURCES, source_help="checkpoint family to evaluate")
     p.add_argument("-a", "--task-name", default=None,
                    help="one task or several separated by '|' (default: all; ChatCORE needs all)")
     p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
@@ -37,8 +38,6 @@ def build_parser():
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0 = off; ignored at temperature 0)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass for multiple-choice tasks")
-    p.add_argument("-g", "--model-tag", default=None, help="checkpoint directory tag (default: the largest d<N>)")
-    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
     add_debug_flag(p)

@@ -16,11 +16,11 @@ import logging
 import os
 
 from nanochat import training
-from nanochat.checkpoint_manager import get_checkpoints_dir, load_optimizer_state
-from nanochat.common import add_runtime_flags, compute_cleanup, script_main, setup_default_logging
+from nanochat.checkpoint_manager import add_checkpoint_flags, get_checkpoints_dir, load_optimizer_state
+from nanochat.common import add_runtime_flags, script_main, setup_default_logging
 from nanochat.engine import Engine
 from nanochat.finetune import load_start, make_optimizer
-from nanochat.loop import Checkpointer, FixedHorizon, Periodic, TrainLoop, start_run
+from nanochat.loop import Checkpointer, FixedHorizon, Periodic, TrainLoop, model_config_meta, start_run
 from nanochat.report import get_report
 from nanochat.rl import RolloutStream, evaluate_pass_at_k, mean_over_ranks, policy_gradient_loss
 from tasks.common import fallbacks_used, gsm8k_or_synthetic
@@ -34,9 +34,7 @@ def build_parser():
     add_runtime_flags(p.add_argument_group("logging and runtime"),
                       seed_help="seed of torch's generators (sampling seeds derive from step and problem)")
     g = p.add_argument_group("checkpoints")
-    g.add_argument("-i", "--source", choices=["sft", "mid"], default="sft", help="checkpoint to start from")
-    g.add_argument("-g", "--model-tag", type=str, default=None, help="tag to load and save under (default: the largest d<N>)")
-    g.add_argument("-s", "--model-step", type=int, default=None, help="source checkpoint step (default: the last one)")
+    add_checkpoint_flags(g, default="sft", sources=("sft", "mid"), source_help="checkpoint to start from", training=True)
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from this step of chatrl_checkpoints (-1 = start from --source)")
     g.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps and at the end (-1 = only at the end)")
     g = p.add_argument_group("rollouts and optimization")
@@ -77,8 +75,7 @@ def main(argv=None):
     num_steps = args.num_iterations if args.num_iterations > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
     log.info("RL on %s: %d steps of %d questions x %d answers (%d micro-batches per rank per step)", type(train_task).__name__,
              num_steps, args.examples_per_step, args.num_samples, stream.micro_batches_per_step)
-    # Rollouts come from the current weights, so nothing may be fetched before the previous update: no prefetch.
-    step = training.TrainStep(model, optimizer, stream.micro_batches_per_step, loss_fn=policy_gradient_loss, prefetch=False,
+    step = training.TrainStep(model, optimizer, stream.micro_batches_per_step, loss_fn=policy_gradient_loss,
                               oom_hint="lower --device-batch-size or --max-new-tokens")
 
     def pass_at_k(step_):
@@ -94,14 +91,14 @@ def main(argv=None):
         reward, length = mean_over_ranks([state["reward"], state["sequence_length"]], run.device)
         return {"reward": reward, "sequence_length": length}
 
-    model_config = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
-    checkpointer = Checkpointer(os.path.join(get_checkpoints_dir("rl"), start.tag), args.save_every, model, optimizer,
-                                meta=dict(model_config=model_config, user_config=user_config, world_size=run.world_size, source=args.source))
+    checkpointer = Checkpointer(os.path.join(get_checkpoints_dir("rl"), start.tag), args.save_every, model, optimizer, meta=dict(
+        model_config=model_config_meta(model), user_config=user_config, world_size=run.world_size, source=args.source))
     model.train()
-    result = TrainLoop(step=step, batches=stream, horizon=FixedHorizon(num_steps), periodic=[
-                           Periodic("pass@k", args.eval_every, pass_at_k, at_start=True, at_last=False)],
+    # Rollouts come from the current weights, so nothing may be fetched before the previous update: no prefetch.
+    result = TrainLoop(step=step, batches=stream, horizon=FixedHorizon(num_steps), prefetch=False, periodic=[
+                           Periodic("pass@k", args.eval_every, pass_at_k, at_start=True, at_last=False)] if args.eval_every > 0 else [],
                        schedule=lambda it, progress: {"lrm": training.linear_decay(it, num_steps)},
-                       checkpointer=checkpointer, meter=training.StepMeter(0, model.estimate_flops(), run.peak_flops, mfu_label=run.mfu_label),
+                       checkpointer=checkpointer, meter=run.meter(0, model.estimate_flops()),
                        wandb_run=run.wandb_run, sync=run.sync, wandb_every=1, describe=rewards, curve="rl").run(resume=start.resume)
 
     curve = [round(r, 4) for r, _ in stream.history]
@@ -113,8 +110,7 @@ def main(argv=None):
         {"Mean reward, first steps": curve[:5], "Mean reward, last steps": curve[-5:],
          **{k: v for k, v in result.metrics.items() if k.startswith("pass@")}, **result.report_rows()},
     ])
-    run.wandb_run.finish()
-    compute_cleanup()
+    run.finish()
     return result, stream.history
 
 

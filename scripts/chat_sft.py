@@ -15,11 +15,11 @@ checkpoint; its optimizer moments warm-start this one (--load-optimizer 0 to sta
 import argparse
 
 from nanochat.common import script_main, setup_default_logging
-from nanochat.finetune import Stage, add_flags, chatcore_job, run_stage
+from nanochat.finetune import Stage, add_flags, run_stage
 from tasks.mixtures import sft_mixture
 
 STAGE = Stage(name="sft", title="Chat SFT", wandb_project="nanochat-sft", mask_mode="assistant",
-              mixture=lambda split, args: sft_mixture(split, args.mmlu_epochs, args.gsm8k_epochs), sources=("mid", "base"))
+              mixture=lambda split, args: sft_mixture(split, args.mmlu_epochs, args.gsm8k_epochs), sources=("mid", "base"), chatcore=True)
 DEFAULTS = dict(max_seq_len=None, device_batch_size=None, total_batch_size=None, init_lr_frac=0.8,
                 warmdown_ratio=0.5, eval_every=200, eval_tokens=40 * 524288)
 
@@ -42,10 +42,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_default_logging()
-    chatcore = chatcore_job(args.chatcore_every, args.chatcore_max_cat, args.chatcore_max_sample)
-    rows = lambda result: {"ChatCORE metric": result.metrics.get("chatcore_metric"),  # noqa: E731
-                           "ChatCORE_cat": result.metrics.get("chatcore_cat")}
-    return run_stage(STAGE, args, extra_periodic=chatcore, report_rows=rows)
+    return run_stage(STAGE, args)
 
 
 if __name__ == "__main__":

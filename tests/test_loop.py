@@ -91,3 +91,58 @@ def test_data_horizon_stops_when_the_pending_batch_is_past_the_data(tmp_path):
     assert result.step == 3
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_resumed_loop_trains_on_exactly_the_batches_the_uninterrupted_one_did(tmp_path, prefetch):
+    """The loop fetches the micro-batches and records the loader state of the last one trained on: a loader
+    resumed from that state yields the next untrained batch, with or without prefetch (RL), at any accumulation."""
+
+    def run(out, start=0, resume=None, num_iterations=6):
+        def loader():  # resumes after the batch its state names, as the real loaders do
+            i = start
+            while True:
+                yield torch.full((2, 3), float(i)), torch.zeros(2), {"batch": i}
+                i += 1
+
+        model = _Linear()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        for g in optimizer.param_groups:
+            g["initial_lr"] = g["lr"]
+        seen = lambda m, x, y: out.append(int(x[0, 0])) or m(x, y)  # noqa: E731
+        loop = TrainLoop(step=TrainStep(model, optimizer, 2, loss_fn=seen), batches=loader(), prefetch=prefetch,
+                         horizon=FixedHorizon(num_iterations), schedule=lambda s, p: {"lrm": 1.0}, periodic=[],
+                         checkpointer=Checkpointer(str(tmp_path / f"ckpt{prefetch}"), 3, model, optimizer),
+                         meter=StepMeter(6, 1.0, None), wandb_run=_NullRun())
+        loop.run(resume=resume)
+
+    full, resumed = [], []
+    run(full)
+    _, _, meta = load_checkpoint(str(tmp_path / f"ckpt{prefetch}"), 3, "cpu")
+    assert meta["dataloader_state_dict"] == {"batch": 5}  # steps 0-2 trained batches 0-5, two per step
+    run(resumed, start=meta["dataloader_state_dict"]["batch"] + 1, resume=meta)
+    assert full == list(range(12)) and resumed == full[6:]
+
+
+def test_every_checkpoint_loading_script_declares_the_same_source_flags():
+    """-i/-g/-s come from one helper: the scripts' help and defaults cannot drift apart."""
+    from scripts import base_eval, base_loss, chat_eval, chat_rl, chat_sft, mid_train
+
+    def flags(module):
+        return {a.option_strings[0]: (a.option_strings, a.default, a.help) for a in module.build_parser()._actions
+                if a.option_strings[0] in ("-i", "-g", "-s")}
+
+    evals = [flags(m) for m in (base_eval, base_loss, chat_eval)]
+    trainers = [flags(m) for m in (chat_rl, mid_train, chat_sft)]
+    for group in (evals, trainers):
+        assert all(f["-g"] == group[0]["-g"] and f["-s"] == group[0]["-s"] for f in group)
+    assert evals[0]["-s"][0] == ["-s", "--step"] and trainers[0]["-s"][0] == ["-s", "--model-step"]
+    assert evals[0]["-g"][1] is None and evals[0]["-s"][1] is None and "largest d<N>" in evals[0]["-g"][2]
+    assert "-i" not in evals[1] and evals[2]["-i"][1] is None  # base_loss reads base only; chat_eval requires -i
+    assert [f["-i"][1] for f in trainers] == ["sft", "base", "mid"]
+
+
+def test_a_job_without_a_period_runs_only_where_its_start_and_last_flags_say():
+    # mid/SFT's --eval-every -1: val bpb at the end only (no "huge period" stand-in for "never in between")
+    only_last = Periodic("val bpb", -1, lambda s: None)
+    assert [s for s in range(7) if only_last.due(s, last_step=s == 6)] == [6]
+    both_ends = Periodic("val bpb", 0, lambda s: None, at_start=True)
+    assert [s for s in range(7) if both_ends.due(s, last_step=s == 6)] == [0, 6]

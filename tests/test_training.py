@@ -1,5 +1,6 @@
 """Scaling rules, schedules and the shared train step (nanochat/training.py)."""
 
+import itertools
 import math
 import os
 from types import SimpleNamespace
@@ -127,12 +128,25 @@ class _TinyLM(torch.nn.Module):
 
 
 def _stream(n, rows=4, seed=0, log=None):
-    """(x, y, state) micro-batches; `log` records each fetch, to see when the step asks for data."""
+    """(x, y, state) batches as a loader yields them; `log` records each fetch, to see when the loop asks for data."""
     g = torch.Generator().manual_seed(seed)
     for i in range(n):
         if log is not None:
             log.append(("fetch", i))
         yield torch.randint(0, 16, (rows, 5), generator=g), torch.randint(0, 16, (rows, 5), generator=g), {"batch": i}
+
+
+def _micro(n, **kw):
+    """The (x, y) micro-batches of one step, as TrainLoop hands them to TrainStep."""
+    return ((x, y) for x, y, _ in _stream(n, **kw))
+
+
+def _sgd(model, lr):
+    """SGD with the initial_lr that TrainStep's schedule scales (GPT.setup_optimizer sets it for MuonAdamW)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    return optimizer
 
 
 def _params(model):
@@ -142,9 +156,9 @@ def _params(model):
 def test_nan_in_the_first_micro_batch_stops_before_the_optimizer_step():
     model = _TinyLM(nan_calls={1})  # the first of two micro-batches
     before = _params(model)
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_accum_steps=2)
+    step = TrainStep(model, _sgd(model, 0.1), grad_accum_steps=2)
     with pytest.raises(NonFiniteLossError, match="NaN/inf in 1 of 2 micro-batches"):
-        step(_stream(3))
+        step(_micro(2))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
 
@@ -159,7 +173,7 @@ def test_the_nan_verdict_is_queued_before_the_last_backward(monkeypatch):
     model.head.weight.register_hook(lambda grad: events.append("backward"))
     before = _params(model)
     with pytest.raises(NonFiniteLossError, match="NaN/inf in 1 of 3 micro-batches"):
-        TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_accum_steps=3)(_stream(4))
+        TrainStep(model, _sgd(model, 0.1), grad_accum_steps=3)(_micro(3))
     assert events == ["backward", "backward", "verdict", "backward"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -171,7 +185,7 @@ def test_logged_loss_is_the_mean_over_micro_batches():
     with torch.no_grad():
         expected = sum(model(x, y).item() for x, y, _ in batches[:3]) / 3
     model.calls = 0
-    result = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), grad_accum_steps=3, prefetch=False)(iter(batches))
+    result = TrainStep(model, _sgd(model, 0.0), grad_accum_steps=3)((x, y) for x, y, _ in batches)
     assert result.loss == pytest.approx(expected, rel=1e-6)
     assert result.tokens == 3 * 4 * 5 and not result.skipped
 
@@ -184,42 +198,45 @@ def test_gradient_accumulation_equals_one_big_batch(rows, accum):
     model.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 16, (6, 5), generator=g), torch.randint(0, 16, (6, 5), generator=g)
-    TrainStep(ref, torch.optim.SGD(ref.parameters(), lr=0.5), 1)(iter([(x, y, None), (x, y, None)]))
-    micro = [(x[i:i + rows], y[i:i + rows], None) for i in range(0, 6, rows)] + [(x[:rows], y[:rows], None)]
-    TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.5), accum)(iter(micro))
+    TrainStep(ref, _sgd(ref, 0.5), 1)(iter([(x, y)]))
+    micro = [(x[i:i + rows], y[i:i + rows]) for i in range(0, 6, rows)]
+    TrainStep(model, _sgd(model, 0.5), accum)(iter(micro))
     for a, b in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_the_next_batch_is_fetched_during_accumulation_and_the_resume_state_lags_it():
+    from nanochat.loop import TrainLoop
+
     events = []
     model = _TinyLM()
     original = model.forward
     model.forward = lambda x, y: (events.append(("forward",)), original(x, y))[1]
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_accum_steps=2)
-    batches = _stream(10, log=events)
-    step.fetch(batches)
-    step(batches)
+    step = TrainStep(model, _sgd(model, 0.1), grad_accum_steps=2)
+    loop = TrainLoop(step=step, batches=_stream(10, log=events), horizon=None, schedule=None, periodic=[], checkpointer=None,
+                     meter=None, wandb_run=None)
+    loop.pending = next(loop.batches)  # what run() fetches before the first step
+    step(loop._micro_batches(2))
     # fetch 0 before the step, then each forward is followed by the fetch of the next micro-batch
     assert events == [("fetch", 0), ("forward",), ("fetch", 1), ("forward",), ("fetch", 2)]
-    assert step.state == {"batch": 2}  # the pending batch: what the horizon looks at
-    assert step.resume_state == {"batch": 1}  # the last one trained on: what a checkpoint records
+    assert loop.position() == {"batch": 2}  # the pending batch: what the horizon looks at
+    assert loop.trained_state == {"batch": 1}  # the last one trained on: what a checkpoint records
 
 
 def test_out_of_memory_in_a_step_is_a_one_line_error_naming_the_flag():
     model = _TinyLM(oom_rows=2)
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, oom_hint="lower --device-batch-size (now 4)")
+    step = TrainStep(model, _sgd(model, 0.1), 1, oom_hint="lower --device-batch-size (now 4)")
     with pytest.raises(OutOfMemory, match=r"4 rows x 5 tokens per micro-batch; lower --device-batch-size \(now 4\)"):
-        step(_stream(2))
+        step(_micro(1))
 
 
 def test_fp16_overflow_skips_the_update():
     model = _TinyLM()
     before = _params(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, scaler=scaler,
+    step = TrainStep(model, _sgd(model, 0.1), 1, scaler=scaler,
                      loss_fn=lambda m, x, y: m(x, y) * 1e36)  # scaled by 2^16 the gradients overflow to inf
-    result = step(_stream(2))
+    result = step(_micro(1))
     assert result.skipped
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert scaler.get_scale() < 2.0**16
@@ -296,7 +313,7 @@ def test_training_after_the_probe_reuses_the_probes_compiled_graph(tiny_gpt, byt
     assert graphs > 0
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
     batches = packed_conversation_loader([chat] * 20, byte_tokenizer, B, T, device=torch.device("cpu"))
-    TrainStep(compiled, optimizer, 2)(batches)
+    TrainStep(compiled, optimizer, 2)((x, y) for x, y, _ in itertools.islice(batches, 2))
     assert counter.frame_count == graphs  # no second compile of the chosen size
 
 
@@ -345,7 +362,7 @@ def _decisions_on_two_ranks(rank, world_size, model):
     from nanochat.training import NonFiniteLossError, TrainStep
 
     x = torch.randint(0, 265, (2, 16), generator=torch.Generator().manual_seed(rank))
-    batches = lambda: iter([(x, x, None)] * 2)  # noqa: E731
+    batches = lambda: iter([(x, x)])  # noqa: E731
     out = {}
 
     nan_model = copy.deepcopy(model)
