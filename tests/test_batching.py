@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import SmallVocabTokenizer
-from nanochat.batching import END, BatchCache, BatchScheduler
+from nanochat.batching import END, BatchScheduler
 from nanochat.engine import Engine, KVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -66,7 +66,7 @@ def alone(model, tokenizer, prompt, **kwargs):
 def test_one_forward_on_rows_at_different_positions_equals_each_row_alone(model_case):
     model, prompts = model_case
     cfg = model.config
-    batch = BatchCache(8, cfg.sequence_len, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+    batch = KVCache(0, cfg.n_kv_head, cfg.sequence_len, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
     singles = []
     with torch.no_grad():
         for prompt in prompts:
@@ -100,7 +100,7 @@ class _NoHostReads(torch.overrides.TorchFunctionMode):
 def test_ragged_decode_takes_the_row_lengths_from_the_host(tiny_gpt):
     model = tiny_gpt(scrambled=True, n_layer=2, window_pattern="SL", sequence_len=64)
     cfg = model.config
-    batch = BatchCache(4, cfg.sequence_len, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+    batch = KVCache(0, cfg.n_kv_head, cfg.sequence_len, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
     with torch.no_grad():
         for n in (3, 9):
             cache = KVCache(1, cfg.n_kv_head, n, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
@@ -113,8 +113,9 @@ def test_ragged_decode_takes_the_row_lengths_from_the_host(tiny_gpt):
     assert batch.lengths == [4, 10]
 
 
-def test_batch_cache_rows_leave_and_memory_goes_with_the_last():
-    batch = BatchCache(4, 16, 1, 1, 2, "cpu", torch.float32)
+def test_cache_rows_leave_in_order_and_memory_goes_with_the_last():
+    batch = KVCache(0, 1, 16, 2, 1, "cpu", torch.float32)
+    batch.reserve(4)
     sources = []
     for n in (3, 5, 7):
         cache = KVCache(1, 1, n, 2, 1, "cpu", torch.float32)
@@ -125,13 +126,13 @@ def test_batch_cache_rows_leave_and_memory_goes_with_the_last():
         sources.append(cache)
         batch.add_rows(cache)
     assert batch.capacity == 4 and batch.cache_seqlens.tolist() == [3, 5, 7]
-    batch.remove_row(0)  # the last row (7) moves into slot 0
-    assert batch.lengths == [7, 5] and batch.cache_seqlens.tolist() == [7, 5]
-    assert (batch.k_cache[0, 0, :7] == 7).all() and (batch.v_cache[0, 1, :5] == -5).all()
-    assert batch.prev_embedding[:, 0, 0].tolist() == [7.0, 5.0]
-    batch.remove_row(1)
+    batch.keep_rows([1, 2])  # row 0 leaves: the others move up, in order
+    assert batch.lengths == [5, 7] and batch.cache_seqlens.tolist() == [5, 7] and batch.capacity == 4
+    assert (batch.k_cache[0, 1, :7] == 7).all() and (batch.v_cache[0, 0, :5] == -5).all()
+    assert batch.prev_embedding[:, 0, 0].tolist() == [5.0, 7.0]
+    batch.keep_rows([1])
     assert batch.get_pos() == 7
-    batch.remove_row(0)
+    batch.keep_rows([])
     assert batch.capacity == 0 and batch.prev_embedding is None and batch.get_pos() == 0
 
 
