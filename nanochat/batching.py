@@ -84,10 +84,9 @@ class BatchScheduler(DecodeBatch):
 
     def submit(self, tokens, max_tokens=None, temperature=1.0, top_k=None, top_p=1.0, seed=42, num_samples=1,
                stop_tokens=None, deliver=None):
-        """Queue a request; returns its Request. Arguments as Engine.generate, plus top_p (1.0 = off) and
-        stop_tokens (None = the tokenizer's <|assistant_end|> and <|bos|>). max_tokens None = until the context is
-        full. deliver: called on the scheduler's thread with each column, then END (or the exception that ended
-        the request); None = iterate the Request instead."""
+        """Queue a request; returns its Request. Arguments as Engine.generate, plus top_p (1.0 = off) and stop_tokens
+        (None = engine.stop_tokens(tokenizer)). deliver: called on the scheduler's thread with each column, then END
+        (or the exception that ended the request); None = iterate the Request instead."""
         budget = generation_budget(tokens, num_samples, max_tokens, temperature, top_p, self.context_len, True)
         stops = self.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
         request = Request(self, deliver, list(tokens), num_samples, budget, temperature, top_k, top_p, seed, stops)
@@ -136,8 +135,7 @@ class BatchScheduler(DecodeBatch):
 
     @torch.inference_mode()
     def step(self):
-        """One round: drop cancelled requests; ONE forward for every row, a column delivered to every request in
-        the batch; then the waiting requests that fit, each prefilled and given its first column at once. Returns
+        """Drop cancelled requests; one decode step for the batch; then admit the waiting requests that fit. Returns
         the number of rows left in the batch."""
         for req in self.running:
             if req._cancelled:

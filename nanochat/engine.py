@@ -38,15 +38,12 @@ _FORBIDDEN_WORDS = ("__", "import", "exec", "eval", "compile", "open", "file", "
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of rows, in Flash-Attention-3 layout; each row holds its own
-    number of positions.
+    """Keys and values of every layer for a batch of rows, each row holding its own number of positions.
 
-    k_cache, v_cache: (n_layers, B, T_max, n_kv_heads, head_dim) views of the live rows. `lengths` (host list)
-    and cache_seqlens ((B,) int32, device) count each row's positions; get_pos() is their common value, or None
-    while rows differ. prev_embedding: (B, 1, n_embd) or None, the last token's normalised embedding, which the
-    model's "smear" mixes into the next token. The model writes layer i through get_layer_cache(i) and calls
-    advance(T) after its last layer. Rows come with add_rows and go with keep_rows; the storage keeps its
-    capacity meanwhile and is released when the last row goes.
+    k_cache, v_cache: (n_layers, B, T_max, n_kv_heads, head_dim), Flash-Attention-3 layout. `lengths` (host list)
+    and cache_seqlens ((B,) int32, device) count each row's positions. prev_embedding: (B, 1, n_embd) or None, the
+    last token's normalised embedding, which the model's "smear" mixes into the next token. The model writes layer
+    i through get_layer_cache(i) and calls advance(T) after its last layer.
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=None):
@@ -55,7 +52,7 @@ class KVCache:
                              f"num_heads={num_heads}, seq_len={seq_len}, head_dim={head_dim}, num_layers={num_layers}")
         self.dtype = get_compute_dtype()[0] if dtype is None else dtype
         self.device, self.max_seq_len, self.n_layers, self.n_heads, self.head_dim = device, seq_len, num_layers, num_heads, head_dim
-        self._k = self._v = self.prev_embedding = None
+        self._k = self._v = self.prev_embedding = None  # storage: rows come (add_rows) and go (keep_rows) inside it
         self.reserve(batch_size)
         self._set_lengths([0] * batch_size)
 
@@ -66,7 +63,8 @@ class KVCache:
 
     def get_pos(self):
         """Positions every row holds, or None while rows differ (the model then reads `lengths`)."""
-        return self._pos
+        first = self.lengths[0] if self.lengths else 0
+        return first if all(n == first for n in self.lengths) else None
 
     def get_layer_cache(self, layer_idx):
         """(k, v) views of one layer, each (B, T_max, H, D); writing into them writes the cache."""
@@ -80,11 +78,9 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {longest} + {num_tokens} positions > capacity {self.max_seq_len}")
         self.lengths = [n + num_tokens for n in self.lengths]
         self.cache_seqlens += num_tokens
-        if self._pos is not None:
-            self._pos += num_tokens
 
     def reset(self):
-        """Every row back to position 0, no previous embedding (the stored values are simply overwritten later)."""
+        """Every row back to position 0 (the stored values are simply overwritten later)."""
         self._set_lengths([0] * len(self.lengths))
         self.prev_embedding = None
 
@@ -149,8 +145,6 @@ class KVCache:
         # The host copy is what the model reads: reading cache_seqlens back would sync with the GPU every layer.
         self.lengths = lengths
         self.cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
-        same = all(n == lengths[0] for n in lengths)
-        self._pos = (lengths[0] if lengths else 0) if same else None
 
 
 # -----------------------------------------------------------------------------
@@ -273,18 +267,15 @@ def _evaluate_expression(expr):
 
 
 def use_calculator(expr, timeout=CALCULATOR_TIMEOUT):
-    """The model's calculator tool: the value of `expr`, or None when it is not allowed or fails.
-
-    Accepts arithmetic on numbers (+ - * / //, parentheses; commas in numbers are ignored) and
-    `'word'.count('letter')`. Nothing is ever passed to eval(): the expression is parsed and walked
-    over a whitelist of AST nodes. `timeout` (seconds, may be fractional) bounds the wall time from
-    any thread, not just the main one (upstream used SIGALRM, which only works there).
-    """
+    """The model's calculator tool: the value of `expr` (arithmetic + - * / // on numbers, commas ignored, or
+    `'word'.count('letter')`), or None when it is not allowed, fails or takes over `timeout` seconds."""
     if not isinstance(expr, str):
         raise TypeError(f"the calculator takes a str, got {type(expr).__name__}")
     expr = expr.replace(",", "")
     if not _calculator_allows(expr):
         return None
+    # A thread, not upstream's SIGALRM, so that the timeout works off the main thread too; nothing is ever passed
+    # to eval(): the expression is parsed and walked over a whitelist of AST nodes.
     outcome = []
     worker = threading.Thread(target=lambda: outcome.append(_evaluate_expression(expr)), daemon=True)
     worker.start()
@@ -352,8 +343,7 @@ class RowState:
 
     def __init__(self):
         self.forced = collections.deque()  # emitted one per step, in place of the sampled token
-        self.in_python = False
-        self.expression = []  # token ids between <|python_start|> and <|python_end|>
+        self.expression = None  # the token ids since <|python_start|>, while a tool call is open
         self.terminal = None  # the stop token that ended this sample, once one has
 
 
@@ -430,6 +420,7 @@ class DecodeBatch:
         drawn = [sample_next_token(logits, gen.rng, gen.temperature, gen.top_k, gen.top_p) for gen, logits, _ in work]
         sampled = iter(torch.cat(drawn)[:, 0].tolist())  # one host sync for the whole batch
         for gen, _, samples in work:
+            # An ended sample (no row any more) repeats its stop token with mask 0.
             gen.column, gen.masks = [state.terminal for state in gen.states], [0] * gen.num_samples
             for s in samples:
                 # A forced token (the calculator's output) replaces the one drawn for its row, which still drew one
@@ -463,15 +454,13 @@ class DecodeBatch:
         <|python_end|>, then queue its result as forced tokens."""
         tool = self.tool
         if token == tool["python_start"]:
-            state.in_python, state.expression = True, []
-        elif token == tool["python_end"] and state.in_python:
-            state.in_python = False
-            if state.expression:
-                result = use_calculator(self.tokenizer.decode(state.expression))
-                if result is not None:
-                    state.forced.extend([tool["output_start"], *self.tokenizer.encode(str(result)), tool["output_end"]])
             state.expression = []
-        elif state.in_python:
+        elif state.expression is not None and token == tool["python_end"]:
+            expression, state.expression = state.expression, None
+            result = use_calculator(self.tokenizer.decode(expression)) if expression else None
+            if result is not None:
+                state.forced.extend([tool["output_start"], *self.tokenizer.encode(str(result)), tool["output_end"]])
+        elif state.expression is not None:
             state.expression.append(token)
 
 

@@ -23,7 +23,8 @@ import logging
 import torch
 import torch.distributed as dist
 
-from nanochat.common import dist_world_size, get_dist_info
+from nanochat.common import ConfigError, dist_world_size, get_dist_info
+from nanochat.dataloader import ResumeError
 from nanochat.engine import model_device, stop_tokens
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,8 @@ class RolloutStream:
                  temperature, top_k, resume_state_dict=None):
         _, self.rank, _, self.world_size = get_dist_info()
         if examples_per_step % self.world_size:
-            from nanochat.common import ConfigError
-
             raise ConfigError(f"--examples-per-step {examples_per_step} must be divisible by the number of ranks ({self.world_size})")
         if num_samples % device_batch_size:
-            from nanochat.common import ConfigError
-
             raise ConfigError(f"--num-samples {num_samples} must be a multiple of --device-batch-size {device_batch_size}")
         self.task, self.tokenizer, self.engine = task, tokenizer, engine
         self.examples_per_rank = examples_per_step // self.world_size
@@ -80,8 +77,6 @@ class RolloutStream:
         if resume_state_dict is not None:
             state = resume_state_dict.get("ranks", [resume_state_dict])[self.rank] if "ranks" in resume_state_dict else resume_state_dict
             if state.get("format") != STATE_FORMAT or state.get("world_size") != self.world_size:
-                from nanochat.dataloader import ResumeError
-
                 raise ResumeError(f"the checkpoint's rollout state ({state.get('format')}, world size {state.get('world_size')}) "
                                   f"does not fit this run (world size {self.world_size}); resume with the same number of processes")
             self.examples_done = state["examples_done"]
