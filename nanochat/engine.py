@@ -51,7 +51,8 @@ class KVCache:
             raise ValueError(f"KVCache needs batch_size >= 0 and the other sizes >= 1, got batch_size={batch_size}, "
                              f"num_heads={num_heads}, seq_len={seq_len}, head_dim={head_dim}, num_layers={num_layers}")
         self.dtype = get_compute_dtype()[0] if dtype is None else dtype
-        self.device, self.max_seq_len, self.n_layers, self.n_heads, self.head_dim = device, seq_len, num_layers, num_heads, head_dim
+        self.device, self.max_seq_len = device, seq_len
+        self.n_layers, self.n_heads, self.head_dim = num_layers, num_heads, head_dim
         self._k = self._v = self.prev_embedding = None  # storage: rows come (add_rows) and go (keep_rows) inside it
         self.reserve(batch_size)
         self._set_lengths([0] * batch_size)
@@ -135,7 +136,8 @@ class KVCache:
         if rows <= self.capacity:
             return
         shape = (self.n_layers, rows, self.max_seq_len, self.n_heads, self.head_dim)
-        k, v = torch.zeros(shape, device=self.device, dtype=self.dtype), torch.zeros(shape, device=self.device, dtype=self.dtype)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         if self._k is not None:
             b, filled = len(self.lengths), max(self.lengths, default=0)
             k[:, :b, :filled], v[:, :b, :filled] = self._k[:, :b, :filled], self._v[:, :b, :filled]
@@ -338,15 +340,6 @@ def last_logits(model, ids, kv_cache):
     return model.forward(ids, kv_cache=kv_cache)[:, -1, :]
 
 
-class RowState:
-    """One sample's progress: tokens the calculator tool still has to write, and the tool-call parser."""
-
-    def __init__(self):
-        self.forced = collections.deque()  # emitted one per step, in place of the sampled token
-        self.expression = None  # the token ids since <|python_start|>, while a tool call is open
-        self.terminal = None  # the stop token that ended this sample, once one has
-
-
 class Generation:
     """One prompt's samples in a DecodeBatch. column, masks: each sample's token of the last step (mask 1 sampled,
     0 forced by the tool; an ended sample repeats its stop token with mask 0). finish_reasons: per sample, None
@@ -355,7 +348,10 @@ class Generation:
     def __init__(self, tokens, num_samples, budget, temperature, top_k, top_p, seed, stop_tokens):
         self.tokens, self.num_samples, self.budget, self.stop_tokens = tokens, num_samples, budget, stop_tokens
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
-        self.states = [RowState() for _ in range(num_samples)]
+        # Per sample: the stop token it ended on, the tokens the calculator still has to write (one per step, in
+        # place of the sampled one), and the token ids since <|python_start|> while a tool call is open.
+        self.terminal, self.expressions = [None] * num_samples, [None] * num_samples
+        self.forced = [collections.deque() for _ in range(num_samples)]
         self.finish_reasons = [None] * num_samples
         self.rng = self.column = self.masks = None
         self.steps, self.finished = 0, False
@@ -396,7 +392,8 @@ class DecodeBatch:
         gen.rng = torch.Generator(device=self.device)
         gen.rng.manual_seed(gen.seed)
         prefill = self.new_cache(1, len(gen.tokens))
-        logits = last_logits(self.model, torch.tensor([gen.tokens], dtype=torch.long, device=self.device), prefill)  # (1, V)
+        ids = torch.tensor([gen.tokens], dtype=torch.long, device=self.device)  # (1, T)
+        logits = last_logits(self.model, ids, prefill)  # (1, V)
         self.cache.add_rows(prefill, gen.num_samples)
         self.rows += [(gen, s) for s in range(gen.num_samples)]
         self.running.append(gen)
@@ -411,57 +408,57 @@ class DecodeBatch:
         work, start = [], 0
         for gen, rows in itertools.groupby(self.rows, key=lambda row: row[0]):  # a generation's rows are adjacent
             samples = [s for _, s in rows]
-            work.append((gen, logits[start:start + len(samples)], samples))
+            work.append((gen, logits[start:start + len(samples)], samples))  # (its rows, V), in sample order
             start += len(samples)
         self._sample(work)
         return [gen for gen, _, _ in work]
 
     def _sample(self, work):
         drawn = [sample_next_token(logits, gen.rng, gen.temperature, gen.top_k, gen.top_p) for gen, logits, _ in work]
-        sampled = iter(torch.cat(drawn)[:, 0].tolist())  # one host sync for the whole batch
+        sampled = iter(torch.cat(drawn)[:, 0].tolist())  # (B, 1) -> B ints: one host sync for the whole batch
         for gen, _, samples in work:
             # An ended sample (no row any more) repeats its stop token with mask 0.
-            gen.column, gen.masks = [state.terminal for state in gen.states], [0] * gen.num_samples
+            gen.column, gen.masks = list(gen.terminal), [0] * gen.num_samples
             for s in samples:
                 # A forced token (the calculator's output) replaces the one drawn for its row, which still drew one
                 # to keep the generator in step.
-                state, token = gen.states[s], next(sampled)
-                if state.forced:
-                    token = state.forced.popleft()
+                token = next(sampled)
+                if gen.forced[s]:
+                    token = gen.forced[s].popleft()
                 else:
                     gen.masks[s] = 1
                 gen.column[s] = token
                 if token in gen.stop_tokens:
-                    state.terminal, gen.finish_reasons[s] = token, "stop"
+                    gen.terminal[s], gen.finish_reasons[s] = token, "stop"
                 elif self.tool is not None:
-                    self._track_tool_call(state, token)
+                    self._track_tool_call(gen, s, token)
             gen.steps += 1
-            ended = all(state.terminal is not None for state in gen.states)
+            ended = all(t is not None for t in gen.terminal)
             if ended or gen.steps >= gen.budget or len(gen.tokens) + gen.steps >= self.cache.max_seq_len:
                 gen.finish("length")
         self.drop_ended()
 
     def drop_ended(self):
         """Rows of finished generations and of ended samples leave; the others keep their order."""
-        keep = [i for i, (gen, s) in enumerate(self.rows) if not gen.finished and gen.states[s].terminal is None]
+        keep = [i for i, (gen, s) in enumerate(self.rows) if not gen.finished and gen.terminal[s] is None]
         if len(keep) < len(self.rows):
             self.cache.keep_rows(keep)
             self.rows = [self.rows[i] for i in keep]
         self.running = [gen for gen in self.running if not gen.finished]
 
-    def _track_tool_call(self, state, token):
-        """The calculator for one sample that wrote `token`: collect the expression between <|python_start|> and
+    def _track_tool_call(self, gen, s, token):
+        """The calculator for sample s that wrote `token`: collect the expression between <|python_start|> and
         <|python_end|>, then queue its result as forced tokens."""
-        tool = self.tool
+        tool, expression = self.tool, gen.expressions[s]
         if token == tool["python_start"]:
-            state.expression = []
-        elif state.expression is not None and token == tool["python_end"]:
-            expression, state.expression = state.expression, None
+            gen.expressions[s] = []
+        elif expression is not None and token == tool["python_end"]:
+            gen.expressions[s] = None
             result = use_calculator(self.tokenizer.decode(expression)) if expression else None
             if result is not None:
-                state.forced.extend([tool["output_start"], *self.tokenizer.encode(str(result)), tool["output_end"]])
-        elif state.expression is not None:
-            state.expression.append(token)
+                gen.forced[s].extend([tool["output_start"], *self.tokenizer.encode(str(result)), tool["output_end"]])
+        elif expression is not None:
+            expression.append(token)
 
 
 class Engine:
@@ -521,8 +518,11 @@ SAMPLE_PROMPTS = [
 def complete_prompts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
     """Greedy completions (decoded, BOS included) of each prompt, one batch-1 generation per prompt."""
     engine, bos = Engine(model, tokenizer), tokenizer.get_bos_token_id()
-    rows = [engine.generate_batch(tokenizer.encode(p, prepend=bos), max_tokens=max_tokens, temperature=0)[0][0] for p in prompts]
-    return [tokenizer.decode(row) for row in rows]
+    texts = []
+    for prompt in prompts:
+        rows, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), max_tokens=max_tokens, temperature=0)
+        texts.append(tokenizer.decode(rows[0]))
+    return texts
 
 
 def unconditioned_samples(model, tokenizer, num_samples=8, max_tokens=128, temperature=1.0):
