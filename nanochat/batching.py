@@ -168,8 +168,9 @@ class BatchScheduler(DecodeBatch):
                     continue
                 chosen.append(req)
                 rows += req.num_samples
-        # Doubling (up to max_batch) reallocates the cache a few times as the load grows, not at every admission.
-        self.cache.reserve(max(rows, min(self.max_batch, 2 * self.cache.capacity)))
+        # Doubling (up to max_batch) reallocates a few times as the load grows, not at every admission.
+        if rows > self.cache.capacity:
+            self.cache.reserve(max(rows, min(self.max_batch, 2 * self.cache.capacity)))
         return chosen
 
     def _deliver(self, requests):

@@ -333,6 +333,19 @@ def test_a_request_waits_for_room_and_rows_free_their_slots(tiny_gpt):
     assert b.done.is_set() and c.done.is_set() and scheduler.cache.capacity == 0  # an idle batch holds no memory
 
 
+def test_the_cache_doubles_up_to_max_batch_and_is_freed_when_idle(tiny_gpt):
+    scheduler = BatchScheduler(tiny_gpt(), max_batch=6, worker=False)
+    capacities = []
+    for rows in (1, 1, 1, 2):  # 1, 2, 3, 5 rows in the batch
+        scheduler.submit([256, 1], num_samples=rows, max_tokens=20, temperature=0.0)
+        scheduler.step()
+        capacities.append(scheduler.cache.capacity)
+    assert capacities == [1, 2, 4, 6] and scheduler.stats()["active_rows"] == 5
+    while scheduler.step():
+        pass
+    assert scheduler.cache.capacity == 0
+
+
 def test_a_cancelled_request_leaves_at_once_and_the_others_are_unchanged(tiny_gpt):
     model = tiny_gpt(scrambled=True, n_head=4, n_kv_head=2)
     scheduler = BatchScheduler(model, worker=False)
