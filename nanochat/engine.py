@@ -1,26 +1,22 @@
 """
-Inference engine: KV-cached sampling from a GPT, many samples per prompt, and the calculator tool.
+Inference: KV-cached sampling from a GPT, many samples per prompt, and the calculator tool.
 
-    from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
     for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8, top_k=50):
         ...  # one token per sample per step; mask 0 = written by the calculator tool, not sampled
     rows, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
-The engine only sees token ids; the tokenizer is needed for the special tokens (stop, tool calls)
-and to turn a tool call into text and its result back into tokens.
-
-Self-check of the cached path against a cache-free recompute of the whole sequence every step:
-
-    python -m nanochat.engine -i base            # greedy 64 tokens both ways; prints times and whether they match
+One decode loop serves every caller: a DecodeBatch holds the rows of one or more generations in one KVCache,
+each row at its own position, and moves them all with one forward pass per step. Engine.generate runs one
+prompt's samples through it; nanochat.batching.BatchScheduler adds admission, cancellation and a thread.
+The tokenizer (None for raw token streams) supplies the stop tokens and the tool-call tokens.
 """
 
-import argparse
 import ast
 import collections
+import itertools
 import logging
 import threading
-import time
 
 import torch
 import torch.nn.functional as F
@@ -42,93 +38,115 @@ _FORBIDDEN_WORDS = ("__", "import", "exec", "eval", "compile", "open", "file", "
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of rows, in Flash-Attention-3 layout (B, T, H, D).
+    """Keys and values of every layer for a batch of rows, each row holding its own number of positions.
 
-    k_cache, v_cache: (n_layers, B, T_max, n_kv_heads, head_dim). cache_seqlens: (B,) int32, the
-    number of positions filled (here all rows move together; nanochat.batching.BatchCache is the cache
-    whose rows don't). prev_embedding: (B, 1, n_embd) or None, the last token's normalised embedding,
-    which the model's "smear" mixes into the next token.
-    The model writes layer i through get_layer_cache(i) and calls advance(T) after its last layer.
+    k_cache, v_cache: (n_layers, B, T_max, n_kv_heads, head_dim), Flash-Attention-3 layout. `lengths` (host list)
+    and cache_seqlens ((B,) int32, device) count each row's positions. prev_embedding: (B, 1, n_embd) or None, the
+    last token's normalised embedding, which the model's "smear" mixes into the next token. The model writes layer
+    i through get_layer_cache(i) and calls advance(T) after its last layer.
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=None):
-        if min(batch_size, num_heads, seq_len, head_dim, num_layers) < 1:
-            raise ValueError(f"KVCache sizes must all be >= 1, got batch_size={batch_size}, num_heads={num_heads}, "
-                             f"seq_len={seq_len}, head_dim={head_dim}, num_layers={num_layers}")
-        dtype = get_compute_dtype()[0] if dtype is None else dtype
-        shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
-        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.prev_embedding = None
-        self.batch_size, self.max_seq_len, self.n_layers = batch_size, seq_len, num_layers
-        self.n_heads, self.head_dim = num_heads, head_dim
-        # A host-side copy of the position: reading cache_seqlens[0] would sync with the GPU every step.
-        self._pos = 0
+        if batch_size < 0 or min(num_heads, seq_len, head_dim, num_layers) < 1:
+            raise ValueError(f"KVCache needs batch_size >= 0 and the other sizes >= 1, got batch_size={batch_size}, "
+                             f"num_heads={num_heads}, seq_len={seq_len}, head_dim={head_dim}, num_layers={num_layers}")
+        self.dtype = get_compute_dtype()[0] if dtype is None else dtype
+        self.device, self.max_seq_len = device, seq_len
+        self.n_layers, self.n_heads, self.head_dim = num_layers, num_heads, head_dim
+        self._k = self._v = self.prev_embedding = None  # storage: rows come (add_rows) and go (keep_rows) inside it
+        self.reserve(batch_size)
+        self._set_lengths([0] * batch_size)
 
-    def reset(self):
-        """Forget everything: position 0, no previous embedding (the stored values are simply overwritten later)."""
-        self.cache_seqlens.zero_()
-        self._pos = 0
-        self.prev_embedding = None
+    batch_size = property(lambda self: len(self.lengths))
+    capacity = property(lambda self: 0 if self._k is None else self._k.size(1))
+    k_cache = property(lambda self: None if self._k is None else self._k[:, :len(self.lengths)])
+    v_cache = property(lambda self: None if self._v is None else self._v[:, :len(self.lengths)])
 
     def get_pos(self):
-        """Number of positions already in the cache, the same for every row (a cache whose rows differ
-        returns None, and the model reads each row's from cache_seqlens)."""
-        return self._pos
+        """Positions every row holds, or None while rows differ (the model then reads `lengths`)."""
+        first = self.lengths[0] if self.lengths else 0
+        return first if all(n == first for n in self.lengths) else None
 
     def get_layer_cache(self, layer_idx):
         """(k, v) views of one layer, each (B, T_max, H, D); writing into them writes the cache."""
-        return self.k_cache[layer_idx], self.v_cache[layer_idx]
+        n = len(self.lengths)
+        return self._k[layer_idx, :n], self._v[layer_idx, :n]
 
     def advance(self, num_tokens):
-        """Move every row forward by `num_tokens` positions (the model calls this after its last layer)."""
-        if self._pos + num_tokens > self.max_seq_len:
-            raise RuntimeError(f"KV cache overflow: {self._pos} + {num_tokens} positions > capacity {self.max_seq_len}")
+        """Every row moves on by `num_tokens` positions (the model calls this after its last layer)."""
+        longest = max(self.lengths, default=0)
+        if longest + num_tokens > self.max_seq_len:
+            raise RuntimeError(f"KV cache overflow: {longest} + {num_tokens} positions > capacity {self.max_seq_len}")
+        self.lengths = [n + num_tokens for n in self.lengths]
         self.cache_seqlens += num_tokens
-        self._pos += num_tokens
+
+    def reset(self):
+        """Every row back to position 0 (the stored values are simply overwritten later)."""
+        self._set_lengths([0] * len(self.lengths))
+        self.prev_embedding = None
 
     def prefill(self, other):
-        """Start from `other` (a filled cache, batch 1 or this batch size): copy its positions into every row."""
-        if self._pos != 0:
-            raise RuntimeError(f"prefill needs an empty cache; this one already holds {self._pos} positions")
-        geometry = (self.n_layers, self.n_heads, self.head_dim)
-        other_geometry = (other.n_layers, other.n_heads, other.head_dim)
-        if geometry != other_geometry:
-            raise ValueError(f"cannot prefill a cache of (layers, heads, head_dim) = {geometry} from one of {other_geometry}")
-        if other.batch_size not in (1, self.batch_size):
-            raise ValueError(f"cannot prefill a batch-{self.batch_size} cache from a batch-{other.batch_size} one")
-        n = other.get_pos()
-        if n > self.max_seq_len:
-            raise ValueError(f"the source cache holds {n} positions, more than this cache's capacity {self.max_seq_len}")
-        self.k_cache[:, :, :n].copy_(other.k_cache[:, :, :n])  # (L, 1|B, n, H, D) broadcast over the rows
-        self.v_cache[:, :, :n].copy_(other.v_cache[:, :, :n])
-        self.cache_seqlens.fill_(n)
-        self._pos = n
-        if other.prev_embedding is not None:
-            self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
+        """Start every row of this empty cache from `other` (a filled cache of 1 row, or of as many rows)."""
+        if any(self.lengths):
+            raise RuntimeError(f"prefill needs an empty cache; this one already holds {max(self.lengths)} positions")
+        rows = len(self.lengths)
+        self._set_lengths([])
+        self.add_rows(other, rows)
+
+    def add_rows(self, source, copies=1):
+        """Append `copies` rows holding what `source` holds (a filled cache of 1 row, or of `copies` rows)."""
+        n, geometry = source.get_pos(), (self.n_layers, self.n_heads, self.head_dim)
+        if (source.n_layers, source.n_heads, source.head_dim) != geometry:
+            raise ValueError(f"cannot fill a cache of (layers, heads, head_dim) = {geometry} from one of "
+                             f"{(source.n_layers, source.n_heads, source.head_dim)}")
+        if source.batch_size not in (1, copies):
+            raise ValueError(f"cannot fill {copies} rows from a batch-{source.batch_size} cache")
+        if n is None or n > self.max_seq_len:
+            raise ValueError(f"the source cache holds {n} positions (None: rows differ); this cache's capacity is {self.max_seq_len}")
+        first = len(self.lengths)
+        if first and (source.prev_embedding is None) != (self.prev_embedding is None):
+            raise ValueError("every row needs a previous embedding (the smear), or none does")
+        self.reserve(first + copies)
+        self._k[:, first:first + copies, :n] = source.k_cache[:, :, :n]  # (L, 1|copies, n, H, D) broadcast over the copies
+        self._v[:, first:first + copies, :n] = source.v_cache[:, :, :n]
+        if source.prev_embedding is not None:
+            prev = source.prev_embedding.expand(copies, -1, -1)  # (copies, 1, d)
+            self.prev_embedding = prev.clone() if self.prev_embedding is None else torch.cat([self.prev_embedding, prev])
+        self._set_lengths(self.lengths + [n] * copies)
 
     def keep_rows(self, rows):
-        """Keep only the batch rows listed in `rows` (in that order); used to drop finished samples.
-
-        Only the filled positions are copied: a cache sized for the whole context but holding a short
-        prompt would otherwise copy mostly zeros every time a row finishes.
-        """
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.k_cache.device)
-        self.k_cache = _gather_rows(self.k_cache, index, self._pos)
-        self.v_cache = _gather_rows(self.v_cache, index, self._pos)
-        self.cache_seqlens = self.cache_seqlens.index_select(0, index)
+        """Keep only the rows listed in `rows`, in that order (finished samples leave); none left frees the storage."""
+        if not rows:
+            self._k = self._v = self.prev_embedding = None  # an idle batch holds no memory
+            return self._set_lengths([])
+        # Rows already in place stay put; only the filled positions move (a cache sized for the whole context
+        # but holding short rows would otherwise copy mostly zeros).
+        start, filled = next((i for i, r in enumerate(rows) if r != i), len(rows)), max(self.lengths)
+        index = torch.as_tensor(rows[start:], dtype=torch.long, device=self._k.device)
+        # Indexing copies the source rows first, so a row may move onto one that moves too.
+        self._k[:, start:len(rows), :filled] = self._k[:, index, :filled]
+        self._v[:, start:len(rows), :filled] = self._v[:, index, :filled]
         if self.prev_embedding is not None:
-            self.prev_embedding = self.prev_embedding.index_select(0, index)
-        self.batch_size = len(rows)
+            self.prev_embedding = self.prev_embedding[rows]
+        self._set_lengths([self.lengths[r] for r in rows])
 
+    def reserve(self, rows):
+        """Storage for at least `rows` rows, keeping the live ones. It starts zeroed: the attention reads (masked)
+        positions past a row's length, which must hold finite numbers."""
+        if rows <= self.capacity:
+            return
+        shape = (self.n_layers, rows, self.max_seq_len, self.n_heads, self.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if self._k is not None:
+            b, filled = len(self.lengths), max(self.lengths, default=0)
+            k[:, :b, :filled], v[:, :b, :filled] = self._k[:, :b, :filled], self._v[:, :b, :filled]
+        self._k, self._v = k, v
 
-def _gather_rows(cache, index, filled):
-    """cache (L, B, T_max, H, D) -> (L, len(index), T_max, H, D) holding rows `index`; positions past
-    `filled` are left uninitialised (nothing reads them before the model writes them)."""
-    out = cache.new_empty((cache.size(0), index.numel(), *cache.shape[2:]))
-    out[:, :, :filled] = cache[:, index, :filled]
-    return out
+    def _set_lengths(self, lengths):
+        # The host copy is what the model reads: reading cache_seqlens back would sync with the GPU every layer.
+        self.lengths = lengths
+        self.cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
 
 
 # -----------------------------------------------------------------------------
@@ -141,30 +159,39 @@ _ARGMAX_CHUNK = 256
 
 
 def argmax_rows(logits):
-    """torch.argmax(logits, dim=-1, keepdim=True) for (B, V) logits: the FIRST maximal index of each row.
-
-    On CPU, when V is a multiple of _ARGMAX_CHUNK (and at least two chunks), it takes the first chunk
-    whose max is the row's max, then the first maximal index inside it: the same index (NaN counts as
-    the maximum in both), several times faster. Elsewhere it is torch.argmax itself.
-    """
+    """torch.argmax(logits, dim=-1, keepdim=True) for (B, V) logits, the FIRST maximal index of each row (NaN
+    counts as the maximum), computed in chunks on CPU when V is a multiple of _ARGMAX_CHUNK (two at least)."""
     B, V = logits.shape
     if logits.device.type != "cpu" or V % _ARGMAX_CHUNK or V < 2 * _ARGMAX_CHUNK:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    chunks = logits.reshape(B, V // _ARGMAX_CHUNK, _ARGMAX_CHUNK)
+    chunks = logits.reshape(B, V // _ARGMAX_CHUNK, _ARGMAX_CHUNK)  # (B, V / chunk, chunk)
     best = chunks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # (B, 1): earlier chunks all hold smaller values
     inside = chunks.gather(1, best.unsqueeze(-1).expand(B, 1, _ARGMAX_CHUNK)).squeeze(1)  # (B, chunk)
     return best * _ARGMAX_CHUNK + inside.argmax(dim=-1, keepdim=True)
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """One token per row from logits (B, V) -> (B, 1) int64.
+def top_p_filter(logits, top_p, temperature):
+    """Logits (B, V) with every token outside the nucleus set to -inf: the smallest set of most likely tokens
+    whose probability, at this temperature, reaches top_p (the most likely token always stays)."""
+    if top_p >= 1.0 or temperature <= 0:
+        return logits
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
+    # A token stays if the tokens more likely than it do not yet reach top_p.
+    outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    outside[:, 0] = False  # the most likely token stays even when top_p rounds to 0 in float32 (top_p=1e-300)
+    mask = torch.zeros_like(outside).scatter(-1, order, outside)
+    return logits.masked_fill(mask, float("-inf"))
 
-    temperature 0 is greedy (top_k ignored, no softmax); top_k None or <= 0 samples from the full softmax.
-    """
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
+    """One token per row from logits (B, V) -> (B, 1) int64. temperature 0 is greedy (no softmax, top_k and
+    top_p ignored); top_k None or <= 0 and top_p 1.0 sample from the full softmax."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return argmax_rows(logits)
+    logits = top_p_filter(logits, top_p, temperature)
     if top_k is not None and top_k > 0:
         values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k) each
         probs = F.softmax(values / temperature, dim=-1)
@@ -242,18 +269,15 @@ def _evaluate_expression(expr):
 
 
 def use_calculator(expr, timeout=CALCULATOR_TIMEOUT):
-    """The model's calculator tool: the value of `expr`, or None when it is not allowed or fails.
-
-    Accepts arithmetic on numbers (+ - * / //, parentheses; commas in numbers are ignored) and
-    `'word'.count('letter')`. Nothing is ever passed to eval(): the expression is parsed and walked
-    over a whitelist of AST nodes. `timeout` (seconds, may be fractional) bounds the wall time from
-    any thread, not just the main one (upstream used SIGALRM, which only works there).
-    """
+    """The model's calculator tool: the value of `expr` (arithmetic + - * / // on numbers, commas ignored, or
+    `'word'.count('letter')`), or None when it is not allowed, fails or takes over `timeout` seconds."""
     if not isinstance(expr, str):
         raise TypeError(f"the calculator takes a str, got {type(expr).__name__}")
     expr = expr.replace(",", "")
     if not _calculator_allows(expr):
         return None
+    # A thread, not upstream's SIGALRM, so that the timeout works off the main thread too; nothing is ever passed
+    # to eval(): the expression is parsed and walked over a whitelist of AST nodes.
     outcome = []
     worker = threading.Thread(target=lambda: outcome.append(_evaluate_expression(expr)), daemon=True)
     worker.start()
@@ -265,180 +289,218 @@ def use_calculator(expr, timeout=CALCULATOR_TIMEOUT):
 
 
 # -----------------------------------------------------------------------------
-# Engine
+# The decode loop
 
 
-class RowState:
-    """Per-sample bookkeeping during generation: pending forced tokens and the tool-call parser."""
+def stop_tokens(tokenizer, other_turns=False):
+    """The token ids that end a sample: <|assistant_end|> and <|bos|> (none without a tokenizer). other_turns adds
+    the tokens that frame another turn, since a model that writes <|user_start|> has begun to make up the user's."""
+    if tokenizer is None:
+        return frozenset()
+    names = ("<|assistant_end|>", *(("<|user_start|>", "<|user_end|>", "<|assistant_start|>") if other_turns else ()))
+    return frozenset([tokenizer.get_bos_token_id(), *map(tokenizer.encode_special, names)])
 
-    def __init__(self):
-        self.forced = collections.deque()  # tokens the tool writes, emitted one per step
-        self.in_python = False
-        self.expression = []  # token ids between <|python_start|> and <|python_end|>
-        self.terminal = None  # the token that ended this row (assistant_end or bos), once it has
+
+def generation_budget(tokens, num_samples, max_tokens, temperature, top_p, context_len, fixed_context):
+    """Check a generation's arguments; returns how many tokens it may generate: max_tokens, or (None) up to
+    context_len. fixed_context: the cache holds context_len positions whatever max_tokens says (a running batch)."""
+    if not isinstance(tokens, list) or not tokens or not all(_is_number(t) and isinstance(t, int) for t in tokens):
+        raise ValueError("tokens must be a non-empty list of int token ids")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
+        raise ValueError(f"max_tokens must be None or an int >= 0, got {max_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    room = context_len - len(tokens)
+    if room <= 0 and (fixed_context or max_tokens is None):
+        # Upstream sized the cache to sequence_len whatever the prompt, so a long prompt overflowed it.
+        raise ValueError(f"the prompt ({len(tokens)} tokens) leaves no room in the context of {context_len}; shorten it"
+                         + ("" if fixed_context else " or pass max_tokens explicitly"))
+    return room if max_tokens is None else max_tokens
 
 
 def model_device(model):
     """The device a model computes on: get_device() when it has one (GPT), else its first parameter or buffer."""
     if hasattr(model, "get_device"):
         return model.get_device()
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
 def last_logits(model, ids, kv_cache):
-    """Logits (B, V) of the last position of ids (B, T), advancing kv_cache by T.
-
-    A model with hidden_states/logits (GPT) runs its head on the last position only: over a whole
-    prompt the head would cost a (T, n_embd) x (n_embd, V) matmul and a (T, V) fp32 tensor for
-    nothing. Other models (the tests' mocks) go through forward.
-    """
+    """Logits (B, V) of the last position of ids (B, T), advancing kv_cache by T."""
     if hasattr(model, "hidden_states") and hasattr(model, "logits"):
+        # GPT: the head on the last position only; over a whole prompt it would cost a (T, n_embd) x (n_embd, V)
+        # matmul and a (T, V) fp32 tensor for nothing. Other models (the tests' mocks) go through forward.
         return model.logits(model.hidden_states(ids, kv_cache)[:, -1])
     return model.forward(ids, kv_cache=kv_cache)[:, -1, :]
 
 
-class Engine:
-    """Batched, KV-cached generation with the calculator tool, for a GPT and its tokenizer.
+class Generation:
+    """One prompt's samples in a DecodeBatch. column, masks: each sample's token of the last step (mask 1 sampled,
+    0 forced by the tool; an ended sample repeats its stop token with mask 0). finish_reasons: per sample, None
+    while it runs, then "stop" (a stop token), "length" (the budget or the context) or "cancelled"."""
 
-    `tokenizer` may be None for pure token streams (no stop tokens, no tools). `kv_dtype` defaults to
-    the dtype the model computes keys and values in (model.compute_dtype, else the global one).
-    """
+    def __init__(self, tokens, num_samples, budget, temperature, top_k, top_p, seed, stop_tokens):
+        self.tokens, self.num_samples, self.budget, self.stop_tokens = tokens, num_samples, budget, stop_tokens
+        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        # Per sample: the stop token it ended on, the tokens the calculator still has to write (one per step, in
+        # place of the sampled one), and the token ids since <|python_start|> while a tool call is open.
+        self.terminal, self.expressions = [None] * num_samples, [None] * num_samples
+        self.forced = [collections.deque() for _ in range(num_samples)]
+        self.finish_reasons = [None] * num_samples
+        self.rng = self.column = self.masks = None
+        self.steps, self.finished = 0, False
+
+    def finish(self, reason):
+        """End the samples still running with `reason` (None: leave them None, as an error does)."""
+        self.finish_reasons = [r or reason for r in self.finish_reasons]
+        self.finished = True
+
+
+class DecodeBatch:
+    """Rows of one or more Generations in one KVCache of `seq_len` positions, each row at its own position, moved
+    on by one forward pass per step. A generation's samples sit in adjacent rows in sample order, so it samples
+    from one slice of the step's logits with its own generator and settings: the tokens it gets alone."""
+
+    def __init__(self, model, tokenizer=None, seq_len=None, kv_dtype=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model_device(model)
+        self.kv_dtype = kv_dtype if kv_dtype is not None else getattr(model, "compute_dtype", None)
+        self.stop_tokens = stop_tokens(tokenizer)
+        self.tool = None if tokenizer is None else {
+            name: tokenizer.encode_special(f"<|{name}|>") for name in ("python_start", "python_end", "output_start", "output_end")}
+        self.context_len = seq_len or model.config.sequence_len
+        self.cache = self.new_cache(0, self.context_len)  # rows come with their generations (add_rows)
+        self.rows = []  # per cache row: (generation, sample index)
+        self.running = []  # the generations with rows here, in row order
+        self.steps = 0  # batched forwards run so far
+
+    def new_cache(self, rows, seq_len):
+        cfg = self.model.config
+        return KVCache(rows, cfg.n_kv_head, seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer, self.device, self.kv_dtype)
+
+    def admit(self, gen):
+        """Prefill gen's prompt at batch 1, copy it into one row per sample and draw its first column (nothing for
+        a budget of 0)."""
+        if gen.budget == 0:
+            return gen.finish("length")
+        gen.rng = torch.Generator(device=self.device)
+        gen.rng.manual_seed(gen.seed)
+        prefill = self.new_cache(1, len(gen.tokens))
+        ids = torch.tensor([gen.tokens], dtype=torch.long, device=self.device)  # (1, T)
+        logits = last_logits(self.model, ids, prefill)  # (1, V)
+        self.cache.add_rows(prefill, gen.num_samples)
+        self.rows += [(gen, s) for s in range(gen.num_samples)]
+        self.running.append(gen)
+        # Expanding the logits (not a sampled token) lets every sample draw its own first token.
+        self._sample([(gen, logits.expand(gen.num_samples, -1), range(gen.num_samples))])
+
+    def step(self):
+        """One forward over every row, then a column for every running generation; returns those generations."""
+        ids = torch.tensor([[gen.column[s]] for gen, s in self.rows], dtype=torch.long, device=self.device)  # (B, 1)
+        logits = last_logits(self.model, ids, self.cache)  # (B, V)
+        self.steps += 1
+        work, start = [], 0
+        for gen, rows in itertools.groupby(self.rows, key=lambda row: row[0]):  # a generation's rows are adjacent
+            samples = [s for _, s in rows]
+            work.append((gen, logits[start:start + len(samples)], samples))  # (its rows, V), in sample order
+            start += len(samples)
+        self._sample(work)
+        return [gen for gen, _, _ in work]
+
+    def _sample(self, work):
+        drawn = [sample_next_token(logits, gen.rng, gen.temperature, gen.top_k, gen.top_p) for gen, logits, _ in work]
+        sampled = iter(torch.cat(drawn)[:, 0].tolist())  # (B, 1) -> B ints: one host sync for the whole batch
+        for gen, _, samples in work:
+            # An ended sample (no row any more) repeats its stop token with mask 0.
+            gen.column, gen.masks = list(gen.terminal), [0] * gen.num_samples
+            for s in samples:
+                # A forced token (the calculator's output) replaces the one drawn for its row, which still drew one
+                # to keep the generator in step.
+                token = next(sampled)
+                if gen.forced[s]:
+                    token = gen.forced[s].popleft()
+                else:
+                    gen.masks[s] = 1
+                gen.column[s] = token
+                if token in gen.stop_tokens:
+                    gen.terminal[s], gen.finish_reasons[s] = token, "stop"
+                elif self.tool is not None:
+                    self._track_tool_call(gen, s, token)
+            gen.steps += 1
+            ended = all(t is not None for t in gen.terminal)
+            if ended or gen.steps >= gen.budget or len(gen.tokens) + gen.steps >= self.cache.max_seq_len:
+                gen.finish("length")
+        self.drop_ended()
+
+    def drop_ended(self):
+        """Rows of finished generations and of ended samples leave; the others keep their order."""
+        keep = [i for i, (gen, s) in enumerate(self.rows) if not gen.finished and gen.terminal[s] is None]
+        if len(keep) < len(self.rows):
+            self.cache.keep_rows(keep)
+            self.rows = [self.rows[i] for i in keep]
+        self.running = [gen for gen in self.running if not gen.finished]
+
+    def _track_tool_call(self, gen, s, token):
+        """The calculator for sample s that wrote `token`: collect the expression between <|python_start|> and
+        <|python_end|>, then queue its result as forced tokens."""
+        tool, expression = self.tool, gen.expressions[s]
+        if token == tool["python_start"]:
+            gen.expressions[s] = []
+        elif expression is not None and token == tool["python_end"]:
+            gen.expressions[s] = None
+            result = use_calculator(self.tokenizer.decode(expression)) if expression else None
+            if result is not None:
+                gen.forced[s].extend([tool["output_start"], *self.tokenizer.encode(str(result)), tool["output_end"]])
+        elif expression is not None:
+            expression.append(token)
+
+
+class Engine:
+    """KV-cached generation with the calculator tool, for a model and its tokenizer (None: raw token streams, no
+    stop tokens, no tools). kv_dtype defaults to the dtype the model computes keys and values in."""
 
     def __init__(self, model, tokenizer=None, kv_dtype=None):
-        self.model = model
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.kv_dtype = kv_dtype if kv_dtype is not None else getattr(model, "compute_dtype", None)
-        self.special = None
-        if tokenizer is not None:
-            names = ("python_start", "python_end", "output_start", "output_end", "assistant_end")
-            self.special = {name: tokenizer.encode_special(f"<|{name}|>") for name in names}
-            self.special["bos"] = tokenizer.get_bos_token_id()
-
-    def new_cache(self, batch_size, seq_len, device):
-        """An empty KVCache for this model: `batch_size` rows of `seq_len` positions, in the engine's KV dtype."""
-        cfg = self.model.config
-        return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=cfg.n_embd // cfg.n_head,
-                       num_layers=cfg.n_layer, device=device, dtype=self.kv_dtype)
-
-    def _budget(self, prompt_len, max_tokens):
-        """How many tokens may be generated: max_tokens, or (None) up to the model's context length."""
-        if max_tokens is not None:
-            if not isinstance(max_tokens, int) or max_tokens < 0:
-                raise ValueError(f"max_tokens must be None or an int >= 0, got {max_tokens!r}")
-            return max_tokens
-        # Upstream sized the cache to sequence_len whatever the prompt, so a long prompt overflowed it.
-        room = self.model.config.sequence_len - prompt_len
-        if room <= 0:
-            raise ValueError(f"the prompt ({prompt_len} tokens) already fills the model's context "
-                             f"({self.model.config.sequence_len}); shorten it or pass max_tokens explicitly")
-        return room
-
-    def _step_row(self, state, token):
-        """Run the stop check and the tool-call state machine for one row after it emits `token`."""
-        if token == self.special["assistant_end"] or token == self.special["bos"]:
-            state.terminal = token
-        else:
-            self.track_tool_call(state, token)
-
-    def track_tool_call(self, state, token):
-        """The calculator tool for one row that emitted `token` (not a stop token): collect the expression
-        between <|python_start|> and <|python_end|>, then queue its result as forced tokens."""
-        sp = self.special
-        if token == sp["python_start"]:
-            state.in_python, state.expression = True, []
-        elif token == sp["python_end"] and state.in_python:
-            state.in_python = False
-            if state.expression:
-                result = use_calculator(self.tokenizer.decode(state.expression))
-                if result is not None:
-                    state.forced.extend([sp["output_start"], *self.tokenizer.encode(str(result)), sp["output_end"]])
-            state.expression = []
-        elif state.in_python:
-            state.expression.append(token)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        """Stream (token_column, token_masks) per step: lists of length num_samples.
-
-        mask 1 = sampled, 0 = forced by the calculator tool. Each sample draws its own first token. A
-        row ends at <|assistant_end|> or <|bos|>; afterwards it repeats that token with mask 0 while
-        the others go on, and stops costing compute (it is dropped from the batch). At most
-        max_tokens steps (None: until the model's context is full).
-        """
-        if not isinstance(tokens, list) or not tokens or not all(_is_number(t) and isinstance(t, int) for t in tokens):
-            raise ValueError("tokens must be a non-empty list of int token ids")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        budget = self._budget(len(tokens), max_tokens)
-        device = model_device(self.model)
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
-
-        # Prefill once at batch 1, then copy the cache into num_samples rows for decoding.
-        prefill_cache = self.new_cache(1, len(tokens), device)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
-        logits = last_logits(self.model, ids, prefill_cache)  # (1, V)
-        # Expanding the logits (not a sampled token) lets every sample draw its own first token.
-        logits = logits.expand(num_samples, -1)  # (B, V)
-        cache = self.new_cache(num_samples, len(tokens) + budget, device)
-        cache.prefill(prefill_cache)
-        del prefill_cache
-
-        states = [RowState() for _ in range(num_samples)]
-        active = list(range(num_samples))  # sample index of each row still in the batch
-        for step in range(budget):
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()  # one per active row
-            column = [state.terminal for state in states]
-            masks = [0] * num_samples
-            for row, sample in enumerate(active):
-                state = states[sample]
-                if state.forced:
-                    column[sample] = state.forced.popleft()
-                else:
-                    column[sample], masks[sample] = sampled[row], 1
-                if self.special is not None:
-                    self._step_row(state, column[sample])
-            yield column, masks
-
-            still = [row for row, sample in enumerate(active) if states[sample].terminal is None]
-            if not still or step == budget - 1:
-                break  # no forward pass whose logits nobody would use
-            if len(still) < len(active):
-                cache.keep_rows(still)
-                active = [active[row] for row in still]
-            step_ids = torch.tensor([column[sample] for sample in active], dtype=torch.long, device=device)
-            logits = last_logits(self.model, step_ids.view(-1, 1), cache)  # (B, 1) in, (B, V) out
+        """Stream (token_column, token_masks) per step, lists of num_samples: mask 1 = sampled, 0 = forced by the
+        calculator tool. Each sample draws its own first token. A sample ends at <|assistant_end|> or <|bos|>, then
+        repeats it with mask 0 while the others go on (its row leaves the batch). At most max_tokens steps (None:
+        until the model's context is full)."""
+        budget = generation_budget(tokens, num_samples, max_tokens, temperature, 1.0, self.model.config.sequence_len, False)
+        batch = DecodeBatch(self.model, self.tokenizer, len(tokens) + budget, self.kv_dtype)
+        gen = Generation(tokens, num_samples, budget, temperature, top_k, 1.0, seed, batch.stop_tokens)
+        batch.admit(gen)
+        while gen.column is not None:
+            yield gen.column, gen.masks
+            if gen.finished:
+                return
+            batch.step()  # no forward once every sample has ended: nobody would use its logits
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Run generate to the end. Returns (results, masks): per sample, prompt + generated tokens, and a
-        mask that is 0 over the prompt, then 1 for sampled / 0 for forced tokens. The terminal token
-        (<|assistant_end|>/<|bos|>) is not included."""
+        """Run generate to the end: (results, masks), per sample the prompt + generated tokens and a mask that is 0
+        over the prompt, then 1 sampled / 0 forced. The stop token that ends a sample is not included."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
-        terminals = set() if self.special is None else {self.special["assistant_end"], self.special["bos"]}
-        done = [False] * num_samples
+        stops = stop_tokens(self.tokenizer)
         for column, column_masks in self.generate(tokens, num_samples=num_samples, **kwargs):
-            for i, (token, mask) in enumerate(zip(column, column_masks)):
-                if done[i]:
-                    continue
-                if token in terminals:
-                    done[i] = True
-                else:
-                    results[i].append(token)
-                    masks[i].append(mask)
-            if all(done):
-                break
+            for row, mask, token, column_mask in zip(results, masks, column, column_masks):
+                if token not in stops:  # a sample's stop token is where it ended; it repeats it afterwards
+                    row.append(token)
+                    mask.append(column_mask)
         return results, masks
 
 
 # -----------------------------------------------------------------------------
-# Reference (cache-free) generation and the self-check
+# Greedy smell tests
 
 
 # The fixed prompts whose greedy completions base_train, base_eval and base_loss print as a smell test.
@@ -455,11 +517,10 @@ SAMPLE_PROMPTS = [
 
 def complete_prompts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
     """Greedy completions (decoded, BOS included) of each prompt, one batch-1 generation per prompt."""
-    engine = Engine(model, tokenizer)
-    bos = tokenizer.get_bos_token_id()
+    engine, bos = Engine(model, tokenizer), tokenizer.get_bos_token_id()
     texts = []
     for prompt in prompts:
-        rows, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), num_samples=1, max_tokens=max_tokens, temperature=0)
+        rows, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), max_tokens=max_tokens, temperature=0)
         texts.append(tokenizer.decode(rows[0]))
     return texts
 
@@ -469,59 +530,3 @@ def unconditioned_samples(model, tokenizer, num_samples=8, max_tokens=128, tempe
     bos = tokenizer.get_bos_token_id()
     rows, _ = Engine(model, tokenizer).generate_batch([bos], num_samples=num_samples, max_tokens=max_tokens, temperature=temperature)
     return [tokenizer.decode(row) for row in rows]
-
-
-def compare_with_reference(model, prompt_tokens, max_tokens=64):
-    """Greedy-generate with the model's cache-free sampler (GPT.generate) and with the Engine; time both.
-
-    Returns {"reference": ids, "engine": ids, "reference_seconds", "engine_seconds", "match": bool}.
-    """
-    def timed(fn):
-        if model_device(model).type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if model_device(model).type == "cuda":
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
-
-    reference, ref_s = timed(lambda: list(model.generate(prompt_tokens, max_tokens, temperature=0)))
-    # The naive sampler knows no stop tokens or tools, so compare raw streams: an Engine without tokenizer.
-    engine = Engine(model, None)
-    (rows, _), eng_s = timed(lambda: engine.generate_batch(prompt_tokens, max_tokens=max_tokens, temperature=0))
-    generated = rows[0][len(prompt_tokens):]
-    return {"reference": reference, "engine": generated, "reference_seconds": ref_s, "engine_seconds": eng_s,
-            "match": reference == generated}
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="Check KV-cached generation against cache-free recomputation (greedy).")
-    p.add_argument("-i", "--source", default="base", choices=("base", "mid", "sft", "rl"), help="checkpoint family to load")
-    p.add_argument("-g", "--model-tag", default=None, help="checkpoint directory tag (default: the largest d<N>)")
-    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
-    p.add_argument("-p", "--prompt", default="The chemical formula of water is", help="text to continue")
-    p.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens to generate with each path")
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
-    return p
-
-
-def main(argv=None):
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.common import autodetect_device_type, compute_init, setup_default_logging
-
-    setup_default_logging()
-    args = build_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        raise SystemExit(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    prompt = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
-    result = compare_with_reference(model, prompt, args.max_tokens)
-    logger.info("reference: %.3f s | %s", result["reference_seconds"], tokenizer.decode(result["reference"]))
-    logger.info("engine:    %.3f s | %s", result["engine_seconds"], tokenizer.decode(result["engine"]))
-    logger.info("match: %s", result["match"])
-    return 0 if result["match"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -177,7 +177,7 @@ class NanochatLM(TemplateLM):
         max_new = min(max_new, self.max_length - len(prompt))
         if max_new <= 0:
             return job
-        stops = scheduler.default_stops  # <|assistant_end|> and <|bos|>: delivered, but not part of the text
+        stops = scheduler.stop_tokens  # <|assistant_end|> and <|bos|>: delivered, but not part of the text
 
         def deliver(item):
             if isinstance(item, BaseException):

@@ -23,8 +23,9 @@ import logging
 import torch
 import torch.distributed as dist
 
-from nanochat.common import dist_world_size, get_dist_info
-from nanochat.engine import model_device
+from nanochat.common import ConfigError, dist_world_size, get_dist_info
+from nanochat.dataloader import ResumeError
+from nanochat.engine import model_device, stop_tokens
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +33,16 @@ STATE_FORMAT = "rl-rollouts-1"
 
 
 def sample_answers(engine, tokenizer, prompt, num_samples, max_tokens, temperature, top_k, seed):
-    """num_samples answers to `prompt`: per answer, (token ids after the prompt, mask, finished).
-
-    mask is 1 for sampled tokens and 0 for tokens the calculator tool wrote; a terminating
-    <|assistant_end|> (or <|bos|>) was sampled, so it is kept with mask 1 and `finished` is True.
-    """
-    rows = [[] for _ in range(num_samples)]
-    masks = [[] for _ in range(num_samples)]
-    done = [False] * num_samples
-    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    """num_samples answers to `prompt`, each (token ids after the prompt, mask, finished): mask 0 where the
+    calculator wrote; the stop token that ends a finished answer was sampled, so it stays, with mask 1."""
+    rows, masks, stops = [[] for _ in range(num_samples)], [[] for _ in range(num_samples)], stop_tokens(tokenizer)
     for column, column_masks in engine.generate(prompt, num_samples=num_samples, max_tokens=max_tokens,
                                                 temperature=temperature, top_k=top_k, seed=seed):
-        for i, (token, mask) in enumerate(zip(column, column_masks)):
-            if done[i]:
-                continue
-            rows[i].append(token)
-            masks[i].append(mask)
-            done[i] = token in stops
-        if all(done):
-            break
-    return [(r, m, d) for r, m, d in zip(rows, masks, done)]
+        for row, mask, token, column_mask in zip(rows, masks, column, column_masks):
+            if not (row and row[-1] in stops):  # an ended answer repeats its stop token
+                row.append(token)
+                mask.append(column_mask)
+    return [(row, mask, bool(row) and row[-1] in stops) for row, mask in zip(rows, masks)]
 
 
 def _seed(*parts):
@@ -73,12 +64,8 @@ class RolloutStream:
                  temperature, top_k, resume_state_dict=None):
         _, self.rank, _, self.world_size = get_dist_info()
         if examples_per_step % self.world_size:
-            from nanochat.common import ConfigError
-
             raise ConfigError(f"--examples-per-step {examples_per_step} must be divisible by the number of ranks ({self.world_size})")
         if num_samples % device_batch_size:
-            from nanochat.common import ConfigError
-
             raise ConfigError(f"--num-samples {num_samples} must be a multiple of --device-batch-size {device_batch_size}")
         self.task, self.tokenizer, self.engine = task, tokenizer, engine
         self.examples_per_rank = examples_per_step // self.world_size
@@ -90,8 +77,6 @@ class RolloutStream:
         if resume_state_dict is not None:
             state = resume_state_dict.get("ranks", [resume_state_dict])[self.rank] if "ranks" in resume_state_dict else resume_state_dict
             if state.get("format") != STATE_FORMAT or state.get("world_size") != self.world_size:
-                from nanochat.dataloader import ResumeError
-
                 raise ResumeError(f"the checkpoint's rollout state ({state.get('format')}, world size {state.get('world_size')}) "
                                   f"does not fit this run (world size {self.world_size}); resume with the same number of processes")
             self.examples_done = state["examples_done"]

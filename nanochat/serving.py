@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from nanochat.batching import BatchScheduler
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import add_debug_flag
-from nanochat.engine import model_device
+from nanochat.engine import model_device, stop_tokens
 from nanochat.tokenizer import fold_system
 
 # -----------------------------------------------------------------------------
@@ -291,13 +291,6 @@ def build_prompt(tokenizer, messages, context_len, reply_room):
 # Generated tokens -> text
 
 
-def reply_end_tokens(tokenizer):
-    """Tokens that end a reply: <|assistant_end|> and <|bos|> (where the engine stops a row), and the tokens
-    of another turn's frame, since a model that writes <|user_start|> has started to make up the user's turn."""
-    names = ("<|assistant_end|>", "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")
-    return frozenset(tokenizer.encode_special(name) for name in names)
-
-
 class Reply:
     """One sample's reply as it is generated: push each token, get back the text to show now.
 
@@ -314,7 +307,7 @@ class Reply:
         if tools not in ("readable", "raw"):
             raise ValueError(f"tools must be 'readable' or 'raw', got {tools!r}")
         self.tokenizer, self.tools, self.stop = tokenizer, tools, tuple(s for s in stop if s)
-        self.ends = reply_end_tokens(tokenizer)
+        self.ends = stop_tokens(tokenizer, other_turns=True)
         self.names = {tokenizer.encode_special(name): name for name in tokenizer.get_special_tokens()}
         self.tokens, self.text = [], ""
         self.done, self.finish_reason = False, None
@@ -451,7 +444,7 @@ class Replica:
         self.scheduler = BatchScheduler(model, tokenizer, max_batch=max_batch)
         # A row stops at any token that ends a reply (see Reply), so it frees its slot without waiting for the
         # reader to notice and cancel.
-        self.stop_tokens = reply_end_tokens(tokenizer)
+        self.stop_tokens = stop_tokens(tokenizer, other_turns=True)
         self.device = str(model_device(model))
 
     @property

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import SmallVocabTokenizer
-from nanochat.batching import END, BatchCache, BatchScheduler
-from nanochat.engine import Engine, KVCache
+from nanochat.batching import END, BatchScheduler
+from nanochat.engine import Engine, KVCache, stop_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -66,7 +66,7 @@ def alone(model, tokenizer, prompt, **kwargs):
 def test_one_forward_on_rows_at_different_positions_equals_each_row_alone(model_case):
     model, prompts = model_case
     cfg = model.config
-    batch = BatchCache(8, cfg.sequence_len, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+    batch = KVCache(0, cfg.n_kv_head, cfg.sequence_len, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
     singles = []
     with torch.no_grad():
         for prompt in prompts:
@@ -100,7 +100,7 @@ class _NoHostReads(torch.overrides.TorchFunctionMode):
 def test_ragged_decode_takes_the_row_lengths_from_the_host(tiny_gpt):
     model = tiny_gpt(scrambled=True, n_layer=2, window_pattern="SL", sequence_len=64)
     cfg = model.config
-    batch = BatchCache(4, cfg.sequence_len, cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, "cpu", torch.float32)
+    batch = KVCache(0, cfg.n_kv_head, cfg.sequence_len, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
     with torch.no_grad():
         for n in (3, 9):
             cache = KVCache(1, cfg.n_kv_head, n, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
@@ -113,8 +113,9 @@ def test_ragged_decode_takes_the_row_lengths_from_the_host(tiny_gpt):
     assert batch.lengths == [4, 10]
 
 
-def test_batch_cache_rows_leave_and_memory_goes_with_the_last():
-    batch = BatchCache(4, 16, 1, 1, 2, "cpu", torch.float32)
+def test_cache_rows_leave_in_order_and_memory_goes_with_the_last():
+    batch = KVCache(0, 1, 16, 2, 1, "cpu", torch.float32)
+    batch.reserve(4)
     sources = []
     for n in (3, 5, 7):
         cache = KVCache(1, 1, n, 2, 1, "cpu", torch.float32)
@@ -125,13 +126,13 @@ def test_batch_cache_rows_leave_and_memory_goes_with_the_last():
         sources.append(cache)
         batch.add_rows(cache)
     assert batch.capacity == 4 and batch.cache_seqlens.tolist() == [3, 5, 7]
-    batch.remove_row(0)  # the last row (7) moves into slot 0
-    assert batch.lengths == [7, 5] and batch.cache_seqlens.tolist() == [7, 5]
-    assert (batch.k_cache[0, 0, :7] == 7).all() and (batch.v_cache[0, 1, :5] == -5).all()
-    assert batch.prev_embedding[:, 0, 0].tolist() == [7.0, 5.0]
-    batch.remove_row(1)
+    batch.keep_rows([1, 2])  # row 0 leaves: the others move up, in order
+    assert batch.lengths == [5, 7] and batch.cache_seqlens.tolist() == [5, 7] and batch.capacity == 4
+    assert (batch.k_cache[0, 1, :7] == 7).all() and (batch.v_cache[0, 0, :5] == -5).all()
+    assert batch.prev_embedding[:, 0, 0].tolist() == [5.0, 7.0]
+    batch.keep_rows([1])
     assert batch.get_pos() == 7
-    batch.remove_row(0)
+    batch.keep_rows([])
     assert batch.capacity == 0 and batch.prev_embedding is None and batch.get_pos() == 0
 
 
@@ -221,6 +222,94 @@ def test_the_calculator_runs_per_row(byte_tokenizer):
     assert columns[0] != columns[1]
 
 
+class BranchingModel:
+    """A mock whose next token follows from each row's last one, so a seeded first draw picks a row's fate: 'a' then
+    <|assistant_end|>; 'b' then a calculator call "6*7", its forced output, then <|bos|>; 'c' for ever. Any other
+    token is followed by 'z' (the calculator's output replaces those)."""
+
+    config = SimpleNamespace(sequence_len=96, vocab_size=265, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+    compute_dtype = torch.float32
+
+    def __init__(self, tokenizer):
+        sp = tokenizer.encode_special
+        path = [ord("b"), sp("<|python_start|>"), *b"6*7", sp("<|python_end|>")]
+        self.next = {ord("a"): sp("<|assistant_end|>"), ord("c"): ord("c"), sp("<|output_end|>"): sp("<|bos|>"),
+                     **dict(zip(path, path[1:]))}
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        logits = torch.full((B, T, 265), float("-inf"))
+        for b, last in enumerate(ids[:, -1].tolist()):
+            if T > 1:  # the prompt: a seeded coin with three sides per sample
+                logits[b, -1, [ord("a"), ord("b"), ord("c")]] = 0.0
+            else:
+                logits[b, -1, self.next.get(last, ord("z"))] = 0.0
+        kv_cache.advance(T)
+        return logits
+
+
+def test_engine_generate_and_a_batched_request_end_rows_alike(byte_tokenizer):
+    """Engine.generate and the scheduler once decoded in two copies kept in step by comments; the same columns,
+    masks (the calculator's output 0) and ends (a stop token repeated with mask 0, the budget, max_tokens=0) hold
+    them together, with another request joining the batch at different positions."""
+    model, bos = BranchingModel(byte_tokenizer), byte_tokenizer.get_bos_token_id()
+    prompt, other = [bos, *b"Hi"], [bos, *b"a longer prompt"]
+    kwargs = dict(num_samples=6, max_tokens=16, temperature=1.0, seed=3)
+    alone_columns = list(Engine(model, byte_tokenizer).generate(prompt, **kwargs))
+    scheduler, got, box = BatchScheduler(model, byte_tokenizer, worker=False), [], {}
+    box["request"] = scheduler.submit(prompt, deliver=lambda c: c is END or got.append((c, box["request"].masks)), **kwargs)
+    scheduler.step()
+    scheduler.step()
+    scheduler.submit(other, num_samples=2, max_tokens=5, temperature=1.0, seed=5)
+    while scheduler.step():
+        pass
+    assert got == alone_columns
+    first = alone_columns[0][0]
+    assert set(first) == {ord("a"), ord("b"), ord("c")}, "seed 3 should give every kind of row"
+    ends = {ord("a"): "stop", ord("b"): "stop", ord("c"): "length"}
+    assert box["request"].finish_reasons == [ends[token] for token in first]
+    b = first.index(ord("b"))
+    text = byte_tokenizer.decode([column[b] for column, _ in alone_columns])
+    assert text.startswith("b<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|><|bos|><|bos|>")
+    assert [masks[b] for _, masks in alone_columns][:10] == [1] * 6 + [0] * 4  # forced tokens are mask 0
+    a = first.index(ord("a"))
+    assert [column[a] for column, _ in alone_columns][1:] == [byte_tokenizer.encode_special("<|assistant_end|>")] * 15
+    assert [masks[a] for _, masks in alone_columns][1:] == [1] + [0] * 14  # sampled once, then repeated
+    # Nothing to generate: no column on either path.
+    assert list(Engine(model, byte_tokenizer).generate(prompt, max_tokens=0)) == []
+    nothing = []
+    empty = scheduler.submit(prompt, max_tokens=0, deliver=nothing.append)
+    scheduler.step()
+    assert nothing == [END] and empty.finish_reasons == ["length"]
+
+
+def test_every_caller_stops_on_the_one_stop_token_set(byte_tokenizer, tiny_gpt):
+    from nanochat.rl import sample_answers
+    from nanochat.serving import Replica, Reply
+
+    stops = stop_tokens(byte_tokenizer)
+    assert stops == {byte_tokenizer.get_bos_token_id(), byte_tokenizer.encode_special("<|assistant_end|>")}
+    turns = {byte_tokenizer.encode_special(f"<|{name}|>") for name in ("user_start", "user_end", "assistant_start")}
+    assert stop_tokens(byte_tokenizer, other_turns=True) == stops | turns and stop_tokens(None) == frozenset()
+    model = tiny_gpt()
+    assert BatchScheduler(model, byte_tokenizer, worker=False).stop_tokens == stops
+    replica = Replica(model, byte_tokenizer)
+    assert replica.stop_tokens == Reply(byte_tokenizer).ends == stops | turns
+    replica.close()
+    # Engine.generate_batch leaves out exactly the token a sample ended on; RL keeps it and calls the answer finished.
+    end = byte_tokenizer.encode_special("<|assistant_end|>")
+    engine = Engine(BranchingModel(byte_tokenizer), byte_tokenizer)
+    prompt = [byte_tokenizer.get_bos_token_id(), *b"Hi"]
+    rows, _ = engine.generate_batch(prompt, num_samples=6, max_tokens=16, temperature=1.0, seed=3)
+    answers = sample_answers(engine, byte_tokenizer, prompt, 6, 16, 1.0, None, seed=3)
+    for row, (answer, _, finished) in zip(rows, answers):
+        assert finished == (answer[-1] in stops) and (answer[:-1] if finished else answer) == row[len(prompt):]
+        assert not stops & set(row[len(prompt):]) and (answer[-1] == end) == (answer[0] == ord("a"))
+
+
 # -----------------------------------------------------------------------------
 # Joining, leaving, limits
 
@@ -242,6 +331,19 @@ def test_a_request_waits_for_room_and_rows_free_their_slots(tiny_gpt):
     while scheduler.step():
         pass
     assert b.done.is_set() and c.done.is_set() and scheduler.cache.capacity == 0  # an idle batch holds no memory
+
+
+def test_the_cache_doubles_up_to_max_batch_and_is_freed_when_idle(tiny_gpt):
+    scheduler = BatchScheduler(tiny_gpt(), max_batch=6, worker=False)
+    capacities = []
+    for rows in (1, 1, 1, 2):  # 1, 2, 3, 5 rows in the batch
+        scheduler.submit([256, 1], num_samples=rows, max_tokens=20, temperature=0.0)
+        scheduler.step()
+        capacities.append(scheduler.cache.capacity)
+    assert capacities == [1, 2, 4, 6] and scheduler.stats()["active_rows"] == 5
+    while scheduler.step():
+        pass
+    assert scheduler.cache.capacity == 0
 
 
 def test_a_cancelled_request_leaves_at_once_and_the_others_are_unchanged(tiny_gpt):

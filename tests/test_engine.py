@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from bench import infer_bench
+from bench.engine_check import compare_with_reference
 from conftest import SmallVocabTokenizer
 from nanochat import engine as engine_module
-from nanochat.engine import (Engine, KVCache, argmax_rows, compare_with_reference, last_logits, sample_next_token,
-                             use_calculator)
+from nanochat.engine import Engine, KVCache, argmax_rows, last_logits, sample_next_token, use_calculator
 
 VOCAB = 262
 PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END, ASSISTANT_END, BOS = range(256, 262)
@@ -531,10 +531,10 @@ def test_sampled_rows_see_the_same_logits_as_recompute_while_rows_drop_out(scram
 
 
 def test_self_check_cli_on_a_saved_checkpoint(base_dir, byte_tokenizer, scrambled_gpt, monkeypatch):
-    """`python -m nanochat.engine`: load a checkpoint, generate both ways, exit 0 when they match."""
+    """`python -m bench.engine_check`: load a checkpoint, generate both ways, exit 0 when they match."""
     from dataclasses import asdict
 
-    from nanochat import engine as cli
+    from bench import engine_check as cli
     from nanochat.checkpoint_manager import get_checkpoints_dir, save_checkpoint
     from nanochat.common import get_compute_dtype
 

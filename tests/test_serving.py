@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import SlowModel
-from nanochat.batching import top_p_filter
 from nanochat.common import atomic_write
+from nanochat.engine import top_p_filter
 from nanochat.server import ReplicaPool
 from nanochat.serving import (ContextOverflowError, Prompt, Replica, Reply, RequestError, SamplingParams, build_prompt,
                               decode_json_body, parse_chat_request, reply_room)
