@@ -22,6 +22,7 @@ connections past a limit, and ends running generations when it stops.
 """
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -42,7 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat import serving
 from nanochat.batching import END
-from nanochat.serving import (MAX_BODY_BYTES, Reply, RequestError, advance, build_prompt, decode_json_body, parse_chat_request,
+from nanochat.serving import (MAX_BODY_BYTES, Reply, RequestError, build_prompt, decode_json_body, parse_chat_request,
                               reply_room)
 
 logger = logging.getLogger(__name__)
@@ -58,24 +59,19 @@ class ServerStopping(Exception):
     """The server is shutting down: generations end at their next step."""
 
 
-_STOPPING = object()  # put in a request's column queue to end it because the server stops
+_STOPPING = object()  # put in a request's ready queue to end it because the server stops
 
 
 class ReplicaPool:
-    """Model replicas (nanochat.serving.Replica), each running a continuous batch of requests, for the event loop.
-
-    `generate` is the whole contract the HTTP layer relies on: (prompt tokens, SamplingParams) in, token columns
-    out, and closing the stream cancels the request, whose rows leave their batch before its next step. A request
-    goes to the replica with the fewest rows in use or waiting. Each replica's batch computes on its own thread, so
-    the event loop keeps serving other clients (and noticing disconnects) meanwhile.
-    """
+    """Model replicas (nanochat.serving.Replica) for the event loop. A request goes to the replica with the fewest
+    rows in use or waiting; each replica's batch computes on its own thread, so the loop keeps serving meanwhile."""
 
     def __init__(self, replicas):
         self.replicas = list(replicas)
         if not self.replicas:
             raise ValueError("a ReplicaPool needs at least one replica")
         self.stopping = False
-        self._queues = set()  # the column queue of every request being generated (event-loop side)
+        self._streams = {}  # wake -> ready queue of every request being generated, for stop_generating
 
     @property
     def context_len(self):
@@ -89,48 +85,54 @@ class ReplicaPool:
         """Replicas that would start a new one-sample request at once: a free row and nobody waiting."""
         return sum(1 for w in self.workers() if w["active_rows"] < w["max_batch"] and not w["queued_requests"])
 
-    def _load(self, replica):
-        stats = replica.scheduler.stats()
-        return stats["active_rows"] + stats["queued_requests"]
-
     async def generate(self, prompt_tokens, params):
-        """Yield (worker id, token column) per step for one request, once it has joined a replica's batch.
-
-        Closing this generator (every sample is done, or the client went away) cancels the request: its rows leave
-        the batch after the step in flight.
-        """
-        replica = min(self.replicas, key=self._load)
-        loop = asyncio.get_running_loop()
-        columns = asyncio.Queue()
-
-        def deliver(item):  # on the batch's thread
-            try:
-                loop.call_soon_threadsafe(columns.put_nowait, item)
-            except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this
-                logger.debug("event loop closed before a request on worker %d ended", replica.index)
-
+        """Yield (worker id, [token column, ...]) for one request: every column (a token per sample) made since the
+        last yield, so a reader that falls behind catches up in one write. Closing it cancels the request."""
         if self.stopping:
             raise ServerStopping("the server is shutting down")
+        replica = min(self.replicas, key=lambda r: sum(r.scheduler.stats()[k] for k in ("active_rows", "queued_requests")))
+        loop, ready, wake = asyncio.get_running_loop(), collections.deque(), asyncio.Event()
+
+        def deliver(item):  # on the batch's thread: a column, then END or the error
+            ready.append(item)
+            if len(ready) == 1:  # the reader had taken all before, so it may be asleep: one wake per burst, not per step
+                try:
+                    loop.call_soon_threadsafe(wake.set)
+                except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this
+                    logger.debug("event loop closed before a request on worker %d ended", replica.index)
+
         request = replica.submit(prompt_tokens, params, deliver=deliver)
-        self._queues.add(columns)
+        self._streams[wake] = ready
         try:
-            while (item := await columns.get()) is not END:
-                if item is _STOPPING:
+            while True:
+                await wake.wait()
+                wake.clear()  # before draining: a column delivered from here on sets it again
+                columns, last = [], None
+                while ready and last is None:
+                    item = ready.popleft()
+                    if item is END or item is _STOPPING or isinstance(item, BaseException):
+                        last = item
+                    else:
+                        columns.append(item)
+                if columns:
+                    yield replica.index, columns
+                if last is END:
+                    return
+                if last is _STOPPING:
                     raise ServerStopping("the server is shutting down")
-                if isinstance(item, BaseException):
-                    raise item
-                yield replica.index, item
+                if last is not None:
+                    raise last
         finally:
-            self._queues.discard(columns)
+            del self._streams[wake]
             request.cancel()
 
     def stop_generating(self):
-        """End every request (running or waiting for a row) at its next step with ServerStopping, and refuse new
-        ones: a stopping server answers its clients instead of making them wait out their generations.
-        Call it on the event loop's thread."""
+        """End every request at its next step with ServerStopping and refuse new ones, so a stopping server answers
+        its clients instead of making them wait out their generations. Call it on the event loop's thread."""
         self.stopping = True
-        for columns in self._queues:
-            columns.put_nowait(_STOPPING)
+        for wake, ready in self._streams.items():
+            ready.append(_STOPPING)
+            wake.set()
 
     def close(self):
         """Stop every replica's batch thread."""
@@ -139,12 +141,12 @@ class ReplicaPool:
 
 
 async def run_replies(pool, prompt, params, replies):
-    """Drive `replies` (one Reply per sample) from the pool; yields (worker id, [new text per sample]) per step,
-    and finally the text each reply still held back. Stops generating as soon as every reply is done."""
+    """Drive `replies` (one Reply per sample) from the pool; yields (worker id, [new text per sample]) per burst of
+    columns, then the text each reply still held back. Stops generating once every reply is done."""
     worker = None
     async with contextlib.aclosing(pool.generate(prompt.tokens, params)) as steps:
-        async for worker, column in steps:
-            yield worker, advance(replies, column)
+        async for worker, columns in steps:
+            yield worker, ["".join([reply.push(column[i]) for column in columns]) for i, reply in enumerate(replies)]
             if all(reply.done for reply in replies):
                 break
     yield worker, [reply.finish() for reply in replies]

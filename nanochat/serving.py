@@ -431,11 +431,6 @@ def _failure_table(s):
     return fail
 
 
-def advance(replies, column):
-    """Push one generated column (a token per sample) into the replies still going; their new text, in order."""
-    return [reply.push(token) for reply, token in zip(replies, column, strict=True)]
-
-
 # -----------------------------------------------------------------------------
 # Generation
 

@@ -279,7 +279,7 @@ def test_closing_a_stream_frees_its_rows_for_the_next_request(tiny_gpt, byte_tok
 
     async def scenario():
         first = pool.generate([256, 1], params)
-        worker, column = await anext(first)
+        worker, (column, *_) = await anext(first)
         assert worker == 0 and len(column) == 1 and pool.available() == 0
         waiting = asyncio.create_task(anext(pool.generate([256, 2], params)))
         await asyncio.sleep(0.1)
@@ -306,7 +306,7 @@ def test_a_generation_error_reaches_the_request_and_the_replica_serves_on(tiny_g
                 async for _ in steps:
                     pass
         model.fail = False
-        columns = [column async for _, column in pool.generate([256, 1], SamplingParams(max_tokens=3, temperature=0.0))]
+        columns = [c async for _, burst in pool.generate([256, 1], SamplingParams(max_tokens=3, temperature=0.0)) for c in burst]
         return len(columns), pool.available()
 
     try:
