@@ -315,6 +315,28 @@ def test_a_generation_error_reaches_the_request_and_the_replica_serves_on(tiny_g
         pool.close()
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_reader_that_falls_behind_gets_every_column_made_since_in_one_burst(tiny_gpt, byte_tokenizer):
+    replica = Replica(SlowModel(tiny_gpt(scrambled=True), delay=0.02), byte_tokenizer)
+    pool = ReplicaPool([replica])
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    alone = list(replica.generate([256, 1], params))
+
+    async def scenario():
+        steps = pool.generate([256, 1], params)
+        bursts = [await anext(steps)]
+        while pool.workers()[0]["running_requests"]:  # the batch makes the rest while this reader sleeps
+            await asyncio.sleep(0.01)
+        return bursts + [burst async for burst in steps]
+
+    try:
+        bursts = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert len(alone) > 2 and len(bursts) == 2 and len(bursts[1][1]) > 1
+    assert [column for _, columns in bursts for column in columns] == alone
+
+
 # -----------------------------------------------------------------------------
 # Golden prompts and greedy replies: what the serving path produced before its chat renderer was merged into
 # the tokenizer's. After a deliberate format or model change, regenerate with
