@@ -51,6 +51,9 @@ class ServerStopping(Exception):
 
 
 _STOPPING = object()  # put in a request's ready queue to end it because the server stops
+# A stream writes at most every this many seconds: each write costs the event loop, under the batch thread's GIL,
+# about what one more batch row costs the model, and 50 updates a second are smoother than a reader can tell.
+WRITE_INTERVAL_S = 0.02
 
 
 class ReplicaPool:
@@ -78,7 +81,7 @@ class ReplicaPool:
 
     async def generate(self, prompt_tokens, params):
         """Yield (worker id, [token column, ...]) for one request: every column (a token per sample) made since the
-        last yield, so a reader that falls behind catches up in one write. Closing it cancels the request."""
+        last yield, at most every WRITE_INTERVAL_S. Closing it cancels the request."""
         if self.stopping:
             raise ServerStopping("the server is shutting down")
         replica = min(self.replicas,  # the fewest rows in use or waiting
@@ -108,6 +111,7 @@ class ReplicaPool:
                         columns.append(item)
                 if columns:
                     yield replica.index, columns
+                    await asyncio.sleep(WRITE_INTERVAL_S)  # the batch goes on meanwhile: the next burst carries more
                 if last is END:
                     return
                 if last is _STOPPING:
