@@ -1,27 +1,19 @@
 """
-The chat web server: the UI, nanochat's streaming endpoint and an OpenAI-compatible API, in front of a pool of
-model replicas. `python -m scripts.chat_web` loads the replicas and runs this app with uvicorn.
+The chat web server in front of a pool of model replicas; `python -m scripts.chat_web` runs it with uvicorn.
 
-    GET  /                     the chat UI (nanochat/ui.html)
-    GET  /logo.svg             the logo (favicon)
-    POST /chat/completions     {"messages": [...], "temperature", "top_k", "max_tokens"} -> server-sent events
+    GET  /                     the chat UI (nanochat/ui.html), GET /logo.svg its favicon
+    POST /chat/completions     {"messages", "temperature", "top_k", "max_tokens"} -> server-sent events
                                data: {"token": "...", "gpu": 0} ... data: {"done": true}
-    GET  /health, GET /stats   readiness, worker counts, rows in the running batches and requests waiting (open even
-                               with a key: counts and device names only)
-    POST /v1/chat/completions  OpenAI chat completions, streaming or not
-    GET  /v1/models            the one model served
+    GET  /health, GET /stats   readiness, workers, batch rows and queue (open even with a key: counts and devices)
+    POST /v1/chat/completions  OpenAI chat completions, streaming or not; GET /v1/models the one model served
 
-    app = create_app(ReplicaPool([Replica(model, tokenizer, max_batch=16)]), tokenizer, SamplingParams(),
-                     model_id="nanochat-sft-d20")
-
-Every request is checked against the limits in nanochat/serving.py before it waits for a replica; a bad one gets a
-4xx with a JSON message ({"detail": ...}, or OpenAI's {"error": {...}} under /v1). With an api_key, both chat
-endpoints and /v1/models want it as a bearer token (401 otherwise; the UI asks its user for the key on a 401).
-make_server wraps the app in a uvicorn server that drops clients too slow to send their request, refuses
-connections past a limit, and ends running generations when it stops.
+A request is checked against the limits in nanochat/serving.py before it waits for a replica: a bad one gets a 4xx
+({"detail": ...}, or OpenAI's {"error": {...}} under /v1). With an api_key the chat endpoints and /v1/models want
+it as a bearer token.
 """
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -42,7 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat import serving
 from nanochat.batching import END
-from nanochat.serving import (MAX_BODY_BYTES, Reply, RequestError, advance, build_prompt, decode_json_body, parse_chat_request,
+from nanochat.serving import (MAX_BODY_BYTES, Reply, RequestError, build_prompt, decode_json_body, parse_chat_request,
                               reply_room)
 
 logger = logging.getLogger(__name__)
@@ -58,24 +50,22 @@ class ServerStopping(Exception):
     """The server is shutting down: generations end at their next step."""
 
 
-_STOPPING = object()  # put in a request's column queue to end it because the server stops
+_STOPPING = object()  # put in a request's ready queue to end it because the server stops
+# A stream writes at most every this many seconds: each write costs the event loop, under the batch thread's GIL,
+# about what one more batch row costs the model, and 50 updates a second are smoother than a reader can tell.
+WRITE_INTERVAL_S = 0.02
 
 
 class ReplicaPool:
-    """Model replicas (nanochat.serving.Replica), each running a continuous batch of requests, for the event loop.
-
-    `generate` is the whole contract the HTTP layer relies on: (prompt tokens, SamplingParams) in, token columns
-    out, and closing the stream cancels the request, whose rows leave their batch before its next step. A request
-    goes to the replica with the fewest rows in use or waiting. Each replica's batch computes on its own thread, so
-    the event loop keeps serving other clients (and noticing disconnects) meanwhile.
-    """
+    """Model replicas (nanochat.serving.Replica) for the event loop. A request goes to the replica with the fewest
+    rows in use or waiting; each replica's batch computes on its own thread, so the loop keeps serving meanwhile."""
 
     def __init__(self, replicas):
         self.replicas = list(replicas)
         if not self.replicas:
             raise ValueError("a ReplicaPool needs at least one replica")
         self.stopping = False
-        self._queues = set()  # the column queue of every request being generated (event-loop side)
+        self._streams = {}  # wake -> ready queue of every request being generated, for stop_generating
 
     @property
     def context_len(self):
@@ -89,48 +79,56 @@ class ReplicaPool:
         """Replicas that would start a new one-sample request at once: a free row and nobody waiting."""
         return sum(1 for w in self.workers() if w["active_rows"] < w["max_batch"] and not w["queued_requests"])
 
-    def _load(self, replica):
-        stats = replica.scheduler.stats()
-        return stats["active_rows"] + stats["queued_requests"]
-
     async def generate(self, prompt_tokens, params):
-        """Yield (worker id, token column) per step for one request, once it has joined a replica's batch.
-
-        Closing this generator (every sample is done, or the client went away) cancels the request: its rows leave
-        the batch after the step in flight.
-        """
-        replica = min(self.replicas, key=self._load)
-        loop = asyncio.get_running_loop()
-        columns = asyncio.Queue()
-
-        def deliver(item):  # on the batch's thread
-            try:
-                loop.call_soon_threadsafe(columns.put_nowait, item)
-            except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this
-                logger.debug("event loop closed before a request on worker %d ended", replica.index)
-
+        """Yield (worker id, [token column, ...]) for one request: every column (a token per sample) made since the
+        last yield, at most every WRITE_INTERVAL_S. Closing it cancels the request."""
         if self.stopping:
             raise ServerStopping("the server is shutting down")
+        replica = min(self.replicas,  # the fewest rows in use or waiting
+                      key=lambda r: sum(r.scheduler.stats()[k] for k in ("active_rows", "queued_requests")))
+        loop, ready, wake = asyncio.get_running_loop(), collections.deque(), asyncio.Event()
+
+        def deliver(item):  # on the batch's thread: a column, then END or the error
+            ready.append(item)
+            if len(ready) == 1:  # the reader took all before and may sleep: one wake per burst, not one per step
+                try:
+                    loop.call_soon_threadsafe(wake.set)
+                except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this
+                    logger.debug("event loop closed before a request on worker %d ended", replica.index)
+
         request = replica.submit(prompt_tokens, params, deliver=deliver)
-        self._queues.add(columns)
+        self._streams[wake] = ready
         try:
-            while (item := await columns.get()) is not END:
-                if item is _STOPPING:
+            while True:
+                await wake.wait()
+                wake.clear()  # before draining: a column delivered from here on sets it again
+                columns, last = [], None
+                while ready and last is None:
+                    item = ready.popleft()
+                    if item is END or item is _STOPPING or isinstance(item, BaseException):
+                        last = item
+                    else:
+                        columns.append(item)
+                if columns:
+                    yield replica.index, columns
+                    await asyncio.sleep(WRITE_INTERVAL_S)  # the batch goes on meanwhile: the next burst carries more
+                if last is END:
+                    return
+                if last is _STOPPING:
                     raise ServerStopping("the server is shutting down")
-                if isinstance(item, BaseException):
-                    raise item
-                yield replica.index, item
+                if last is not None:
+                    raise last
         finally:
-            self._queues.discard(columns)
+            del self._streams[wake]
             request.cancel()
 
     def stop_generating(self):
-        """End every request (running or waiting for a row) at its next step with ServerStopping, and refuse new
-        ones: a stopping server answers its clients instead of making them wait out their generations.
-        Call it on the event loop's thread."""
+        """End every request at its next step with ServerStopping and refuse new ones, so a stopping server answers
+        its clients instead of making them wait out their generations. Call it on the event loop's thread."""
         self.stopping = True
-        for columns in self._queues:
-            columns.put_nowait(_STOPPING)
+        for wake, ready in self._streams.items():
+            ready.append(_STOPPING)
+            wake.set()
 
     def close(self):
         """Stop every replica's batch thread."""
@@ -139,12 +137,12 @@ class ReplicaPool:
 
 
 async def run_replies(pool, prompt, params, replies):
-    """Drive `replies` (one Reply per sample) from the pool; yields (worker id, [new text per sample]) per step,
-    and finally the text each reply still held back. Stops generating as soon as every reply is done."""
+    """Drive `replies` (one Reply per sample) from the pool; yields (worker id, [new text per sample]) per burst of
+    columns, then the text each reply still held back. Stops generating once every reply is done."""
     worker = None
     async with contextlib.aclosing(pool.generate(prompt.tokens, params)) as steps:
-        async for worker, column in steps:
-            yield worker, advance(replies, column)
+        async for worker, columns in steps:
+            yield worker, ["".join([reply.push(column[i]) for column in columns]) for i, reply in enumerate(replies)]
             if all(reply.done for reply in replies):
                 break
     yield worker, [reply.finish() for reply in replies]
@@ -155,9 +153,8 @@ async def run_replies(pool, prompt, params, replies):
 
 
 class ConversationLog:
-    """Appends one JSON line per finished request (messages, replies, sampling settings) to a file, created
-    readable by its owner only (it holds what users wrote). A line that cannot be written never costs a user the
-    reply: the first failure is logged, later ones only counted."""
+    """Appends one JSON line per finished request to a file readable by its owner only (it holds what users
+    wrote). A failed write never costs a user the reply: the first is logged, later ones only counted."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -187,15 +184,6 @@ class ConversationLog:
                              "reported once", self.path, e)
 
 
-def _record(endpoint, chat, prompt, params, replies, disconnected, seconds):
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "endpoint": endpoint, "messages": chat.messages,
-            "replies": [r.text for r in replies], "finish_reasons": [r.finish_reason for r in replies],
-            "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed,
-            "max_tokens": params.max_tokens, "prompt_tokens": len(prompt.tokens),
-            "completion_tokens": sum(len(r.tokens) for r in replies), "dropped_messages": prompt.dropped,
-            "disconnected": disconnected, "seconds": round(seconds, 3)}
-
-
 # -----------------------------------------------------------------------------
 # The app
 
@@ -222,25 +210,25 @@ async def _read_body(request, timeout):
     return bytes(body)
 
 
-async def _disconnected(request):
-    # Once the body is read, the server's next message for this request is the client leaving.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _unless_disconnected(request, work):
     """Await the coroutine `work` unless the client leaves first: then cancel it (the request's rows leave their
-    batch) and return (True, None); else (False, its result)."""
-    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    batch) and return True; else False, or raise work's error."""
+    async def gone():  # once the body is read, the server's next message for this request is the client leaving
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
+        watch.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    return (True, None) if task.cancelled() else (False, task.result())
+    if not task.cancelled():
+        task.result()
+    return task.cancelled()
 
 
 def _error_body(path, message, param=None, kind="invalid_request_error", code=None):
@@ -249,18 +237,11 @@ def _error_body(path, message, param=None, kind="invalid_request_error", code=No
     return {"detail": message}
 
 
-def _ui_limits():
-    """The request limits the UI keeps to when it sends a conversation (it leaves out the oldest turns)."""
-    return {"max_messages": serving.MAX_MESSAGES, "max_message_chars": serving.MAX_MESSAGE_CHARS,
-            "max_total_chars": serving.MAX_TOTAL_CHARS}
-
-
 def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=None, api_key=None, cors_origins=(),
                body_timeout=30.0):
-    """The FastAPI app. defaults: SamplingParams whose temperature / top_k / max_tokens fill what a request omits;
-    conversation_log: a ConversationLog, or None for no log; api_key: the bearer token the chat endpoints and
-    /v1/models want (None = open); cors_origins: web origins whose pages may call the API (none: only pages this
-    server serves); body_timeout: seconds a client has to send its request body."""
+    """The FastAPI app. defaults: SamplingParams for what a request omits; conversation_log: a ConversationLog or
+    None; api_key: the bearer token the chat endpoints and /v1/models want (None = open); cors_origins: web origins
+    whose pages may call the API; body_timeout: seconds a client has to send its request body."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -272,8 +253,10 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
         # Only the named origins: a page from anywhere else must not drive the model and read its replies.
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
+    limits = {"max_messages": serving.MAX_MESSAGES, "max_message_chars": serving.MAX_MESSAGE_CHARS,
+              "max_total_chars": serving.MAX_TOTAL_CHARS}  # the UI leaves out the oldest turns to keep to them
     with open(os.path.join(PACKAGE_DIR, "ui.html"), encoding="utf-8") as f:
-        ui_html = f.read().replace("__NANOCHAT_LIMITS__", json.dumps(_ui_limits()))
+        ui_html = f.read().replace("__NANOCHAT_LIMITS__", json.dumps(limits))
     with open(os.path.join(PACKAGE_DIR, "logo.svg"), encoding="utf-8") as f:
         logo_svg = f.read()
     created = int(time.time())
@@ -309,12 +292,42 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
         return chat, prompt, params
 
     def finished(endpoint, chat, prompt, params, replies, disconnected, t0):
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(r.tokens) for r in replies)
+        seconds, tokens = time.perf_counter() - t0, sum(len(r.tokens) for r in replies)
         logger.info("%s: %s after %d tokens in %.2f s", endpoint, "client disconnected" if disconnected else
                     "/".join(r.finish_reason or "unfinished" for r in replies), tokens, seconds)
         if conversation_log is not None:
-            conversation_log.write(_record(endpoint, chat, prompt, params, replies, disconnected, seconds))
+            conversation_log.write({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "endpoint": endpoint, "messages": chat.messages,
+                "replies": [r.text for r in replies], "finish_reasons": [r.finish_reason for r in replies],
+                "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed,
+                "max_tokens": params.max_tokens, "prompt_tokens": len(prompt.tokens), "completion_tokens": tokens,
+                "dropped_messages": prompt.dropped, "disconnected": disconnected, "seconds": round(seconds, 3)})
+
+    def event_stream(endpoint, chat, prompt, params, replies, first, burst, last, error):
+        """The server-sent events of a streamed request: the strings in `first`, burst(worker, texts) per burst of
+        new text (None: nothing to send), then last(). An error after the 200 has gone out is told in the stream as
+        error(message)."""
+        async def events():
+            t0, done = time.perf_counter(), False
+            try:
+                for event in first:
+                    yield event
+                async for worker, texts in run_replies(pool, prompt, params, replies):
+                    if (event := burst(worker, texts)) is not None:
+                        yield event  # one write for every token this stream got since its last one
+                yield last()
+                done = True
+            except ServerStopping:
+                yield error("the server is shutting down; try again later")
+                done = True
+            except Exception:
+                logger.exception("generation failed")  # the 200 and the headers are gone: say so in the stream
+                yield error("generation failed on the server; see its log")
+                done = True
+            finally:
+                finished(endpoint, chat, prompt, params, replies, not done, t0)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/")
     async def index():
@@ -342,31 +355,13 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
     async def chat_completions(request: Request):
         check_key(request)  # the UI's endpoint drives the model as /v1 does: the key guards both or neither
         chat, prompt, params = await prepare(request, "/chat/completions", openai=False)
-
-        async def events():
-            # The UI gets the calculator's tokens by name and sends them back as they are (see Reply).
-            replies, t0, done = [Reply(tokenizer, tools="raw")], time.perf_counter(), False
-            try:
-                if prompt.dropped:
-                    yield _sse({"notice": f"The {prompt.dropped} oldest messages were left out to fit the model's "
-                                          f"context of {prompt.context_len} tokens.", "dropped_messages": prompt.dropped})
-                async for worker, texts in run_replies(pool, prompt, params, replies):
-                    if texts[0]:
-                        yield _sse({"token": texts[0], "gpu": worker})
-                yield _sse({"done": True})
-                done = True
-            except ServerStopping:
-                yield _sse({"error": "the server is shutting down; try again later"})
-                done = True
-            except Exception:
-                # The 200 and the headers are gone already: say so in the stream, and log the traceback.
-                logger.exception("generation failed")
-                yield _sse({"error": "generation failed on the server; see its log"})
-                done = True
-            finally:
-                finished("/chat/completions", chat, prompt, params, replies, not done, t0)
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        notice = [_sse({"notice": f"The {prompt.dropped} oldest messages were left out to fit the model's context "
+                                  f"of {prompt.context_len} tokens.", "dropped_messages": prompt.dropped})]
+        # The UI gets the calculator's tokens by name and sends them back as they are (see Reply).
+        return event_stream("/chat/completions", chat, prompt, params, [Reply(tokenizer, tools="raw")],
+                            notice if prompt.dropped else [],
+                            lambda worker, texts: _sse({"token": texts[0], "gpu": worker}) if texts[0] else None,
+                            lambda: _sse({"done": True}), lambda message: _sse({"error": message}))
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -376,7 +371,8 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
     @app.post("/v1/chat/completions")
     async def openai_chat_completions(request: Request):
         check_key(request)
-        chat, prompt, params = await prepare(request, "/v1/chat/completions", openai=True)
+        endpoint = "/v1/chat/completions"
+        chat, prompt, params = await prepare(request, endpoint, openai=True)
         replies = [Reply(tokenizer, tools="readable", stop=chat.stop) for _ in range(chat.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id,
                 "system_fingerprint": None}
@@ -387,25 +383,23 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
                     "total_tokens": len(prompt.tokens) + completion}
 
         if not chat.stream:
-            t0 = time.perf_counter()
-
             async def generate():
                 async for _ in run_replies(pool, prompt, params, replies):
                     pass
 
+            t0, disconnected = time.perf_counter(), False
             try:
                 # Nothing is sent until the reply is whole, so watch the connection: a client gone stops its rows.
-                disconnected, _ = await _unless_disconnected(request, generate())
+                disconnected = await _unless_disconnected(request, generate())
             except ServerStopping as e:
-                finished("/v1/chat/completions", chat, prompt, params, replies, False, t0)
                 return JSONResponse(_error_body(request.url.path, f"{e}; try again later", kind="server_error"),
                                     status_code=503)
             except Exception:
                 logger.exception("generation failed")
-                finished("/v1/chat/completions", chat, prompt, params, replies, False, t0)
                 return JSONResponse(_error_body(request.url.path, "generation failed on the server; see its log",
                                                 kind="server_error"), status_code=500)
-            finished("/v1/chat/completions", chat, prompt, params, replies, disconnected, t0)
+            finally:
+                finished(endpoint, chat, prompt, params, replies, disconnected, t0)
             if disconnected:
                 return Response(status_code=499)  # nobody reads it: the connection is gone
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
@@ -415,39 +409,27 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
         def chunk(choices, **extra):
             return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
-        async def chunks():
-            t0, done, reported = time.perf_counter(), False, set()
-            try:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(chat.n)])
-                async for _, texts in run_replies(pool, prompt, params, replies):
-                    choices = []
-                    for i, (reply, text) in enumerate(zip(replies, texts, strict=True)):
-                        ended = reply.done and i not in reported
-                        if text or ended:
-                            choices.append({"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
-                                            "finish_reason": reply.finish_reason if ended else None})
-                        if ended:
-                            reported.add(i)
-                    if choices:
-                        yield chunk(choices)
-                if chat.include_usage:
-                    yield chunk([], usage=usage())
-                yield "data: [DONE]\n\n"
-                done = True
-            except ServerStopping:
-                yield _sse({"error": {"message": "the server is shutting down; try again later", "type": "server_error",
-                                      "param": None, "code": None}})
-                done = True
-            except Exception:
-                logger.exception("generation failed")
-                yield _sse({"error": {"message": "generation failed on the server; see its log", "type": "server_error",
-                                      "param": None, "code": None}})
-                done = True
-            finally:
-                finished("/v1/chat/completions", chat, prompt, params, replies, not done, t0)
+        reported = set()
 
-        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        def burst(worker, texts):
+            choices = []
+            for i, (reply, text) in enumerate(zip(replies, texts, strict=True)):
+                ended = reply.done and i not in reported
+                if text or ended:
+                    choices.append({"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
+                                    "finish_reason": reply.finish_reason if ended else None})
+                if ended:
+                    reported.add(i)
+            return chunk(choices) if choices else None
+
+        def last():  # usage lets a client count tokens: one event may carry several
+            return (chunk([], usage=usage()) if chat.include_usage else "") + "data: [DONE]\n\n"
+
+        role = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None} for i in range(chat.n)])
+        return event_stream(endpoint, chat, prompt, params, replies, [role], burst, last,
+                            lambda message: _sse({"error": {"message": message, "type": "server_error", "param": None,
+                                                            "code": None}}))
 
     return app
 
@@ -457,9 +439,8 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
 
 
 class _TimedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 connection, closed when a request's headers take longer than `header_timeout` seconds
-    to arrive (uvicorn times only the idle wait between requests, so a client sending a byte now and then would
-    hold a connection forever)."""
+    """uvicorn's HTTP/1.1 connection, closed when a request's headers take over `header_timeout` seconds: uvicorn
+    times only the idle wait between requests, so a client sending a byte now and then would hold it forever."""
 
     def __init__(self, *args, header_timeout, **kwargs):
         super().__init__(*args, **kwargs)
@@ -493,8 +474,8 @@ class _TimedH11Protocol(H11Protocol):
 
 
 class ChatServer(uvicorn.Server):
-    """A uvicorn server that, asked to stop, first ends the running generations (their clients hear why), so
-    shutting down takes one model step rather than the longest reply."""
+    """A uvicorn server that, asked to stop, first ends the running generations (their clients hear why): shutting
+    down takes one model step, not the longest reply."""
 
     def __init__(self, config, pool):
         super().__init__(config)
@@ -521,9 +502,7 @@ def serving_line(host, port):
 
 
 def make_server(app, host="127.0.0.1", port=8000, client_timeout=30.0, max_connections=2048, shutdown_timeout=10.0):
-    """A ChatServer for the app of create_app (not yet running). client_timeout: seconds a client has to send its
-    request headers (its body is timed by the app); max_connections: open connections before new requests get 503;
-    shutdown_timeout: seconds a stopping server waits for responses to finish before it cancels them."""
+    """A ChatServer (not yet running) for create_app's app; the timeouts and the limit are chat_web's flags."""
     protocol = functools.partial(_TimedH11Protocol, header_timeout=client_timeout)
     # log_config=None: uvicorn's loggers go through the one logging setup of this process.
     config = uvicorn.Config(app, host=host, port=port, http=protocol, log_config=None, limit_concurrency=max_connections,

@@ -1,18 +1,6 @@
 """
-What the chat CLI and the web server share: request checks, prompts from messages, fitting a conversation
-into the model's context, and turning generated tokens into text as they arrive.
-
-    from nanochat.serving import Replica, Reply, SamplingParams, build_prompt
-    replica = Replica(model, tokenizer)
-    prompt = build_prompt(tokenizer, [{"role": "user", "content": "hi"}], replica.context_len, reply_room=256)
-    reply = Reply(tokenizer)
-    for column in replica.generate(prompt.tokens, SamplingParams(max_tokens=prompt.max_new_tokens(256), seed=1)):
-        print(reply.push(column[0]), end="", flush=True)
-        if reply.done:
-            break
-    print(reply.finish())
-
-Nothing here knows about HTTP; nanochat/server.py puts these pieces behind FastAPI.
+What the chat CLI and the web server share: request checks, prompts from messages that fit the model's context,
+and generated tokens turned into text as they arrive. Nothing here knows about HTTP (see nanochat/server.py).
 """
 
 import codecs
@@ -171,12 +159,9 @@ def _number(data, name, default, low, high, integer=False, message=None):
 
 
 def parse_chat_request(data, defaults, openai=False):
-    """Check a decoded JSON request against the limits above; returns a ChatRequest or raises RequestError.
-
-    defaults: SamplingParams whose temperature, top_k and max_tokens fill the fields a request leaves out.
-    openai: the OpenAI API's extra fields (top_p, seed, stop, n, stream, max_completion_tokens, text parts).
-    Out-of-range values are rejected, never clamped: a client should learn its request was not what it asked.
-    """
+    """A ChatRequest from a decoded JSON request, or RequestError. defaults: SamplingParams for the fields left out;
+    openai: also the OpenAI API's fields (top_p, seed, stop, n, stream, max_completion_tokens, text parts).
+    Out-of-range values are rejected, never clamped: a client should learn its request was not what it asked."""
     messages = _check_messages(data.get("messages"), text_parts=openai)
     temperature = _number(data, "temperature", defaults.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE,
                           message=f"Temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}")
@@ -248,15 +233,9 @@ def reply_room(max_tokens, context_len):
 
 
 def build_prompt(tokenizer, messages, context_len, reply_room):
-    """The prompt [BOS, turn, turn, ..., <|assistant_start|>] for `messages` ({"role", "content"} dicts), with the
-    oldest turns dropped until it leaves `reply_room` tokens of `context_len` free.
-
-    A turn is dropped whole: messages go from the front up to the next user message, so the kept conversation
-    still starts with the user. A leading system message is never dropped: fold_system puts it in front of the
-    first kept user message, as in training. Each turn is the tokenizer's render_message, the one chat renderer
-    (assistant text may carry the calculator's token names, see Reply). Raises ContextOverflowError when even the
-    last user message and what follows it do not fit.
-    """
+    """The Prompt [BOS, turn, ..., <|assistant_start|>] for `messages` ({"role", "content"} dicts), the oldest
+    turns dropped until `reply_room` tokens of `context_len` stay free; ContextOverflowError if the last user
+    message and what follows it do not fit."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
     turns = messages[1:] if system is not None else list(messages)
     budget = context_len - reply_room
@@ -270,11 +249,11 @@ def build_prompt(tokenizer, messages, context_len, reply_room):
     suffix = [0] * (len(turns) + 1)
     for k in range(len(turns) - 1, -1, -1):
         suffix[k] = suffix[k + 1] + len(encoded[k])
-    starts = [0] + [k for k, m in enumerate(turns) if m["role"] == "user" and k > 0]
+    starts = [0] + [k for k, m in enumerate(turns) if m["role"] == "user" and k > 0]  # whole turns: start at a user
     for k in starts:
         first = encoded[k]
         if system is not None and turns[k]["role"] == "user":
-            first = render("user", fold_system(system, turns[k]["content"]))
+            first = render("user", fold_system(system, turns[k]["content"]))  # the system text is never dropped
         if 1 + len(first) + suffix[k + 1] + 1 <= budget:
             return Prompt([bos, *first, *[t for ids in encoded[k + 1:] for t in ids], assistant_start], k, context_len)
     if system is not None and 1 + len(render("user", fold_system(system, ""))) + 1 > budget:
@@ -292,16 +271,10 @@ def build_prompt(tokenizer, messages, context_len, reply_room):
 
 
 class Reply:
-    """One sample's reply as it is generated: push each token, get back the text to show now.
-
-    Bytes are decoded incrementally, so a character split across tokens appears once it is complete, never as
-    replacement characters in between. tools="readable" shows a calculator call as "[calculator: 12/60 = 0.2]";
-    tools="raw" keeps the literal token names, which build_prompt turns back into the same tokens. Text never
-    reaches past a stop string: what could be the start of one is held back until it is decided.
-
-    done / finish_reason ("stop" or "length"), tokens (every generated token, the final one included) and text
-    (everything returned so far) describe the reply.
-    """
+    """One sample's reply as it is generated: push each token, get back the text to show now. tools="readable"
+    shows a calculator call as "[calculator: 12/60 = 0.2]"; tools="raw" keeps the token names, which build_prompt
+    turns back into the same tokens. done, finish_reason ("stop" or "length"), tokens (all generated, the last
+    included) and text (all returned so far) describe the reply."""
 
     def __init__(self, tokenizer, tools="readable", stop=()):
         if tools not in ("readable", "raw"):
@@ -311,8 +284,8 @@ class Reply:
         self.names = {tokenizer.encode_special(name): name for name in tokenizer.get_special_tokens()}
         self.tokens, self.text = [], ""
         self.done, self.finish_reason = False, None
-        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._held = ""  # text that might begin a stop string
+        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a split character shows once whole
+        self._held = ""  # text that might begin a stop string: it is shown once decided, never past a stop
         # Per stop string: its KMP failure table, and how many of its first characters the text now ends with.
         # Matching one character at a time keeps the check linear in the text, whatever the stop's length.
         self._fail = [_failure_table(s) for s in self.stop]
@@ -424,20 +397,13 @@ def _failure_table(s):
     return fail
 
 
-def advance(replies, column):
-    """Push one generated column (a token per sample) into the replies still going; their new text, in order."""
-    return [reply.push(token) for reply, token in zip(replies, column, strict=True)]
-
-
 # -----------------------------------------------------------------------------
 # Generation
 
 
 class Replica:
-    """One model on one device, and the continuous batch (nanochat.batching.BatchScheduler) its requests share:
-    up to max_batch rows of concurrent requests go through each forward pass together; max_batch 1 serves one
-    request at a time. A server's pool hands requests to replicas; the chat CLI uses one for its single user.
-    """
+    """One model on one device and the continuous batch (nanochat.batching.BatchScheduler) its requests share;
+    max_batch 1 serves one request at a time."""
 
     def __init__(self, model, tokenizer, index=0, max_batch=1):
         self.model, self.tokenizer, self.index = model, tokenizer, index
@@ -452,15 +418,14 @@ class Replica:
         return self.model.config.sequence_len
 
     def submit(self, prompt_tokens, params, deliver=None):
-        """Queue one request (SamplingParams) on the batch; returns its nanochat.batching.Request. deliver: called
-        from the batch's thread with each token column (one token per sample), then batching.END or the error."""
+        """Queue one request (SamplingParams); returns its batching.Request. deliver: called on the batch's thread
+        with each token column (a token per sample), then batching.END or the error."""
         return self.scheduler.submit(prompt_tokens, max_tokens=params.max_tokens, temperature=params.temperature,
                                      top_k=params.top_k or None, top_p=params.top_p, seed=params.seed,
                                      num_samples=params.n, stop_tokens=self.stop_tokens, deliver=deliver)
 
     def generate(self, prompt_tokens, params):
-        """Token columns (one token per sample, params.n samples) until every sample has ended or
-        params.max_tokens steps. The caller stops early by closing the generator."""
+        """Token columns (a token per sample) until every sample has ended; closing the generator stops it."""
         yield from self.submit(prompt_tokens, params)
 
     def close(self):
@@ -492,7 +457,6 @@ def sampling_flag_problems(args):
 
 
 def load_replica(args, device, index=0, max_batch=1):
-    """(Replica, checkpoint meta) of the checkpoint that add_model_flags' flags name, on `device`, batching up to
-    `max_batch` rows of concurrent requests."""
+    """(Replica, checkpoint meta) of the checkpoint add_model_flags' flags name, on `device`."""
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     return Replica(model, tokenizer, index=index, max_batch=max_batch), meta

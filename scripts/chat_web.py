@@ -1,21 +1,15 @@
 """
-Serve a chat model: a web UI, nanochat's streaming endpoint and an OpenAI-compatible API, run by uvicorn.
+Serve a chat model: a web UI, nanochat's streaming endpoint and an OpenAI-compatible API (nanochat/server.py).
 
     python -m scripts.chat_web -i sft --port 8000                    # then open http://127.0.0.1:8000
     python -m scripts.chat_web -i sft -n 8                           # one replica per GPU on an 8-GPU node
     NANOCHAT_API_KEY=... python -m scripts.chat_web --host 0.0.0.0   # serve other machines, behind a key
-    python -m scripts.chat_web --log-conversations chats.jsonl       # one JSON line per request
-    python -m scripts.chat_web --max-batch 1                         # one request at a time per replica
-
-From Python, with the `openai` package:
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")  # or the server's --api-key
     client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi!"}])
 
-The endpoints are listed in nanochat/server.py, the request limits in nanochat/serving.py. Requests that leave out
-temperature / top_k / max_tokens get the values of -t / -k / -m. By default only this machine can connect, and no
-other web page may call the API from a browser (--cors-origins names the ones that may).
+By default only this machine can connect, and no other web page may call the API from a browser.
 """
 
 import argparse
@@ -86,7 +80,7 @@ def check_args(args, device_type):
 
 
 def build_server(args):
-    """Load one replica per GPU (or one on CPU/MPS) and return a uvicorn.Server for the app, not yet running."""
+    """A uvicorn.Server (not yet running) over one replica per GPU, or one on CPU/MPS."""
     from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir
     from nanochat.server import ConversationLog, ReplicaPool, create_app, make_server
 

@@ -127,6 +127,23 @@ def test_a_generation_failure_without_streaming_is_a_json_error(chat_server, mon
     assert _stats(chat_server.url)["active_rows"] == 0
 
 
+def test_a_generation_failure_while_streaming_is_told_in_the_stream_and_logged_on_both_endpoints(chat_server,
+                                                                                                  monkeypatch):
+    _slow(chat_server, monkeypatch, delay=0.0, fail=True)
+    body = {"messages": [{"role": "user", "content": "fail while streaming"}], "max_tokens": 5, "stream": True}
+    last = {}
+    for endpoint in ("/chat/completions", "/v1/chat/completions"):
+        with httpx.stream("POST", chat_server.url + endpoint, json=body, timeout=10) as stream:
+            last[endpoint] = json.loads([line for line in stream.iter_lines() if line][-1][6:])
+    message = "generation failed on the server; see its log"
+    assert last == {"/chat/completions": {"error": message},
+                    "/v1/chat/completions": {"error": {"message": message, "type": "server_error", "param": None,
+                                                       "code": None}}}
+    records = [r for r in _records(chat_server.log_path) if r["messages"] == body["messages"]]
+    assert [(r["endpoint"], r["disconnected"]) for r in records] == [(e, False) for e in last]
+    assert _stats(chat_server.url)["active_rows"] == 0
+
+
 # -----------------------------------------------------------------------------
 # 4. The conversation log
 

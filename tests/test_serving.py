@@ -279,7 +279,7 @@ def test_closing_a_stream_frees_its_rows_for_the_next_request(tiny_gpt, byte_tok
 
     async def scenario():
         first = pool.generate([256, 1], params)
-        worker, column = await anext(first)
+        worker, (column, *_) = await anext(first)
         assert worker == 0 and len(column) == 1 and pool.available() == 0
         waiting = asyncio.create_task(anext(pool.generate([256, 2], params)))
         await asyncio.sleep(0.1)
@@ -306,13 +306,35 @@ def test_a_generation_error_reaches_the_request_and_the_replica_serves_on(tiny_g
                 async for _ in steps:
                     pass
         model.fail = False
-        columns = [column async for _, column in pool.generate([256, 1], SamplingParams(max_tokens=3, temperature=0.0))]
+        columns = [c async for _, burst in pool.generate([256, 1], SamplingParams(max_tokens=3, temperature=0.0)) for c in burst]
         return len(columns), pool.available()
 
     try:
         assert asyncio.run(scenario()) == (3, 1)
     finally:
         pool.close()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_reader_that_falls_behind_gets_every_column_made_since_in_one_burst(tiny_gpt, byte_tokenizer):
+    replica = Replica(SlowModel(tiny_gpt(scrambled=True), delay=0.02), byte_tokenizer)
+    pool = ReplicaPool([replica])
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    alone = list(replica.generate([256, 1], params))
+
+    async def scenario():
+        steps = pool.generate([256, 1], params)
+        bursts = [await anext(steps)]
+        while pool.workers()[0]["running_requests"]:  # the batch makes the rest while this reader sleeps
+            await asyncio.sleep(0.01)
+        return bursts + [burst async for burst in steps]
+
+    try:
+        bursts = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert len(alone) > 2 and len(bursts) == 2 and len(bursts[1][1]) > 1
+    assert [column for _, columns in bursts for column in columns] == alone
 
 
 # -----------------------------------------------------------------------------
