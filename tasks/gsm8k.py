@@ -8,7 +8,7 @@ main / socratic, splits train (7,473) / test (1,319).
 import re
 
 from tasks.common import FinalAnswerTask, check_one_of, load_hf_dataset
-from tasks.common import extract_answer  # noqa: F401  GSM8K's grader, importable from here
+from tasks.common import extract_answer  # noqa: F401 (re-exported: GSM8K's grader, importable from here)
 
 CALC_RE = re.compile(r"(<<[^>]+>>)")
 
