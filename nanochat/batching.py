@@ -1,16 +1,9 @@
 """
 Continuous batching: concurrent generation requests on one model share one forward pass per step.
 
-    scheduler = BatchScheduler(model, tokenizer, max_batch=16)
-    request = scheduler.submit(prompt_ids, max_tokens=64, temperature=0.8, top_k=50, seed=1)
-    for column in request:        # one token per sample, delivered as the batch produces it
+    request = BatchScheduler(model, tokenizer, max_batch=16).submit(prompt_ids, max_tokens=64, seed=1)
+    for column in request:  # one token per sample, as the batch makes it; then request.finish_reasons
         ...
-    request.finish_reasons        # per sample: "stop", "length" or "cancelled"
-    scheduler.close()
-
-The scheduler is the engine's decode loop (nanochat.engine.DecodeBatch) plus admission, cancellation and a
-worker thread: requests join the running batch between two steps, and a seeded request gets exactly the tokens
-Engine.generate gives it alone. With worker=False the caller runs step() itself.
 """
 
 import collections
@@ -34,18 +27,16 @@ class Request(Generation):
 
     def __init__(self, scheduler, deliver, *args):
         super().__init__(*args)
-        self.error = None
-        self.done = threading.Event()
-        self._scheduler = scheduler
+        self.error, self.done, self._scheduler, self._cancelled = None, threading.Event(), scheduler, False
         self._queue = queue.SimpleQueue() if deliver is None else None
         self._deliver = self._queue.put if deliver is None else deliver
-        self._cancelled = False
 
     def cancel(self):
         """Stop generating; the scheduler frees the rows before its next step. Safe from any thread, and twice."""
         if not self.done.is_set():
             self._cancelled = True
-            self._scheduler._wake()
+            with self._scheduler._cond:  # an idle worker wakes to drop the rows
+                self._scheduler._cond.notify()
 
     def __iter__(self):
         """The columns as they come (blocking); leaving the loop early cancels the request."""
@@ -61,24 +52,17 @@ class Request(Generation):
 
 
 class BatchScheduler(DecodeBatch):
-    """A running batch of at most `max_batch` rows (a request takes num_samples rows) over one model.
-
-    tokenizer: for the default stop tokens and the calculator tool; None = raw token streams. context_len (default
-    the model's sequence_len): a row holds at most this many tokens, prompt included; a request that reaches it
-    ends with finish_reason "length". Requests are admitted first come, first served, when their rows fit; one with
-    more samples than max_batch runs once the batch is empty. worker=False starts no thread (tests run step()).
-    """
+    """The engine's decode loop (DecodeBatch) of at most `max_batch` rows (a request takes num_samples; a wider one
+    runs alone) on a worker thread (worker=False: the caller runs step()). Requests join first come, first served,
+    between two steps, and a seeded one gets exactly the tokens Engine.generate gives it alone. tokenizer None = raw
+    token streams; a row holds at most context_len tokens (default the model's sequence_len), prompt included."""
 
     def __init__(self, model, tokenizer=None, max_batch=16, context_len=None, worker=True):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         super().__init__(model, tokenizer, context_len)
-        self.max_batch = max_batch
-        self._pending = collections.deque()
-        self._cond = threading.Condition()
-        self._thread = None
-        self._worker = worker
-        self._closed = False
+        self.max_batch, self._pending, self._cond = max_batch, collections.deque(), threading.Condition()
+        self._thread, self._worker, self._closed = None, worker, False
 
     # -- the caller's side (any thread) ----------------------------------------------
 
@@ -113,10 +97,6 @@ class BatchScheduler(DecodeBatch):
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._fail_all(RuntimeError("the batch scheduler was closed"))
-
-    def _wake(self):
-        with self._cond:
-            self._cond.notify()
 
     # -- the scheduler's side (one thread) ---------------------------------------------
 

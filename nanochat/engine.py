@@ -1,15 +1,10 @@
 """
 Inference: KV-cached sampling from a GPT, many samples per prompt, and the calculator tool.
 
-    engine = Engine(model, tokenizer)
-    for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8, top_k=50):
+    for column, masks in Engine(model, tokenizer).generate(prompt_ids, num_samples=4, max_tokens=64):
         ...  # one token per sample per step; mask 0 = written by the calculator tool, not sampled
-    rows, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
-One decode loop serves every caller: a DecodeBatch holds the rows of one or more generations in one KVCache,
-each row at its own position, and moves them all with one forward pass per step. Engine.generate runs one
-prompt's samples through it; nanochat.batching.BatchScheduler adds admission, cancellation and a thread.
-The tokenizer (None for raw token streams) supplies the stop tokens and the tool-call tokens.
+DecodeBatch is the one decode loop: Engine.generate and nanochat.batching.BatchScheduler both run it.
 """
 
 import ast
@@ -25,7 +20,7 @@ from nanochat.common import get_compute_dtype
 
 logger = logging.getLogger("nanochat")
 
-CALCULATOR_TIMEOUT = 3.0  # seconds; upstream's SIGALRM budget
+CALCULATOR_TIMEOUT = 3.0  # seconds; far more than any screened expression needs
 CALCULATOR_MAX_CHARS = 1000  # longer than any GSM8K/SpellingBee call; bounds the cost of big-int arithmetic
 _ARITHMETIC_CHARS = frozenset("0123456789*+-/.() ")
 _STRING_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
@@ -38,13 +33,9 @@ _FORBIDDEN_WORDS = ("__", "import", "exec", "eval", "compile", "open", "file", "
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of rows, each row holding its own number of positions.
-
-    k_cache, v_cache: (n_layers, B, T_max, n_kv_heads, head_dim), Flash-Attention-3 layout. `lengths` (host list)
-    and cache_seqlens ((B,) int32, device) count each row's positions. prev_embedding: (B, 1, n_embd) or None, the
-    last token's normalised embedding, which the model's "smear" mixes into the next token. The model writes layer
-    i through get_layer_cache(i) and calls advance(T) after its last layer.
-    """
+    """Keys and values of every layer for B rows, each at its own position: k_cache, v_cache (n_layers, B, T_max,
+    n_kv_heads, head_dim); lengths (host) and cache_seqlens ((B,) int32) count each row's positions; prev_embedding
+    (B, 1, n_embd) or None feeds the model's smear. The model writes get_layer_cache(i), then calls advance(T)."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=None):
         if batch_size < 0 or min(num_heads, seq_len, head_dim, num_layers) < 1:
@@ -69,8 +60,7 @@ class KVCache:
 
     def get_layer_cache(self, layer_idx):
         """(k, v) views of one layer, each (B, T_max, H, D); writing into them writes the cache."""
-        n = len(self.lengths)
-        return self._k[layer_idx, :n], self._v[layer_idx, :n]
+        return self._k[layer_idx, :len(self.lengths)], self._v[layer_idx, :len(self.lengths)]
 
     def advance(self, num_tokens):
         """Every row moves on by `num_tokens` positions (the model calls this after its last layer)."""
@@ -89,8 +79,7 @@ class KVCache:
         """Start every row of this empty cache from `other` (a filled cache of 1 row, or of as many rows)."""
         if any(self.lengths):
             raise RuntimeError(f"prefill needs an empty cache; this one already holds {max(self.lengths)} positions")
-        rows = len(self.lengths)
-        self._set_lengths([])
+        rows, self.lengths = len(self.lengths), []  # add_rows sets both length records
         self.add_rows(other, rows)
 
     def add_rows(self, source, copies=1):
@@ -131,12 +120,11 @@ class KVCache:
         self._set_lengths([self.lengths[r] for r in rows])
 
     def reserve(self, rows):
-        """Storage for at least `rows` rows, keeping the live ones. It starts zeroed: the attention reads (masked)
-        positions past a row's length, which must hold finite numbers."""
+        """Storage for at least `rows` rows, keeping the live ones."""
         if rows <= self.capacity:
             return
         shape = (self.n_layers, rows, self.max_seq_len, self.n_heads, self.head_dim)
-        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)  # attention reads masked positions: keep them finite
         v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         if self._k is not None:
             b, filled = len(self.lengths), max(self.lengths, default=0)
@@ -194,11 +182,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
     logits = top_p_filter(logits, top_p, temperature)
     if top_k is not None and top_k > 0:
         values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k) each
-        probs = F.softmax(values / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)  # (B, 1) index into the top k
+        choice = torch.multinomial(F.softmax(values / temperature, dim=-1), num_samples=1, generator=rng)  # (B, 1) into the top k
         return indices.gather(-1, choice)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+    return torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1, generator=rng)
 
 
 # -----------------------------------------------------------------------------
@@ -250,12 +236,8 @@ def _calculator_allows(expr):
         return False
     if all(c in _ARITHMETIC_CHARS for c in expr):
         return "**" not in expr  # powers can take forever and allocate gigabytes: 9**9**9
-    if not all(c in _STRING_CHARS for c in expr):
-        return False
     lowered = expr.lower()
-    if any(word in lowered for word in _FORBIDDEN_WORDS):
-        return False
-    return ".count(" in expr
+    return all(c in _STRING_CHARS for c in expr) and not any(w in lowered for w in _FORBIDDEN_WORDS) and ".count(" in expr
 
 
 def _evaluate_expression(expr):
@@ -276,8 +258,8 @@ def use_calculator(expr, timeout=CALCULATOR_TIMEOUT):
     expr = expr.replace(",", "")
     if not _calculator_allows(expr):
         return None
-    # A thread, not upstream's SIGALRM, so that the timeout works off the main thread too; nothing is ever passed
-    # to eval(): the expression is parsed and walked over a whitelist of AST nodes.
+    # A thread, not a signal alarm, so that the timeout works off the main thread too; nothing is ever passed to
+    # eval(): the expression is parsed and walked over a whitelist of AST nodes.
     outcome = []
     worker = threading.Thread(target=lambda: outcome.append(_evaluate_expression(expr)), daemon=True)
     worker.start()
@@ -316,7 +298,6 @@ def generation_budget(tokens, num_samples, max_tokens, temperature, top_p, conte
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     room = context_len - len(tokens)
     if room <= 0 and (fixed_context or max_tokens is None):
-        # Upstream sized the cache to sequence_len whatever the prompt, so a long prompt overflowed it.
         raise ValueError(f"the prompt ({len(tokens)} tokens) leaves no room in the context of {context_len}; shorten it"
                          + ("" if fixed_context else " or pass max_tokens explicitly"))
     return room if max_tokens is None else max_tokens
@@ -326,9 +307,7 @@ def model_device(model):
     """The device a model computes on: get_device() when it has one (GPT), else its first parameter or buffer."""
     if hasattr(model, "get_device"):
         return model.get_device()
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    return next((t.device for t in itertools.chain(model.parameters(), model.buffers())), torch.device("cpu"))
 
 
 def last_logits(model, ids, kv_cache):
@@ -471,10 +450,9 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        """Stream (token_column, token_masks) per step, lists of num_samples: mask 1 = sampled, 0 = forced by the
-        calculator tool. Each sample draws its own first token. A sample ends at <|assistant_end|> or <|bos|>, then
-        repeats it with mask 0 while the others go on (its row leaves the batch). At most max_tokens steps (None:
-        until the model's context is full)."""
+        """Stream (token_column, token_masks) per step, lists of num_samples (mask 1 = sampled, 0 = forced by the
+        calculator), for at most max_tokens steps (None: until the context is full). A sample that ends (at
+        <|assistant_end|> or <|bos|>) repeats its stop token with mask 0 while the others go on."""
         budget = generation_budget(tokens, num_samples, max_tokens, temperature, 1.0, self.model.config.sequence_len, False)
         batch = DecodeBatch(self.model, self.tokenizer, len(tokens) + budget, self.kv_dtype)
         gen = Generation(tokens, num_samples, budget, temperature, top_k, 1.0, seed, batch.stop_tokens)
@@ -504,15 +482,9 @@ class Engine:
 
 
 # The fixed prompts whose greedy completions base_train, base_eval and base_loss print as a smell test.
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 
 def complete_prompts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):

@@ -1,15 +1,10 @@
 """
 The chat web server in front of a pool of model replicas; `python -m scripts.chat_web` runs it with uvicorn.
 
-    GET  /                     the chat UI (nanochat/ui.html), GET /logo.svg its favicon
-    POST /chat/completions     {"messages", "temperature", "top_k", "max_tokens"} -> server-sent events
-                               data: {"token": "...", "gpu": 0} ... data: {"done": true}
-    GET  /health, GET /stats   readiness, workers, batch rows and queue (open even with a key: counts and devices)
+    GET  /, /logo.svg          the chat UI (nanochat/ui.html) and its favicon
+    POST /chat/completions     the UI's server-sent events: {"token", "gpu"} ... {"done": true}
+    GET  /health, /stats       readiness, workers, batch rows and queue (open even with an API key)
     POST /v1/chat/completions  OpenAI chat completions, streaming or not; GET /v1/models the one model served
-
-A request is checked against the limits in nanochat/serving.py before it waits for a replica: a bad one gets a 4xx
-({"detail": ...}, or OpenAI's {"error": {...}} under /v1). With an api_key the chat endpoints and /v1/models want
-it as a bearer token.
 """
 
 import asyncio
@@ -19,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import pathlib
 import secrets
 import threading
 import time
@@ -39,7 +35,7 @@ from nanochat.serving import (MAX_BODY_BYTES, Reply, RequestError, build_prompt,
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 
 
 # -----------------------------------------------------------------------------
@@ -50,7 +46,6 @@ class ServerStopping(Exception):
     """The server is shutting down: generations end at their next step."""
 
 
-_STOPPING = object()  # put in a request's ready queue to end it because the server stops
 # A stream writes at most every this many seconds: each write costs the event loop, under the batch thread's GIL,
 # about what one more batch row costs the model, and 50 updates a second are smoother than a reader can tell.
 WRITE_INTERVAL_S = 0.02
@@ -64,12 +59,8 @@ class ReplicaPool:
         self.replicas = list(replicas)
         if not self.replicas:
             raise ValueError("a ReplicaPool needs at least one replica")
-        self.stopping = False
+        self.stopping, self.context_len = False, self.replicas[0].context_len
         self._streams = {}  # wake -> ready queue of every request being generated, for stop_generating
-
-    @property
-    def context_len(self):
-        return self.replicas[0].context_len
 
     def workers(self):
         """Per replica: {"gpu_id", "device", "max_batch", "active_rows", "running_requests", "queued_requests"}."""
@@ -105,7 +96,7 @@ class ReplicaPool:
                 columns, last = [], None
                 while ready and last is None:
                     item = ready.popleft()
-                    if item is END or item is _STOPPING or isinstance(item, BaseException):
+                    if item is END or isinstance(item, BaseException):
                         last = item
                     else:
                         columns.append(item)
@@ -114,8 +105,6 @@ class ReplicaPool:
                     await asyncio.sleep(WRITE_INTERVAL_S)  # the batch goes on meanwhile: the next burst carries more
                 if last is END:
                     return
-                if last is _STOPPING:
-                    raise ServerStopping("the server is shutting down")
                 if last is not None:
                     raise last
         finally:
@@ -127,7 +116,7 @@ class ReplicaPool:
         its clients instead of making them wait out their generations. Call it on the event loop's thread."""
         self.stopping = True
         for wake, ready in self._streams.items():
-            ready.append(_STOPPING)
+            ready.append(ServerStopping("the server is shutting down"))
             wake.set()
 
     def close(self):
@@ -148,10 +137,6 @@ async def run_replies(pool, prompt, params, replies):
     yield worker, [reply.finish() for reply in replies]
 
 
-# -----------------------------------------------------------------------------
-# Conversation log
-
-
 class ConversationLog:
     """Appends one JSON line per finished request to a file readable by its owner only (it holds what users
     wrote). A failed write never costs a user the reply: the first is logged, later ones only counted."""
@@ -160,14 +145,12 @@ class ConversationLog:
         self.path = os.fspath(path)
         self._lock = threading.Lock()
         self.failures = 0
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))  # a bad path fails at startup
 
     def write(self, record):
-        line = json.dumps(record, ensure_ascii=False) + "\n"
         try:
-            data = line.encode("utf-8")
+            data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate (valid in JSON, not in UTF-8): escaped, it round-trips exactly
             data = (json.dumps(record) + "\n").encode("ascii")
         try:
@@ -231,8 +214,10 @@ async def _unless_disconnected(request, work):
     return task.cancelled()
 
 
-def _error_body(path, message, param=None, kind="invalid_request_error", code=None):
+def _error_body(path, status, message, param=None, code=None):
+    """The error as each API's clients read it: OpenAI's {"error": {...}} under /v1, else {"detail": message}."""
     if path.startswith("/v1/"):
+        kind = "server_error" if status >= 500 else "invalid_request_error"
         return {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return {"detail": message}
 
@@ -255,10 +240,8 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
                            allow_headers=["authorization", "content-type"])
     limits = {"max_messages": serving.MAX_MESSAGES, "max_message_chars": serving.MAX_MESSAGE_CHARS,
               "max_total_chars": serving.MAX_TOTAL_CHARS}  # the UI leaves out the oldest turns to keep to them
-    with open(os.path.join(PACKAGE_DIR, "ui.html"), encoding="utf-8") as f:
-        ui_html = f.read().replace("__NANOCHAT_LIMITS__", json.dumps(limits))
-    with open(os.path.join(PACKAGE_DIR, "logo.svg"), encoding="utf-8") as f:
-        logo_svg = f.read()
+    ui_html = (PACKAGE_DIR / "ui.html").read_text(encoding="utf-8").replace("__NANOCHAT_LIMITS__", json.dumps(limits))
+    logo_svg = (PACKAGE_DIR / "logo.svg").read_text(encoding="utf-8")
     created = int(time.time())
 
     @app.exception_handler(RequestError)
@@ -266,8 +249,8 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
         headers = {"www-authenticate": "Bearer"} if err.status == 401 else {}
         if err.status in (408, 413):  # the body was not read to its end: this connection cannot carry another request
             headers["connection"] = "close"
-        return JSONResponse(_error_body(request.url.path, str(err), err.param, code=err.code), status_code=err.status,
-                            headers=headers)
+        body = _error_body(request.url.path, err.status, str(err), err.param, err.code)
+        return JSONResponse(body, status_code=err.status, headers=headers)
 
     def check_key(request):
         if api_key is None:
@@ -279,7 +262,7 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err):
-        return JSONResponse(_error_body(request.url.path, str(err.detail)), status_code=err.status_code)
+        return JSONResponse(_error_body(request.url.path, err.status_code, str(err.detail)), status_code=err.status_code)
 
     async def prepare(request, endpoint, openai):
         chat = parse_chat_request(decode_json_body(await _read_body(request, body_timeout)), defaults, openai=openai)
@@ -345,8 +328,7 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
     @app.get("/stats")
     async def stats():
         # A worker is busy when a new request would have to wait: its batch is full or has a queue.
-        workers = pool.workers()
-        available = pool.available()
+        workers, available = pool.workers(), pool.available()
         return {"total_workers": len(pool.replicas), "available_workers": available,
                 "busy_workers": len(pool.replicas) - available, "active_rows": sum(w["active_rows"] for w in workers),
                 "queued_requests": sum(w["queued_requests"] for w in workers), "workers": workers}
@@ -392,12 +374,10 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
                 # Nothing is sent until the reply is whole, so watch the connection: a client gone stops its rows.
                 disconnected = await _unless_disconnected(request, generate())
             except ServerStopping as e:
-                return JSONResponse(_error_body(request.url.path, f"{e}; try again later", kind="server_error"),
-                                    status_code=503)
+                raise RequestError(f"{e}; try again later", status=503) from None
             except Exception:
                 logger.exception("generation failed")
-                return JSONResponse(_error_body(request.url.path, "generation failed on the server; see its log",
-                                                kind="server_error"), status_code=500)
+                raise RequestError("generation failed on the server; see its log", status=500) from None
             finally:
                 finished(endpoint, chat, prompt, params, replies, disconnected, t0)
             if disconnected:
@@ -428,8 +408,7 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
         role = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None} for i in range(chat.n)])
         return event_stream(endpoint, chat, prompt, params, replies, [role], burst, last,
-                            lambda message: _sse({"error": {"message": message, "type": "server_error", "param": None,
-                                                            "code": None}}))
+                            lambda message: _sse(_error_body(endpoint, 500, message)))
 
     return app
 
@@ -446,18 +425,15 @@ class _TimedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self.header_timeout, self._header_timer = header_timeout, None
 
-    def _waiting_for_headers(self):
-        return self.conn.their_state is h11.IDLE
-
     def connection_made(self, transport):
         super().connection_made(transport)
         self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 
     def data_received(self, data):
-        if self._header_timer is None and self._waiting_for_headers():  # the first bytes of the next request
+        if self._header_timer is None and self.conn.their_state is h11.IDLE:  # the first bytes of the next request
             self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
         super().data_received(data)
-        if self._header_timer is not None and not self._waiting_for_headers():
+        if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
             self._header_timer.cancel()
             self._header_timer = None
 
@@ -468,7 +444,7 @@ class _TimedH11Protocol(H11Protocol):
 
     def _headers_too_slow(self):
         self._header_timer = None
-        if self._waiting_for_headers() and not self.transport.is_closing():
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             logger.info("closed a connection whose request headers took over %g s", self.header_timeout)
             self.transport.close()
 

@@ -34,7 +34,8 @@ ROLES = ("system", "user", "assistant")
 
 
 class RequestError(ValueError):
-    """A request that breaks a limit or is malformed; the message says which field and what is allowed."""
+    """A request that cannot be served as asked, answered with HTTP `status`; the message says which field and what
+    is allowed (or, for a 5xx, what went wrong on the server)."""
 
     def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
@@ -53,17 +54,12 @@ class SamplingParams:
     n: int = 1
 
 
-@dataclass
-class ChatRequest:
+@dataclass(frozen=True, kw_only=True)
+class ChatRequest(SamplingParams):
     """A checked chat request: messages are {"role", "content": str} dicts, the rest is ready to use."""
 
     messages: list
-    temperature: float
-    top_k: int
-    top_p: float = 1.0
-    max_tokens: int = 512
     seed: int | None = None  # None: a fresh random seed, so two identical requests get different samples
-    n: int = 1
     stop: tuple = ()
     stream: bool = True
     include_usage: bool = False
@@ -170,17 +166,16 @@ def parse_chat_request(data, defaults, openai=False):
     max_name = "max_completion_tokens" if openai and data.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(data, max_name, defaults.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, integer=True,
                          message=f"{max_name} must be between {MIN_MAX_TOKENS} and {MAX_MAX_TOKENS}")
-    request = ChatRequest(messages=messages, temperature=temperature, top_k=top_k, max_tokens=max_tokens)
+    request = {"messages": messages, "temperature": temperature, "top_k": top_k, "max_tokens": max_tokens}
     if not openai:
-        return request
+        return ChatRequest(**request)
 
     top_p = data.get("top_p")
-    if top_p is not None:
-        if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-            raise RequestError("top_p must be a number greater than 0 and at most 1", param="top_p")
-        request.top_p = float(top_p)
-    request.seed = _number(data, "seed", None, 0, 2**63 - 1, integer=True)
-    request.n = _number(data, "n", 1, 1, MAX_CHOICES, integer=True)
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
+        raise RequestError("top_p must be a number greater than 0 and at most 1", param="top_p")
+    request["top_p"] = 1.0 if top_p is None else float(top_p)
+    request["seed"] = _number(data, "seed", None, 0, 2**63 - 1, integer=True)
+    request["n"] = _number(data, "n", 1, 1, MAX_CHOICES, integer=True)
     stop = data.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
     if stops is not None:
@@ -189,20 +184,17 @@ def parse_chat_request(data, defaults, openai=False):
                                param="stop")
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise RequestError(f"stop strings must be at most {MAX_STOP_CHARS} characters each", param="stop")
-        request.stop = tuple(stops)
+        request["stop"] = tuple(stops)
     stream = data.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise RequestError("stream must be true or false", param="stream")
-    request.stream = bool(stream)
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("stream_options must be an object", param="stream_options")
-    request.include_usage = options.get("include_usage") is True
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", param="model")
-    request.model = model
-    return request
+    return ChatRequest(**request, stream=bool(stream), include_usage=options.get("include_usage") is True, model=model)
 
 
 # -----------------------------------------------------------------------------
@@ -227,9 +219,8 @@ class Prompt:
 
 
 def reply_room(max_tokens, context_len):
-    """Tokens a prompt must leave free for the reply: what was asked, but at most half the context, so a long
-    max_tokens never pushes a whole conversation out."""
-    return min(max_tokens, context_len // 2)
+    """Tokens a prompt must leave free for the reply."""
+    return min(max_tokens, context_len // 2)  # at most half: a long max_tokens never pushes a whole conversation out
 
 
 def build_prompt(tokenizer, messages, context_len, reply_room):
@@ -257,13 +248,12 @@ def build_prompt(tokenizer, messages, context_len, reply_room):
         if 1 + len(first) + suffix[k + 1] + 1 <= budget:
             return Prompt([bos, *first, *[t for ids in encoded[k + 1:] for t in ids], assistant_start], k, context_len)
     if system is not None and 1 + len(render("user", fold_system(system, ""))) + 1 > budget:
-        raise ContextOverflowError(f"Message 0 (the system message) is too long for this model's context of "
-                                   f"{context_len} tokens (with {reply_room} kept free for the reply); shorten it",
-                                   param="messages[0].content")
-    last = starts[-1] + (1 if system is not None else 0)
-    raise ContextOverflowError(f"Message {last} is too long for this model's context of {context_len} tokens "
-                               f"(with {reply_room} kept free for the reply); shorten it",
-                               param=f"messages[{last}].content")
+        last, what = 0, "Message 0 (the system message)"
+    else:
+        last = starts[-1] + (1 if system is not None else 0)
+        what = f"Message {last}"
+    raise ContextOverflowError(f"{what} is too long for this model's context of {context_len} tokens (with "
+                               f"{reply_room} kept free for the reply); shorten it", param=f"messages[{last}].content")
 
 
 # -----------------------------------------------------------------------------
@@ -271,10 +261,9 @@ def build_prompt(tokenizer, messages, context_len, reply_room):
 
 
 class Reply:
-    """One sample's reply as it is generated: push each token, get back the text to show now. tools="readable"
-    shows a calculator call as "[calculator: 12/60 = 0.2]"; tools="raw" keeps the token names, which build_prompt
-    turns back into the same tokens. done, finish_reason ("stop" or "length"), tokens (all generated, the last
-    included) and text (all returned so far) describe the reply."""
+    """One sample's reply as it is generated: push(token) returns the text to show now. tools="readable" shows a
+    calculator call as "[calculator: 12/60 = 0.2]", "raw" keeps the token names (build_prompt reads them back).
+    done, finish_reason ("stop"/"length"), tokens (all generated) and text (all returned) describe the reply."""
 
     def __init__(self, tokenizer, tools="readable", stop=()):
         if tools not in ("readable", "raw"):
@@ -298,15 +287,16 @@ class Reply:
             return ""
         self.tokens.append(token)
         if token in self.ends:
-            return self._close("stop")
+            return self.finish("stop")
         return self._emit(self._decode(token))
 
     def finish(self, reason="length"):
         """End the reply (the budget ran out, or generation stopped); returns the text still held back."""
-        return "" if self.done else self._close(reason)
-
-    def _close(self, reason):
-        text = self._emit(self._bytes.decode(b"", final=True) + self._close_tool(), final=True)
+        if self.done:
+            return ""
+        unclosed = "]" if self._tool is not None else ""  # a calculator call cut off (only readable mode opens one)
+        self._tool = None
+        text = self._emit(self._bytes.decode(b"", final=True) + unclosed, final=True)
         if not self.done:  # else the tail held a stop string, and _emit has ended the reply with "stop"
             self.done, self.finish_reason = True, reason
         return text
@@ -328,13 +318,14 @@ class Reply:
         state, text = self._tool, ""
         if state == "after_python" and name != "<|output_start|>":
             state, text = None, "]"
+        unclosed = "]" if state in ("python", "output") else ""  # a new call first closes one left open
         if name == "<|python_start|>":
-            text += self._close_tool_state(state) + "[calculator: "
+            text += unclosed + "[calculator: "
             self._tool = "python"
         elif name == "<|python_end|>" and state == "python":
             self._tool = "after_python"
         elif name == "<|output_start|>":
-            text += " = " if state == "after_python" else self._close_tool_state(state) + "[calculator output: "
+            text += " = " if state == "after_python" else unclosed + "[calculator output: "
             self._tool = "output"
         elif name == "<|output_end|>" and state == "output":
             text += "]"
@@ -342,13 +333,6 @@ class Reply:
         else:
             self._tool = state
         return text
-
-    def _close_tool_state(self, state):
-        return "]" if state in ("python", "output") else ""
-
-    def _close_tool(self):
-        state, self._tool = self._tool, None
-        return "]" if state is not None and self.tools == "readable" else ""
 
     def _emit(self, text, final=False):
         if not self.stop:
@@ -368,8 +352,7 @@ class Reply:
         return out
 
     def _find_stop(self, text):
-        """Feed `text` to the stop matchers; where in it the first stop string to complete starts (it may start
-        in the held-back text: a negative offset), or None."""
+        """Where in `text` the first stop string to complete starts (negative: in the held-back text), or None."""
         for at, char in enumerate(text):
             ends = []
             for i, (stop, fail) in enumerate(zip(self.stop, self._fail, strict=True)):
@@ -397,10 +380,6 @@ def _failure_table(s):
     return fail
 
 
-# -----------------------------------------------------------------------------
-# Generation
-
-
 class Replica:
     """One model on one device and the continuous batch (nanochat.batching.BatchScheduler) its requests share;
     max_batch 1 serves one request at a time."""
@@ -411,11 +390,7 @@ class Replica:
         # A row stops at any token that ends a reply (see Reply), so it frees its slot without waiting for the
         # reader to notice and cancel.
         self.stop_tokens = stop_tokens(tokenizer, other_turns=True)
-        self.device = str(model_device(model))
-
-    @property
-    def context_len(self):
-        return self.model.config.sequence_len
+        self.device, self.context_len = str(model_device(model)), model.config.sequence_len
 
     def submit(self, prompt_tokens, params, deliver=None):
         """Queue one request (SamplingParams); returns its batching.Request. deliver: called on the batch's thread

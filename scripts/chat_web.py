@@ -5,11 +5,8 @@ Serve a chat model: a web UI, nanochat's streaming endpoint and an OpenAI-compat
     python -m scripts.chat_web -i sft -n 8                           # one replica per GPU on an 8-GPU node
     NANOCHAT_API_KEY=... python -m scripts.chat_web --host 0.0.0.0   # serve other machines, behind a key
 
-    from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")  # or the server's --api-key
-    client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi!"}])
-
-By default only this machine can connect, and no other web page may call the API from a browser.
+An OpenAI client points at http://127.0.0.1:8000/v1. By default only this machine can connect, and no other web
+page may call the API from a browser.
 """
 
 import argparse
@@ -61,14 +58,13 @@ def check_args(args, device_type):
     for flag, value in (("--client-timeout", args.client_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
         if not value > 0:
             problems.append(f"{flag} must be > 0 seconds, got {value}")
-    if args.max_connections < 1:
-        problems.append(f"--max-connections must be >= 1, got {args.max_connections}")
+    for flag, value in (("--max-connections", args.max_connections), ("--max-batch", args.max_batch)):
+        if value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
     if args.api_key is None:
         args.api_key = os.environ.get("NANOCHAT_API_KEY") or None  # read here, so --help never prints it
     if args.api_key is not None and not args.api_key.strip():
         problems.append("--api-key is blank; give a key or leave it out")
-    if args.max_batch < 1:
-        problems.append(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.num_gpus < 1:
         problems.append(f"--num-gpus must be >= 1, got {args.num_gpus}")
     elif args.num_gpus > 1 and device_type != "cuda":
