@@ -172,11 +172,10 @@ class ConversationLoader:
         rows[1] = np.where(keep[:, 1:], ids[:, 1:], -1)
         self.batches += 1
         flat = torch.from_numpy(rows.reshape(-1))
-        if self.use_cuda:
-            # Pinned memory makes the copy asynchronous; the caching host allocator keeps the pinned
-            # block alive until the copy is done, so a fresh tensor per batch is safe.
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        inputs, targets = batch_views(flat.to(self.device), self.B, self.T)  # the layout the batch probe compiles
+        # On CUDA pinned memory makes the copy asynchronous; the caching host allocator keeps the pinned
+        # block alive until the copy is done, so a fresh tensor per batch is safe.
+        flat = flat.pin_memory().to(self.device, non_blocking=True) if self.use_cuda else flat.to(self.device)
+        inputs, targets = batch_views(flat, self.B, self.T)  # the layout the batch probe compiles
         return inputs, targets, self.state_dict()
 
 
