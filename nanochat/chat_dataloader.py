@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from nanochat.common import get_dist_info
-from nanochat.dataloader import BestFitBuffer, ResumeError, gather_loader_states
+from nanochat.dataloader import BestFitBuffer, ResumeError, gather_loader_states, loader_device
 from nanochat.training import batch_views
 
 logger = logging.getLogger(__name__)
@@ -33,25 +33,16 @@ _Rendered = collections.namedtuple("_Rendered", "index length ids keep")
 
 
 class ConversationLoader:
-    """Endless iterator of (inputs, targets, state_dict) for midtraining ("all") and SFT ("assistant").
-
-    task: `len(task)`, `task[i]` -> conversation. tokenizer: `.render_conversation(c, max_tokens=...)` -> (ids, mask),
-    `.get_bos_token_id()`. inputs/targets: (B, T) int64 on `device`, fresh each batch; targets are the inputs shifted
-    by one, -1 where not trained on (padding; in "assistant" mode every token the assistant does not produce).
-    resume_state_dict: a state this loader yielded (or gather_loader_states of all of them); the next batches then
-    equal the uninterrupted run's. Another world size, rank or dataset size raises ResumeError.
-    """
+    """Endless iterator of (inputs, targets, state_dict) for midtraining ("all") and SFT ("assistant"): (B, T)
+    int64 on `device`, fresh each batch; targets -1 where not trained on (padding; in "assistant" mode every token
+    the assistant does not produce). resume_state_dict (one it yielded, or gather_loader_states of every rank's):
+    the next batches equal the uninterrupted run's; another world size, rank or dataset size raises ResumeError."""
 
     def __init__(self, task, tokenizer, B, T, mask_mode="all", device=None, buffer_size=100,
                  resume_state_dict=None, split=None, max_tokens=2048):
-        for name, value in (("B", B), ("T", T), ("buffer_size", buffer_size), ("max_tokens", max_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.device = loader_device(device, B=B, T=T, buffer_size=buffer_size, max_tokens=max_tokens)
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
         self.use_cuda = self.device.type == "cuda"
         self.B, self.T, self.mask_mode, self.buffer_size = B, T, mask_mode, buffer_size
         self.split, self.max_tokens = split, max_tokens
@@ -77,10 +68,7 @@ class ConversationLoader:
         ids, mask = self._tokenizer.render_conversation(self._task[index], max_tokens=self.max_tokens)
         length = len(ids)
         ids = np.asarray(ids[:self._cap], dtype=np.int64)
-        if self.mask_mode == "all":
-            keep = np.ones(len(ids), dtype=np.bool_)
-        else:
-            keep = np.asarray(mask[:self._cap], dtype=np.bool_)
+        keep = np.ones(len(ids), dtype=np.bool_) if self.mask_mode == "all" else np.asarray(mask[:self._cap], dtype=np.bool_)
         return _Rendered(index, length, ids, keep)
 
     def _fetch(self):
@@ -111,7 +99,7 @@ class ConversationLoader:
                 "B": self.B, "T": self.T, "buffer_size": self.buffer_size, "mask_mode": self.mask_mode,
                 "max_tokens": self.max_tokens}
 
-    def _select_rank_state(self, state):
+    def _restore(self, state):
         W, rank = self.world_size, self.rank
         if "ranks" in state:  # every rank's state, from gather_loader_states
             states = state["ranks"]
@@ -128,10 +116,6 @@ class ConversationLoader:
         if state["rank"] != rank:
             raise ResumeError(f"the chat loader state is rank {state['rank']}'s and this is rank {rank}; save every "
                               f"rank's state (gather_loader_states) to resume a multi-process run")
-        return state
-
-    def _restore(self, state):
-        state = self._select_rank_state(state)
         if self.split is not None and state.get("split") not in (None, self.split):
             raise ResumeError(f"the chat loader state is for the {state['split']!r} split, not {self.split!r}")
         if state["dataset_size"] != self.dataset_size:
@@ -179,14 +163,6 @@ class ConversationLoader:
                 raise RuntimeError("the chat loader packed a row with no conversation in it")
         return ids, keep
 
-    def _to_device(self, array):
-        tensor = torch.from_numpy(array)
-        if self.use_cuda:
-            # Pinned memory makes the copy asynchronous; the caching host allocator keeps the pinned
-            # block alive until the copy is done, so a fresh tensor per batch is safe.
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
-
     def __next__(self):
         ids, keep = self._pack()  # (B, T+1) each
         rows = np.empty((2, self.B, self.T), dtype=np.int64)  # [inputs | targets]: one copy to the device
@@ -195,7 +171,11 @@ class ConversationLoader:
         # assistant-produced token in "assistant" mode); padding and masked tokens become -1.
         rows[1] = np.where(keep[:, 1:], ids[:, 1:], -1)
         self.batches += 1
-        inputs, targets = batch_views(self._to_device(rows.reshape(-1)), self.B, self.T)  # the layout the batch probe compiles
+        flat = torch.from_numpy(rows.reshape(-1))
+        # On CUDA pinned memory makes the copy asynchronous; the caching host allocator keeps the pinned
+        # block alive until the copy is done, so a fresh tensor per batch is safe.
+        flat = flat.pin_memory().to(self.device, non_blocking=True) if self.use_cuda else flat.to(self.device)
+        inputs, targets = batch_views(flat, self.B, self.T)  # the layout the batch probe compiles
         return inputs, targets, self.state_dict()
 
 
@@ -203,9 +183,8 @@ packed_conversation_loader = ConversationLoader
 
 
 def training_progress(state, num_iterations, batches_per_step=1):
-    """(progress in [0, 1], last_step) of one rank's loader state: over num_iterations optimizer steps of
-    `batches_per_step` batches, or with num_iterations = -1 over one epoch. Ranks may reach the end one batch
-    apart, so the training loop all-reduces last_step."""
+    """(progress in [0, 1], last_step) of one rank's loader state over num_iterations steps of `batches_per_step`
+    batches (-1: one epoch). Ranks may reach the end one batch apart: the training loop all-reduces last_step."""
     if num_iterations > 0:
         done, horizon = state["batches"], num_iterations * batches_per_step
     else:

@@ -7,6 +7,7 @@ Tests: tests/test_chat_eval.py.
     score = chatcore({"ARC-Easy": 0.40, ...})   # None unless every task of CHATCORE_TASKS is there
 """
 
+import importlib
 import logging
 import math
 import sys
@@ -55,8 +56,6 @@ def parse_task_names(spec):
 
 def build_task(name):
     """The evaluation Task object for a name of TASKS or EXTRA_TASKS (loads its dataset)."""
-    import importlib
-
     spec = TASKS.get(name) or EXTRA_TASKS.get(name)
     if spec is None:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join([*TASKS, *EXTRA_TASKS])}")
@@ -140,8 +139,7 @@ REPLY_BUDGET_MARGIN = 1.5  # a model trained on a task's answers writes about as
 
 
 def reply_budget(task, tokenizer, num_problems):
-    """max_new_tokens for a generative task: REPLY_BUDGET_MARGIN times its longest reference answer in tokens (tool
-    calls included) among the first `num_problems`; SpellingBee's answers run to a few hundred tokens."""
+    """max_new_tokens for a generative task: REPLY_BUDGET_MARGIN x its longest reference answer (tool calls included)."""
     longest = 0
     for i in range(num_problems):
         conversation = task[i]

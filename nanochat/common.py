@@ -48,8 +48,7 @@ def add_debug_flag(parser):
 
 
 def script_main(name):
-    """Decorator for a script's `main(argv=None)`: a UserError becomes one line on stderr and exit code 1
-    (the traceback with --debug or NANOCHAT_DEBUG=1)."""
+    """Decorator for a script's `main(argv=None)`: a UserError exits 1 with one line (--debug: the traceback)."""
 
     def decorate(main):
         @functools.wraps(main)
@@ -58,16 +57,12 @@ def script_main(name):
             debug = "--debug" in args or os.environ.get("NANOCHAT_DEBUG") == "1"
             try:
                 return main(argv)
-            except UserError as err:
+            except (UserError, KeyboardInterrupt) as err:
                 if debug:
                     raise
                 compute_cleanup()  # tear the process group down so no other rank waits in a collective
-                raise SystemExit(f"{name}: error: {' '.join(str(err).split())}") from None
-            except KeyboardInterrupt:
-                if debug:
-                    raise
-                compute_cleanup()
-                raise SystemExit(f"{name}: interrupted") from None
+                why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"error: {' '.join(str(err).split())}"
+                raise SystemExit(f"{name}: {why}") from None
 
         return run
 
@@ -147,8 +142,7 @@ def get_base_dir():
 
 @contextlib.contextmanager
 def _atomic_file(path, mode):
-    """A temp file beside `path` (same filesystem, so the rename is atomic), fsynced and renamed over `path` on
-    success, removed on any error."""
+    # A temp file beside `path` (same filesystem, so the rename is atomic), renamed over it only on success.
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -181,8 +175,7 @@ def atomic_torch_save(obj, path):
 
 
 def download_file_with_lock(url, filename, postprocess_fn=None, desc=None):
-    """Download `url` to <base_dir>/<filename> once (a file lock makes the other ranks wait); RuntimeError with a
-    one-line explanation when the host can't be reached."""
+    """Download `url` to <base_dir>/<filename> once (other ranks wait on a file lock); RuntimeError if unreachable."""
     import requests
     from filelock import FileLock
     from tqdm import tqdm
@@ -276,12 +269,7 @@ def autodetect_device_type():
         raise ConfigError(problem)
     if problem:
         logger.warning("Running on the CPU: %s", problem)
-    if torch.cuda.is_available():
-        device_type = "cuda"
-    elif torch.backends.mps.is_available():
-        device_type = "mps"
-    else:
-        device_type = "cpu"
+    device_type = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     logger.info("Autodetected device type: %s", device_type)
     return device_type
 
@@ -303,8 +291,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 @functools.lru_cache(maxsize=1)
 def get_compute_dtype():
-    """(dtype, reason): the activation/matmul dtype of training, decided once per process ($NANOCHAT_DTYPE wins).
-    Master weights stay fp32 in every case."""
+    """(dtype, reason): the activation/matmul dtype of training, once per process ($NANOCHAT_DTYPE wins); weights stay fp32."""
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
         if env not in _DTYPES:
@@ -362,8 +349,7 @@ def get_dist_info():
 
 
 def compute_init(device_type="cuda", seed=42):
-    """Seed, pick the device and join the process group (NCCL on CUDA, gloo on CPU, so the multi-process paths are
-    tested on CPU too). Returns (ddp, rank, local_rank, world_size, device)."""
+    """Seed, pick the device, join the process group (NCCL on CUDA, else gloo): (ddp, rank, local_rank, world_size, device)."""
     # Expandable segments: batches of varying size (evaluation, RL sampling, the batch probe) reuse freed memory
     # instead of fragmenting it. Read when CUDA initialises, so it is set first, for every stage.
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
@@ -404,22 +390,16 @@ class DummyWandb:
     def log(self, *args, **kwargs):
         pass
 
-    def finish(self):
-        pass
+    finish = log
 
 
 # -----------------------------------------------------------------------------
-# Peak FLOPs and bandwidth, for MFU / MBU
-#
-# Keyed by a card's model identity (_model_key). A name matches only the entry equal to its whole identity,
-# never a substring: "RTX A4000" can't reach "a40", and a variant missing from the table (a laptop part, a
-# MIG slice) is unknown, not a guess.
+# Peak FLOPs and bandwidth, for MFU / MBU. Keyed by a card's whole model identity (_model_key), never a
+# substring: "RTX A4000" can't reach "a40", and a variant missing here (a laptop part, a MIG slice) is unknown.
 
-# Dense peak FLOP/s of the bf16 tensor cores (no 2:4 sparsity), FLOP/s; fp16 where the card has no
-# bf16 (V100, T4). Datacenter and workstation numbers are the spec-sheet "BF16 Tensor Core" values
-# with sparsity halved. GeForce cards run fp16/bf16 tensor math with fp32 accumulate at half their
-# fp16-accumulate rate: that half rate is the one training gets and the one listed here
-# (SMs x 512 FLOP/clock x boost clock, as NVIDIA's architecture whitepapers tabulate it).
+# Dense bf16 tensor-core FLOP/s (spec sheet, sparsity halved); fp16 where the card has no bf16 (V100, T4).
+# GeForce cards run bf16 with fp32 accumulate at half their fp16-accumulate rate: that half rate is what
+# training gets and what is listed (SMs x 512 FLOP/clock x boost clock, from NVIDIA's whitepapers).
 _PEAK_FLOPS = {
     # Blackwell, Hopper (the SXM parts report no form factor: "NVIDIA H100 80GB HBM3")
     "gb200": 2.5e15, "b200": 2.25e15, "b100": 1.75e15,
@@ -450,8 +430,7 @@ _PEAK_FLOPS = {
     "mi355x": 2.5e15, "mi325x": 1.3074e15, "mi300x": 1.3074e15, "mi300a": 980.6e12, "mi250x": 383e12, "mi250": 362.1e12,
 }
 
-# Memory bandwidth, bytes/s (spec sheets). A100/A800 are listed at their 80 GB parts' ~2.0 TB/s
-# (the 40 GB parts have 1.56 TB/s).
+# Memory bandwidth, bytes/s (spec sheets); A100/A800 at their 80 GB parts' ~2.0 TB/s (40 GB: 1.56 TB/s).
 _PEAK_BANDWIDTH = {
     "gb200": 8.0e12, "b200": 8.0e12, "b100": 8.0e12,
     "h200": 4.8e12, "h200 sxm": 4.8e12, "h200 nvl": 4.8e12,
@@ -485,17 +464,12 @@ def _model_key(device_name):
     return " ".join(words)
 
 
-def _lookup(table, device_name):
-    """The table's value for exactly this card's model identity, or None."""
-    return table.get(_model_key(device_name))
-
-
 _warned_unknown = set()
 
 
 def get_peak_flops(device_name):
     """Dense bf16 peak FLOP/s of a GPU by its torch.cuda.get_device_name(); None (logged once) when unknown."""
-    peak = _lookup(_PEAK_FLOPS, device_name)
+    peak = _PEAK_FLOPS.get(_model_key(device_name))
     if peak is None and device_name not in _warned_unknown:
         _warned_unknown.add(device_name)
         logger.warning("Peak FLOPs unknown for %r (model %r): MFU will be shown as n/a (add it to nanochat/common.py)",
@@ -505,7 +479,7 @@ def get_peak_flops(device_name):
 
 def get_peak_bandwidth(device_name):
     """Memory bandwidth in bytes/s of a GPU by its device name, or None when unknown."""
-    return _lookup(_PEAK_BANDWIDTH, device_name)
+    return _PEAK_BANDWIDTH.get(_model_key(device_name))
 
 
 def measure_matmul_flops(device, dtype, n=1024, seconds=0.5):

@@ -91,13 +91,6 @@ def _bundle_root_in_zip(names):
     return None
 
 
-def _check_bundle_dir(bundle_dir):
-    missing = [f for f in BUNDLE_FILES if not os.path.isfile(os.path.join(bundle_dir, f))]
-    if not os.path.isdir(os.path.join(bundle_dir, "eval_data")):
-        missing.append("eval_data/")
-    return missing
-
-
 def _unpack_bundle(zip_path, bundle_dir):  # into a temp dir beside bundle_dir, then one rename into place
     try:
         with zipfile.ZipFile(zip_path) as zf:
@@ -121,23 +114,21 @@ def ensure_eval_bundle():
     from filelock import FileLock
 
     bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
-    if os.path.isdir(bundle_dir):
-        missing = _check_bundle_dir(bundle_dir)
-        if missing:
-            raise EvalBundleError(f"{bundle_dir} lacks {', '.join(missing)}; delete that folder and re-run to unpack it again")
-        return bundle_dir
-    url = os.environ.get(EVAL_BUNDLE_URL_ENV) or EVAL_BUNDLE_URL
-    try:
-        zip_path = download_file_with_lock(url, "eval_bundle.zip", desc="eval bundle")
-    except RuntimeError as e:
-        raise EvalBundleError(f"eval bundle unavailable: {e}") from e
-    # A separate lock: other ranks may find the zip already there and must not unpack it concurrently.
-    with FileLock(bundle_dir + ".lock"):
-        if not os.path.isdir(bundle_dir):
-            _unpack_bundle(zip_path, bundle_dir)
-    missing = _check_bundle_dir(bundle_dir)
+    if not os.path.isdir(bundle_dir):
+        url = os.environ.get(EVAL_BUNDLE_URL_ENV) or EVAL_BUNDLE_URL
+        try:
+            zip_path = download_file_with_lock(url, "eval_bundle.zip", desc="eval bundle")
+        except RuntimeError as e:
+            raise EvalBundleError(f"eval bundle unavailable: {e}") from e
+        # A separate lock: other ranks may find the zip already there and must not unpack it concurrently.
+        with FileLock(bundle_dir + ".lock"):
+            if not os.path.isdir(bundle_dir):
+                _unpack_bundle(zip_path, bundle_dir)
+    missing = [f for f in BUNDLE_FILES if not os.path.isfile(os.path.join(bundle_dir, f))]
+    if not os.path.isdir(os.path.join(bundle_dir, "eval_data")):
+        missing.append("eval_data/")
     if missing:
-        raise EvalBundleError(f"{bundle_dir} lacks {', '.join(missing)} after unpacking; delete it and re-run")
+        raise EvalBundleError(f"{bundle_dir} lacks {', '.join(missing)}; delete that folder and re-run to unpack it again")
     return bundle_dir
 
 
@@ -324,13 +315,10 @@ def crop_to_context(seqs, starts, ends, max_seq_len):
         return seqs, starts, ends
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2 to score anything, got {max_seq_len}")
-    out_s, out_a, out_b = [], [], []
-    for seq, a, b in zip(seqs, starts, ends):
-        crop = max(0, len(seq) - max_seq_len)
-        out_s.append(seq[crop:])
-        out_a.append(max(a - crop, 1))  # the first kept token has no prediction
-        out_b.append(b - crop)
-    return out_s, out_a, out_b
+    crops = [max(0, len(seq) - max_seq_len) for seq in seqs]
+    return ([seq[c:] for seq, c in zip(seqs, crops)],
+            [max(a - c, 1) for a, c in zip(starts, crops)],  # the first kept token has no prediction
+            [b - c for b, c in zip(ends, crops)])
 
 
 def prepare_examples(tokenizer, data, indices, spec, max_seq_len=None):
@@ -461,9 +449,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ma
     for diff in compare_with_reference(specs):
         log.warning("Eval bundle differs from the reference CORE suite (scores not comparable to published ones): %s", diff)
     if max_seq_len is None:
-        max_seq_len = getattr(model, "max_seq_len", None)
-    if max_seq_len is None:
-        max_seq_len = getattr(getattr(model, "config", None), "sequence_len", None)
+        max_seq_len = getattr(model, "max_seq_len", None) or getattr(getattr(model, "config", None), "sequence_len", None)
     if not full_logits and not scores_positions_only(model):
         log.info("%s has no hidden_states()/logits(): scoring from its full (B, T, V) logits", type(model).__name__)
     results, centered = {}, {}

@@ -1,7 +1,6 @@
 """
 The pretraining data loader: parquet shards -> documents tokenized with BOS first -> (B, T) rows packed by
-best-fit with cropping, with a resume state that reproduces the uninterrupted run exactly. Below, in pipeline
-order: the documents each rank reads, tokenizing (a thread ahead on CUDA), packing, the loader.
+best-fit with cropping, with a resume state that reproduces the uninterrupted run exactly.
 Tests: tests/test_dataloader.py; throughput: `python -m bench.bench_dataloader --help`.
 
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, 8, 2048, "train", device=device)
@@ -37,7 +36,7 @@ class ResumeError(UserError, RuntimeError):
 
 def default_tokenizer_threads(device):
     """Encoder threads: 4 next to a GPU; on CPU at most half the usable cores (and at most 4)."""
-    if torch.device(device).type == "cuda":
+    if _uses_cuda(device):
         return 4
     # More encoder threads than spare cores only add context switches (a 2-core run spent half its time in the kernel).
     return max(1, min(4, usable_cores() // 2))
@@ -46,6 +45,14 @@ def default_tokenizer_threads(device):
 def _uses_cuda(device):
     # The device *type*: upstream compared a torch.device to "cuda", always False, so it never pinned memory.
     return torch.device(device).type == "cuda"
+
+
+def loader_device(device, **sizes):
+    """Both loaders' argument check: every size a positive int; the device (None = cuda when available)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 # Up to tokenizer_batch_size documents of one row group, and where they came from.
@@ -185,7 +192,6 @@ class BestFitBuffer:
         return iter(self._docs.values())  # arrival order
 
     def add(self, doc, n):
-        """Buffer `doc`, of length n tokens."""
         self._docs[self._seq] = doc
         same = self._by_len.get(n)
         if same is None:
@@ -219,29 +225,19 @@ def _encode_refs(refs):
 
 
 def _decode_refs(text):
-    arr = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8").reshape(-1, _REF_FIELDS)
-    return arr.tolist()
+    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8").reshape(-1, _REF_FIELDS).tolist()
 
 
 class BestFitLoader:
-    """Endless iterator of (inputs, targets, state_dict) for pretraining, over the "train" or "val" split.
-
-    inputs/targets: (B, T) int64 on `device`, targets shifted by one; views into a buffer the next batch
-    overwrites (clone to keep). tokenizer: `.encode(list_of_str, prepend=id, num_threads=k)`, `.get_bos_token_id()`.
-    Ranks (RANK/WORLD_SIZE) share any split holding at least one document per rank. prefetch: text batches tokenized
-    ahead in a thread. resume_state_dict: a state this loader yielded (or gather_loader_states of all of them): with
-    the same shards, tokenizer and settings the next batches equal the uninterrupted run's; another rank's, world
-    size's or upstream's resumes approximately (a warning); changed shards or tokenizer raise ResumeError.
-    """
+    """Endless iterator of (inputs, targets, state_dict) over the "train" or "val" split: (B, T) int64 views on
+    `device`, targets shifted by one, that the next batch overwrites (clone to keep). prefetch: text batches
+    tokenized ahead in a thread. resume_state_dict (one it yielded, or gather_loader_states of every rank's): the
+    next batches equal the uninterrupted run's; another rank's, world size's or upstream's state resumes
+    approximately (a warning); changed shards or tokenizer raise ResumeError."""
 
     def __init__(self, tokenizer, B, T, split, tokenizer_threads=None, tokenizer_batch_size=128, device=None,
                  resume_state_dict=None, buffer_size=1000, data_dir=None, prefetch=None):
-        for name, value in (("B", B), ("T", T), ("tokenizer_batch_size", tokenizer_batch_size), ("buffer_size", buffer_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = loader_device(device, B=B, T=T, tokenizer_batch_size=tokenizer_batch_size, buffer_size=buffer_size)
         self.use_cuda = _uses_cuda(self.device)
         self.B, self.T, self.split, self.buffer_size = B, T, split, buffer_size
         self.tokenizer_threads = tokenizer_threads or default_tokenizer_threads(self.device)
@@ -422,8 +418,7 @@ def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):
 
 
 def gather_loader_states(state_dict):
-    """Every rank's loader state in one checkpointable dict (a collective: all ranks call it); unchanged in
-    one process. Only rank 0 writes the checkpoint meta, but each rank's packing buffer differs."""
+    """Every rank's loader state (their packing buffers differ) in one dict for rank 0's checkpoint; a collective."""
     world_size = dist_world_size()
     if world_size == 1:
         return state_dict

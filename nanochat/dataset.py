@@ -9,9 +9,8 @@ are training data. Three ways to get shards, all in this format:
     python -m nanochat.dataset ingest my_texts/ notes.jsonl more.parquet [--txt-split paragraph]
     python -m nanochat.dataset offline               # no network: real text that ships with Python
 
-Shards land in $NANOCHAT_BASE_DIR/base_data_climbmix unless --data-dir/--out-dir says otherwise; --base-url
-or $NANOCHAT_DATA_URL points the download at a mirror. `--help` of each subcommand lists its options; the
-input formats and the offline corpus's sources are in nanochat/offline_corpus.py. Tests: tests/test_dataset.py.
+Shards land in $NANOCHAT_BASE_DIR/base_data_climbmix unless --data-dir/--out-dir says otherwise; --base-url or
+$NANOCHAT_DATA_URL points the download at a mirror. Input formats: nanochat/offline_corpus.py. Tests: tests/test_dataset.py.
 """
 
 import argparse
@@ -119,8 +118,7 @@ def split_files(split, data_dir=None, warn_on_legacy=False):
 
 
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):
-    """Yield the `text` list of row groups start, start+step, ... of every file of the split, in order
-    (start, step = rank, world_size interleaves the ranks)."""
+    """The `text` lists of row groups start, start+step, ... of every file of the split (rank, world_size interleave)."""
     import pyarrow.parquet as pq
 
     if start < 0 or step < 1:
@@ -173,9 +171,8 @@ def probe_host(url, timeout=10):
 
 
 def download_single_file(index, data_dir=None, base_url=None, max_attempts=5, retry_sleep=2.0, timeout=30):
-    """Download shard `index` into `data_dir`; True on success (or already present and valid), else False.
-    Up to `max_attempts` tries, sleeping retry_sleep * 2^(attempt-1) s between them; client errors other
-    than 408/429 are final."""
+    """Download shard `index` into `data_dir`; True on success (or already present and valid), else False. Up to
+    `max_attempts` tries, retry_sleep * 2^(attempt-1) s apart; client errors other than 408/429 are final."""
     import requests
 
     data_dir = data_dir or get_data_dir()
@@ -220,9 +217,8 @@ def download_single_file(index, data_dir=None, base_url=None, max_attempts=5, re
 
 
 def download_shards(num_files=-1, num_workers=4, data_dir=None, base_url=None, progress=True, **kwargs):
-    """Download train shards 0..num_files-1 (-1 = all) plus the val shard; returns the indices that failed.
-    Raises DatasetHostUnreachable, before any download, when the host does not answer. kwargs go to
-    download_single_file."""
+    """Download train shards 0..num_files-1 (-1 = all) plus the val shard; returns the indices that failed. Raises
+    DatasetHostUnreachable, before any download, when the host does not answer. kwargs: download_single_file's."""
     from tqdm import tqdm
 
     if num_files < -1:
@@ -311,18 +307,13 @@ class ShardSetWriter:
             start = stop
         part["buf"] = []
 
-    def _held(self, part):
+    def add(self, text, to_val=False):
+        part, name = (self.val, "val.parquet") if to_val else (self.train, shard_filename(self.train_shards))
         # One row group in memory, or the val shard's first eight: a val shard of n <= 8192 documents (1-2% of
         # them) is then written as min(n, 8) row groups, and up to 8 ranks each read whole groups.
-        return ROW_GROUP_SIZE * (VAL_MIN_ROW_GROUPS if part is self.val and part["writer"] is None else 1)
-
-    def add(self, text, to_val=False):
-        if to_val:
-            part, name = self.val, "val.parquet"
-        else:
-            part, name = self.train, shard_filename(self.train_shards)
+        held = ROW_GROUP_SIZE * (VAL_MIN_ROW_GROUPS if to_val and part["writer"] is None else 1)
         # Flush before adding: the last train document stays in memory, for finish() to move to an empty val.
-        if len(part["buf"]) == self._held(part):
+        if len(part["buf"]) == held:
             self._flush(part, name, groups=len(part["buf"]) // ROW_GROUP_SIZE)
         if not to_val and part["writer"] is not None and not part["buf"] and part["chars"] >= self.shard_chars:
             part["writer"].close()
@@ -414,8 +405,7 @@ def ingest(paths, out_dir=None, text_field="text", txt_split="file", val_fractio
 
 
 def build_offline_corpus(out_dir=None, max_chars=None, shard_chars=8_000_000, val_fraction=0.02, overwrite=False):
-    """Build shards from real text that ships with this Python (see nanochat/offline_corpus.py); returns the
-    manifest. max_chars=None means DEFAULT_OFFLINE_CHARS. Deterministic for a given installation."""
+    """Build shards from text that ships with this Python (max_chars None = DEFAULT_OFFLINE_CHARS); returns the manifest."""
     import platform
 
     from nanochat import offline_corpus

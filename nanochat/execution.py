@@ -415,7 +415,7 @@ def _disk_use(path):  # (bytes allocated, entries); stops past _MAX_DISK_ENTRIES
     return used, entries
 
 
-def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, kernel_layers,
+def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, kernel_layers=True,
                        max_disk_bytes=DEFAULT_MAX_DISK_BYTES):
     """Run `code` in a sandboxed child. Returns (ExecutionResult, layers dict or None)."""
     root = tempfile.mkdtemp(prefix="nanochat-exec-")
@@ -514,8 +514,7 @@ def _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, ke
     if disk_full:
         return ExecutionResult(False, stdout, stderr, error=f"Disk limit exceeded (more than {max_disk_bytes} bytes or "
                                                             f"{_MAX_DISK_ENTRIES} files written; process killed)"), layers
-    result = _classify(proc.returncode, final, stdout, stderr, timed_out, overflow, max_output_bytes)
-    return result, layers
+    return _classify(proc.returncode, final, stdout, stderr, timed_out, overflow, max_output_bytes), layers
 
 
 def _classify(returncode, final, stdout, stderr, timed_out, overflow, max_output_bytes):
@@ -567,15 +566,14 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_
         raise ValueError(f"max_output_bytes must be positive, got {max_output_bytes!r}")
     if not isinstance(maximum_disk_bytes, int) or maximum_disk_bytes <= 0:
         raise ValueError(f"maximum_disk_bytes must be a positive int, got {maximum_disk_bytes!r}")
-    result, layers = _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, kernel_layers=True,
-                                        max_disk_bytes=maximum_disk_bytes)
+    result, layers = _spawn_and_collect(code, timeout, maximum_memory_bytes, max_output_bytes, max_disk_bytes=maximum_disk_bytes)
     _warn_missing_layers(layers)
     return result
 
 
 def sandbox_layers():
     """Which protection layers the child gets on this machine: {name: "on (...)" | "unavailable: why"}."""
-    result, layers = _spawn_and_collect("pass", 30.0, 256 * 1024 * 1024, DEFAULT_MAX_OUTPUT_BYTES, kernel_layers=True)
+    result, layers = _spawn_and_collect("pass", 30.0, 256 * 1024 * 1024, DEFAULT_MAX_OUTPUT_BYTES)
     if layers is None:
         raise RuntimeError(f"the sandbox child failed before reporting its layers: {result.error}\n{result.stderr}")
     return layers

@@ -1,15 +1,14 @@
 """
 Documents from local files, for nanochat/dataset.py (the CLI) to turn into shards; nothing here writes files.
 
-User input (`ingest`): .txt/.md files are one document each, or blank-line separated paragraphs, or lines
-(`txt_split`); .jsonl lines are objects whose `text_field` is the document; .parquet files give the
-`text_field` column. Directories are walked recursively in sorted order.
+User input (`ingest`): .txt/.md files (one document each, or per blank-line paragraph or line: `txt_split`),
+.jsonl lines (the object's `text_field`), .parquet files (the `text_field` column); directories walked sorted.
 
 The offline corpus (`offline`, and the fallback without network): each file one document, exact duplicates
 dropped, in this order: 1. the running interpreter's standard library (.py, .txt, .rst); 2. the installed
 packages' READMEs, licences, .md/.rst files and dist-info METADATA; 3. the installed packages' Python files,
-reduced to their docstrings. So its content depends on the installation (CPython 3.11's stdlib alone is
-about 32M characters), and two builds on one installation see the same documents in the same order.
+reduced to their docstrings. Its content depends on the installation (CPython 3.11's stdlib alone is ~32M
+characters); two builds on one installation see the same documents in the same order.
 """
 
 import ast
@@ -40,10 +39,10 @@ def site_packages_dirs():
     return [d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i]]  # often purelib == platlib
 
 
-def _walk_sorted(root, skip_dirs=("__pycache__",)):
+def _walk_sorted(root, skip_dir=lambda name: name == "__pycache__"):
     """Yield file paths under `root`, depth first, names sorted at every level: the same order on every run."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
+        dirnames[:] = sorted(d for d in dirnames if not skip_dir(d))
         for name in sorted(filenames):
             yield os.path.join(dirpath, name)
 
@@ -86,7 +85,7 @@ def docstrings_of(source):
 def iter_source_documents():
     """Yield (path, text) for every candidate document, in the fixed order the module docstring gives."""
     std = stdlib_dir()
-    for path in _walk_sorted(std, skip_dirs=("site-packages", "dist-packages", "__pycache__")):
+    for path in _walk_sorted(std, skip_dir=lambda d: d in ("site-packages", "dist-packages", "__pycache__")):
         if path.endswith(STDLIB_EXTENSIONS):
             text = _read_text(path)
             if text is not None:
@@ -108,8 +107,7 @@ def iter_source_documents():
 
 
 def iter_offline_documents(max_chars=None):
-    """Yield deduplicated, non-empty texts until their total reaches `max_chars` (None = everything); the
-    document that crosses the limit is included whole."""
+    """Deduplicated, non-empty texts until their total reaches `max_chars` (None = all), the one crossing it whole."""
     seen = set()
     total = 0
     for _path, text in iter_source_documents():
@@ -126,8 +124,7 @@ def iter_offline_documents(max_chars=None):
             return
 
 
-TEXT_EXTENSIONS = (".txt", ".md")
-INPUT_EXTENSIONS = TEXT_EXTENSIONS + (".jsonl", ".parquet")
+INPUT_EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
 
 
 def _expand_inputs(paths):
@@ -135,13 +132,12 @@ def _expand_inputs(paths):
     files, skipped = [], 0
     for p in paths:
         if os.path.isdir(p):
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in sorted(filenames):
-                    if name.lower().endswith(INPUT_EXTENSIONS) and not name.startswith("."):
-                        files.append(os.path.join(dirpath, name))
-                    else:
-                        skipped += 1
+            for path in _walk_sorted(p, skip_dir=lambda d: d.startswith(".")):
+                name = os.path.basename(path)
+                if name.lower().endswith(INPUT_EXTENSIONS) and not name.startswith("."):
+                    files.append(path)
+                else:
+                    skipped += 1
         elif os.path.isfile(p):
             if not p.lower().endswith(INPUT_EXTENSIONS):
                 raise DatasetError(f"{p}: unsupported file type; ingest reads {', '.join(INPUT_EXTENSIONS)}")

@@ -61,7 +61,7 @@ METRIC_KEYS = {
     "Chat evaluation rl": _CHAT_KEYS,
 }
 BLOAT_PATTERNS = ("*.py", "*.md", "*.rs", "*.html", "*.toml", "*.sh")
-HOURLY_RATES = (("H100", 3.00), ("A100", 1.79), ("V100", 0.55))  # $/GPU/hour, rough cloud prices
+HOURLY_RATES = (("H100", 3.00), ("A100", 1.79), ("V100", 0.55))  # $/GPU/hour (rough cloud prices), by the first GPU's name
 DEFAULT_HOURLY_RATE = 2.00
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -165,21 +165,6 @@ def git_info(cwd=None):
     }
 
 
-def gpu_info():
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"count": 0}
-    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
-    return {"count": len(props), "names": [p.name for p in props],
-            "memory_gb": sum(p.total_memory for p in props) / 1024**3, "cuda_version": torch.version.cuda or "unknown"}
-
-
-def hourly_rate(gpu):  # rough $/hour, priced by the first GPU's name
-    per_gpu = next((rate for key, rate in HOURLY_RATES if key in gpu["names"][0]), DEFAULT_HOURLY_RATE)
-    return per_gpu * gpu["count"]
-
-
 def cpu_model():  # "AMD EPYC 9654 96-Core Processor", or "" when the system won't say
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -190,16 +175,6 @@ def cpu_model():  # "AMD EPYC 9654 96-Core Processor", or "" when the system won
     if platform.system() == "Darwin":
         return _run(["sysctl", "-n", "machdep.cpu.brand_string"]) or ""
     return platform.processor()
-
-
-def system_info():
-    import psutil
-    import torch
-
-    return {"platform": platform.system(), "cpu_model": cpu_model(), "physical_cores": psutil.cpu_count(logical=False) or 0,
-            "logical_cores": psutil.cpu_count(logical=True) or 0,
-            "memory_gb": psutil.virtual_memory().total / 1024**3,
-            "python": platform.python_version(), "torch": torch.__version__}
 
 
 def bloat_info(cwd=None):
@@ -222,7 +197,18 @@ def bloat_info(cwd=None):
 
 
 def collect_environment(cwd=None):
-    return {"git": git_info(cwd), "gpu": gpu_info(), "system": system_info(), "bloat": bloat_info(cwd)}
+    import psutil
+    import torch
+
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpu = {"count": len(props)}
+    if props:
+        gpu.update(names=[p.name for p in props], memory_gb=sum(p.total_memory for p in props) / 1024**3,
+                   cuda_version=torch.version.cuda or "unknown")
+    system = {"platform": platform.system(), "cpu_model": cpu_model(), "physical_cores": psutil.cpu_count(logical=False) or 0,
+              "logical_cores": psutil.cpu_count(logical=True) or 0, "memory_gb": psutil.virtual_memory().total / 1024**3,
+              "python": platform.python_version(), "torch": torch.__version__}
+    return {"git": git_info(cwd), "gpu": gpu, "system": system, "bloat": bloat_info(cwd)}
 
 
 def format_header(env, generated_at):
@@ -239,9 +225,10 @@ def format_header(env, generated_at):
         lines.append(f"- CPU: {s['cpu_model']}")
     lines += [f"- CPUs: {s['physical_cores']} cores ({s['logical_cores']} logical)", f"- Memory: {s['memory_gb']:.1f} GB"]
     if gpu["count"]:
+        per_gpu = next((rate for key, rate in HOURLY_RATES if key in gpu["names"][0]), DEFAULT_HOURLY_RATE)
         lines += [f"- GPUs: {gpu['count']}x {', '.join(sorted(set(gpu['names'])))}",
                   f"- GPU Memory: {gpu['memory_gb']:.1f} GB total", f"- CUDA Version: {gpu['cuda_version']}",
-                  f"- Hourly Rate: ${hourly_rate(gpu):.2f}/hour"]
+                  f"- Hourly Rate: ${per_gpu * gpu['count']:.2f}/hour"]
     else:
         lines.append("- GPUs: None available")
     lines += [
@@ -290,16 +277,8 @@ def stand_ins(texts):  # every offline stand-in the sections name, in order, eac
     return list(seen)
 
 
-def with_data_block(header, dataset, fallbacks):  # a `### Data` block just before `Run started:`, else at the end
-    listed = "".join(f"\n  - {item}" for item in fallbacks) or " none"  # one per line: they can be long
-    block = f"### Data\n- Pretraining data: {dataset}\n- {STAND_INS_KEY}:{listed}\n\n"
-    at = header.find("Run started:")
-    return header + block if at < 0 else header[:at] + block + header[at:]
-
-
 def read_curve(path):
-    """{series: ([steps], [values])} of a curve file's finite points; {} when the file is missing or empty;
-    raises ValueError or TypeError for a file that is not a curve."""
+    """{series: ([steps], [values])} of a curve file's finite points, {} if missing or empty; raises if not a curve."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return {}
     with open(path, encoding="utf-8") as f:
@@ -356,8 +335,7 @@ def render_curves(series, panels, title):  # PNG bytes: a panel per (series, pan
 
 
 def write_plots(report_dir):
-    """Plot each stage's curve file into report_dir; returns {section title: PNG file name} of those written.
-    A plot that fails is a warning saying why: the report is written without it."""
+    """Plot each stage's curve file into report_dir; {section title: PNG file name} of those written (a failure warns)."""
     plots = {}
     for stage, (title, panels) in CURVE_PLOTS.items():
         path = os.path.join(report_dir, CURVES_DIR, f"{stage}.json")
@@ -437,8 +415,7 @@ class Report:
         log.info("Reset report and wrote header to %s", self._path("header.md"))
 
     def generate(self, copy_to="."):
-        """Write report.md (and its plots) into the report dir and a copy into `copy_to` (None = no copy);
-        returns the path."""
+        """Write report.md (and its plots) into the report dir and a copy into `copy_to` (None = none); returns it."""
         parts, metrics, end = [], {s: {} for s in STAGES}, None
         plots = write_plots(self.report_dir)
         header_path = self._path("header.md")
@@ -476,7 +453,10 @@ class Report:
             log.warning("Report section %s is not a pipeline stage; appending it after the known sections", name)
             parts.append(content + "\n")
         parts.append(format_summary(bloat, metrics, start, end))
-        parts[0] = with_data_block(parts[0], dataset_info(), stand_ins(parts[1:]))
+        listed = "".join(f"\n  - {item}" for item in stand_ins(parts[1:])) or " none"  # one per line: they can be long
+        block = f"### Data\n- Pretraining data: {dataset_info()}\n- {STAND_INS_KEY}:{listed}\n\n"
+        at = header.find("Run started:")  # the data block goes just before it, else at the end
+        parts[0] = header + block if at < 0 else header[:at] + block + header[at:]
         out = self._path("report.md")
         text = "".join(parts)
         atomic_write(out, text)
@@ -518,10 +498,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_default_logging()
     report = get_report()
-    if args.command == "reset":
-        report.reset()
-    else:
-        report.generate()
+    getattr(report, args.command)()  # "reset" or "generate": the parser allows nothing else
     return 0
 
 

@@ -52,19 +52,6 @@ class EncodingUnavailableError(UserError, RuntimeError):
     """A tiktoken reference encoding (GPT-2, GPT-4) could not be loaded."""
 
 
-def _import_rustbpe():
-    try:
-        import rustbpe
-    except ImportError as e:
-        raise ImportError("the `rustbpe` extension is not installed; build it with `uv sync` (needs a Rust "
-                          "toolchain: https://rustup.rs)") from e
-    # An unbuilt rustbpe/ source directory next to the repo imports as an empty namespace package.
-    if not hasattr(rustbpe, "Tokenizer"):
-        raise ImportError(f"`rustbpe` resolves to {list(getattr(rustbpe, '__path__', []))}, which has no compiled "
-                          "Tokenizer; build the extension with `uv sync` (needs a Rust toolchain: https://rustup.rs)")
-    return rustbpe
-
-
 class RustBPETokenizer:
     """A tiktoken Encoding with nanochat's special tokens and chat rendering on top."""
 
@@ -73,16 +60,13 @@ class RustBPETokenizer:
         self._special_ids = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
         self.bos_token_id = self.encode_special(bos_token)
 
-    # ------------------------------------------------------------------ construction
-
     @classmethod
     def from_mergeable_ranks(cls, mergeable_ranks, pattern=SPLIT_PATTERN):
         """A tokenizer from `{token_bytes: rank}` (ranks 0..N-1) with the 9 special tokens after them."""
         ranks = dict(mergeable_ranks)
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError("mergeable ranks must be exactly 0..N-1 (one rank per token, no gaps)")
-        n = len(ranks)
-        special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+        special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
         return cls(enc, "<|bos|>")
 
@@ -94,7 +78,15 @@ class RustBPETokenizer:
         if vocab_size_no_special < NUM_BYTE_TOKENS:
             raise ValueError(f"vocab_size must be at least {NUM_BYTE_TOKENS + len(SPECIAL_TOKENS)} "
                              f"({NUM_BYTE_TOKENS} byte tokens + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
-        rustbpe = _import_rustbpe()
+        try:
+            import rustbpe
+        except ImportError as e:
+            raise ImportError("the `rustbpe` extension is not installed; build it with `uv sync` (needs a Rust "
+                              "toolchain: https://rustup.rs)") from e
+        # An unbuilt rustbpe/ source directory next to the repo imports as an empty namespace package.
+        if not hasattr(rustbpe, "Tokenizer"):
+            raise ImportError(f"`rustbpe` resolves to {list(getattr(rustbpe, '__path__', []))}, which has no compiled "
+                              "Tokenizer; build the extension with `uv sync` (needs a Rust toolchain: https://rustup.rs)")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, vocab_size_no_special, buffer_size=buffer_size, pattern=SPLIT_PATTERN)
         # bytes(k): older PyO3 builds handed the token bytes back as a list of ints.
@@ -122,8 +114,7 @@ class RustBPETokenizer:
 
     @classmethod
     def from_pretrained(cls, tiktoken_name, offline=False, timeout=10.0):
-        """A tiktoken reference encoding ("gpt2", "cl100k_base") with <|endoftext|> as BOS; raises
-        EncodingUnavailableError, never hangs, when it is neither cached nor downloadable."""
+        """A tiktoken reference encoding ("gpt2", "cl100k_base"), <|endoftext|> as BOS; never hangs (EncodingUnavailableError)."""
         return cls(load_tiktoken_encoding(tiktoken_name, offline=offline, timeout=timeout), "<|endoftext|>")
 
     def save(self, tokenizer_dir):
@@ -132,8 +123,6 @@ class RustBPETokenizer:
         atomic_write(path, pickle.dumps(self.enc))
         log.info("Saved tokenizer encoding to %s", path)
         return path
-
-    # ------------------------------------------------------------------ vocabulary
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -157,8 +146,6 @@ class RustBPETokenizer:
     def decode_single_token_bytes(self, token_id):
         """The raw bytes of one token; may be an incomplete UTF-8 sequence."""
         return self.enc.decode_single_token_bytes(token_id)
-
-    # ------------------------------------------------------------------ encode / decode
 
     def _special_or_id(self, token, what):
         if isinstance(token, str):
@@ -192,8 +179,6 @@ class RustBPETokenizer:
     def decode(self, ids):
         """Text of a list of ids; special ids come out as their names, broken UTF-8 as U+FFFD."""
         return self.enc.decode(list(ids))
-
-    # ------------------------------------------------------------------ chat format
 
     def render_conversation(self, conversation, max_tokens=2048):
         """(ids, mask) of a conversation for training, both at most max_tokens long. mask[i] = 1 where the
@@ -269,8 +254,7 @@ class RustBPETokenizer:
 
 
 def fold_system(system, user):
-    """The first user message's text with a leading system message in front: the format has no system turn,
-    so training and serving both put the system text and a blank line before what the user wrote."""
+    """`user` with the system text and a blank line in front: the chat format has no system turn (training, serving)."""
     return system + "\n\n" + user
 
 
@@ -358,11 +342,8 @@ def compute_token_bytes(tokenizer):
     special_ids = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
     counts = []
     for token_id in range(tokenizer.get_vocab_size()):
-        if token_id in special_ids:
-            counts.append(0)
-            continue
         try:  # the token's own bytes: decoding to str would count a partial UTF-8 sequence as U+FFFD, 3 bytes
-            counts.append(len(tokenizer.decode_single_token_bytes(token_id)))
+            counts.append(0 if token_id in special_ids else len(tokenizer.decode_single_token_bytes(token_id)))
         except KeyError:
             # An id no token owns (only in some tiktoken reference vocabularies): encode never emits it.
             counts.append(0)
@@ -376,12 +357,9 @@ def token_bytes_summary(token_bytes):
     nonzero = token_bytes[token_bytes > 0].to(torch.float32)
     if nonzero.numel() == 0:
         raise ValueError("token_bytes has no non-special tokens")
-    return {
-        "token_bytes_min": int(nonzero.min().item()),
-        "token_bytes_max": int(nonzero.max().item()),
-        "token_bytes_mean": nonzero.mean().item(),
-        "token_bytes_std": nonzero.std().item() if nonzero.numel() > 1 else 0.0,  # Bessel-corrected
-    }
+    return {"token_bytes_min": int(nonzero.min().item()), "token_bytes_max": int(nonzero.max().item()),
+            "token_bytes_mean": nonzero.mean().item(),
+            "token_bytes_std": nonzero.std().item() if nonzero.numel() > 1 else 0.0}  # std: Bessel-corrected
 
 
 def get_tokenizer():
@@ -407,8 +385,7 @@ class CappedTexts:
         if max_chars < 1 or doc_cap < 1:
             raise ValueError(f"max_chars and doc_cap must be positive, got {max_chars} and {doc_cap}")
         self.doc_batches, self.max_chars, self.doc_cap, self.progress = doc_batches, max_chars, doc_cap, progress
-        self.chars = 0
-        self.docs = 0
+        self.chars = self.docs = 0
 
     def __iter__(self):
         for batch in self.doc_batches:
@@ -454,17 +431,12 @@ TIKTOKEN_FILES = {
 }
 
 
-def tiktoken_cache_dir():  # tiktoken.load's rule; "" = caching disabled
-    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
-        if var in os.environ:
-            return os.environ[var]
-    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
-
-
 def load_tiktoken_encoding(name, offline=False, timeout=10.0):
     """tiktoken.get_encoding(name) that never blocks on the network; raises EncodingUnavailableError saying why."""
     urls = TIKTOKEN_FILES.get(name)
-    cache_dir = tiktoken_cache_dir()
+    # tiktoken.load's rule for its cache; "" = caching disabled
+    cache_dir = next((os.environ[var] for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR") if var in os.environ),
+                     os.path.join(tempfile.gettempdir(), "data-gym-cache"))
     if urls is None or cache_dir == "":
         if offline:
             why = "tiktoken caching is disabled (TIKTOKEN_CACHE_DIR is empty)" if urls is not None else f"no known cache files for {name!r}"

@@ -418,3 +418,17 @@ def test_bad_arguments_are_one_line_errors(byte_tokenizer, monkeypatch):
     as_rank(monkeypatch, 1, 2)
     with pytest.raises(ValueError, match="1 conversations, fewer than the 2 ranks"):
         ConversationLoader(task, byte_tokenizer, B, T, device="cpu")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "8"])
+def test_both_loaders_check_sizes_and_default_the_device_alike(byte_tokenizer, bad):
+    # One check serves both loaders: the pretraining copy once accepted B=True where this one refused it.
+    from nanochat.dataloader import BestFitLoader, loader_device
+
+    builds = (lambda: BestFitLoader(byte_tokenizer, bad, T, "train"),
+              lambda: ConversationLoader(TinyChat(n=4), byte_tokenizer, bad, T))
+    for build in builds:
+        with pytest.raises(ValueError, match=f"^B must be a positive int, got {re.escape(repr(bad))}$"):
+            build()
+    expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert loader_device(None) == ConversationLoader(TinyChat(n=4), byte_tokenizer, B, T).device == expected
