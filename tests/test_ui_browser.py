@@ -260,6 +260,8 @@ def test_a_long_chat_keeps_working_past_the_request_limits(page):
     page.wait_for_function(IDLE)
     assert page.locator(".error").inner_text() == "Error: Message 20 is too long. Maximum 8000 characters allowed per message"
     assert len(sent[-1]["messages"]) < 21  # (the older turns were left out of this request too)
+    # The refused message leaves the page too, though a "not sent" notice stood between it and its reply.
+    assert page.locator(".message.user").count() == 10
 
 
 def test_the_ui_asks_for_the_api_key_and_keeps_it_for_the_tab(browser, serve_chat):
