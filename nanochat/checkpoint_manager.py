@@ -25,8 +25,7 @@ from nanochat.common import (UserError, atomic_torch_save, atomic_write, get_bas
 log = logging.getLogger(__name__)
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
-_PRODUCERS = {"base_checkpoints": "python -m scripts.base_train", "mid_checkpoints": "python -m scripts.mid_train",
-              "chatsft_checkpoints": "python -m scripts.chat_sft", "chatrl_checkpoints": "python -m scripts.chat_rl"}
+_PRODUCERS = dict(zip(SOURCE_DIRS.values(), ("base_train", "mid_train", "chat_sft", "chat_rl")))  # dir -> the script that writes it
 _MODEL_RE = re.compile(r"model_(\d+)\.pt")
 
 
@@ -64,8 +63,7 @@ def get_checkpoints_dir(source):
 def add_checkpoint_flags(group, default="base", sources=tuple(SOURCE_DIRS), source_help="checkpoint family to load",
                          training=False):
     """-i/--source, -g/--model-tag and -s/--step: which checkpoint a script loads. default=None makes -i required,
-    sources=() leaves it out (a fixed source); training stages, which also save under the tag, name the step
-    -s/--model-step."""
+    sources=() leaves it out; training stages, which also save under the tag, name the step -s/--model-step."""
     if sources:
         group.add_argument("-i", "--source", choices=sources, default=default, required=default is None, help=source_help)
     if training:
@@ -76,11 +74,10 @@ def add_checkpoint_flags(group, default="base", sources=tuple(SOURCE_DIRS), sour
         group.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
 
 
-def _how_to_make(path):
-    """'run <script> first' for the stage that writes checkpoints under `path`."""
+def _how_to_make(path):  # "run <script> first" for the stage that writes checkpoints under `path`
     for part in reversed(os.path.normpath(path).split(os.sep)):
         if part in _PRODUCERS:
-            return f"run `{_PRODUCERS[part]}` first"
+            return f"run `python -m scripts.{_PRODUCERS[part]}` first"
     return "train a model first"
 
 
@@ -97,8 +94,8 @@ _swept_dirs = set()  # checkpoint dirs whose stale temporaries this process has 
 
 
 def remove_stale_temporaries(checkpoint_dir):
-    """Delete the hidden temp files (.model_*.pt.<random>.tmp and the like) that a save killed midway left in
-    `checkpoint_dir`; each can be as big as the model. Returns how many. Only call it when no save is running."""
+    """Delete the temp files (.model_*.pt.<random>.tmp and the like) a save killed midway left, each as big as the
+    model; returns how many. Only call it when no save is running."""
     stale = [e for e in os.scandir(checkpoint_dir) if e.is_file() and e.name.endswith(".tmp")
              and e.name.startswith((".model_", ".meta_", ".optim_"))]
     size = sum(e.stat().st_size for e in stale)
@@ -111,9 +108,8 @@ def remove_stale_temporaries(checkpoint_dir):
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
-    """Write one checkpoint step: rank 0 the model and meta, each rank its optimizer shard (none when
-    optimizer_data is None). Under torch.distributed every rank must call this. Each file goes to a temp file
-    renamed into place, so a crash mid-save never leaves a half file."""
+    """Write one checkpoint step: rank 0 the model and meta, each rank its optimizer shard (if not None). Every rank
+    calls this. Each file is a temp file renamed into place: a crash mid-save never leaves a half file."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     if checkpoint_dir not in _swept_dirs:  # every rank keeps the same set, so all take this barrier together
         _swept_dirs.add(checkpoint_dir)
@@ -180,8 +176,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
 # Finding checkpoints
 
 
-def _complete_steps(checkpoint_dir):
-    """Sorted steps that have both a model file and a meta file."""
+def _complete_steps(checkpoint_dir):  # sorted steps with both a model and a meta file
     steps = []
     for name in os.listdir(checkpoint_dir):
         m = _MODEL_RE.fullmatch(name)
@@ -206,9 +201,8 @@ def find_last_step(checkpoint_dir):
 
 
 def find_largest_model(checkpoints_dir):
-    """The model tag to load when none is given: the largest d<N> (prefix match, so d24_jan29 is 24;
-    the newest directory among equal N), else the most recently modified tag. Tags without any model
-    file are ignored."""
+    """The model tag to load when none is given: the largest d<N> (prefix match, so d24_jan29 is 24; the newest
+    among equal N), else the most recently modified tag. Tags without a model file are ignored."""
     if not os.path.isdir(checkpoints_dir):
         raise CheckpointNotFoundError(f"no checkpoint directory {checkpoints_dir}; {_how_to_make(checkpoints_dir)}")
     tags = []
@@ -288,10 +282,7 @@ def build_model(checkpoint_dir, step, device, phase):
     except RuntimeError as e:
         raise CheckpointCorruptError(f"checkpoint {path} does not fit the model built from its meta ({' '.join(str(e).split())}); it was "
                                      f"written by an incompatible version of nanochat") from e
-    if phase == "train":
-        model.train()
-    else:
-        model.eval()
+    model.train(phase == "train")
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise CheckpointMismatchError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but checkpoint {path} was "

@@ -1,19 +1,12 @@
 """
-Midtraining and SFT: one runner, two stage descriptions. scripts/mid_train.py and scripts/chat_sft.py hold
-only their flags and a `Stage`; RL (scripts/chat_rl.py) reuses `load_start` and `make_optimizer`.
-
-    python -m scripts.mid_train        # base checkpoint -> mid_checkpoints/<tag>
-    python -m scripts.chat_sft         # mid checkpoint  -> chatsft_checkpoints/<tag>
-
-Both continue a checkpoint on a mixture of conversations (tasks/mixtures.py) packed into rows
-(nanochat/chat_dataloader.py). Midtraining trains on every token, so the model learns the chat format; SFT
-only on what the assistant writes. The horizon is one epoch of the mixture unless --num-iterations is given,
-and the LR follows the progress through it.
+Midtraining and SFT: one runner (run_stage) for the `Stage`s of scripts/mid_train.py and scripts/chat_sft.py;
+RL reuses `load_start` and `make_optimizer`. The horizon is one epoch of the conversation mixture unless
+--num-iterations is given, and the LR follows the progress through it.
 """
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -25,8 +18,7 @@ from nanochat.checkpoint_manager import add_checkpoint_flags, get_checkpoints_di
 from nanochat.common import add_runtime_flags
 from nanochat.engine import Engine
 from nanochat.flash_attention import log_attention_plan
-from nanochat.loop import (Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop, model_config_meta, start_run,
-                           token_batch_step)
+from nanochat.loop import Checkpointer, Periodic, TrainLoop, start_run, token_batch_step
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import ShardMismatchError
 from nanochat.report import get_report
@@ -54,8 +46,7 @@ class Stage:
 
 
 def add_flags(p, stage, defaults):
-    """The flags both stages share; `defaults` holds the stage's values (None = inherit from the source), its LRs
-    come from training.STAGE_LRS."""
+    """The flags both stages share; `defaults` holds the stage's values (None = inherit from the source)."""
     g = p.add_argument_group("logging and runtime")
     add_runtime_flags(g, seed_help="seed of torch's generators (the data order is fixed by the mixture)")
     g.add_argument("--dry-run", action="store_true", help="train and evaluate but write no checkpoint and no report section")
@@ -87,8 +78,6 @@ def add_flags(p, stage, defaults):
 
 @dataclass
 class Start:
-    """Where a finetuning stage starts: the loaded model, its checkpoint, and the tag to save under."""
-
     model: torch.nn.Module
     tokenizer: object
     meta: dict  # meta of the checkpoint loaded
@@ -113,8 +102,8 @@ def load_start(stage_name, source, model_tag, model_step, resume_from_step, devi
 
 
 def make_optimizer(model, lrs, weight_decay, init_lr_frac, warm_start=None):
-    """MuonAdamW at `lrs` x init_lr_frac (each group's initial_lr), its moments taken from the optimizer shard
-    `warm_start` when given (the fresh learning rates kept; a shard of another world size is skipped)."""
+    """MuonAdamW at `lrs` x init_lr_frac, its moments taken from the optimizer shard `warm_start` when given
+    (the fresh learning rates kept; a shard of another world size is skipped)."""
     optimizer = model.setup_optimizer(unembedding_lr=lrs["unembedding_lr"], embedding_lr=lrs["embedding_lr"],
                                       matrix_lr=lrs["matrix_lr"], weight_decay=weight_decay)
     if warm_start is not None:
@@ -132,8 +121,7 @@ def make_optimizer(model, lrs, weight_decay, init_lr_frac, warm_start=None):
 
 
 def resolve_hyperparameters(args, source_meta, resume):
-    """Each flag left at None takes the value the source checkpoint trained with (SFT's inheritance); a
-    resumed run takes exactly what the run it resumes used."""
+    """Each flag left at None takes the source checkpoint's value; a resumed run takes what the run it resumes used."""
     if resume is not None:
         return dict(resume["hyperparameters"])
     out = {}
@@ -187,10 +175,8 @@ def run_stage(stage, args):
     log.info("Training mixture: %s conversations; validation: %s", f"{len(train_data):,}", f"{len(val_data):,}")
     batches = packed_conversation_loader(train_data, tokenizer, B, T, mask_mode=stage.mask_mode, device=device, split="train",
                                          resume_state_dict=(resume or {}).get("dataloader_state_dict"))
-    if args.num_iterations > 0:
-        horizon = FixedHorizon(args.num_iterations)
-    else:
-        horizon = DataHorizon(lambda state: training_progress(state, -1, batches_per_step=step.grad_accum_steps), device)
+    horizon = args.num_iterations if args.num_iterations > 0 else (
+        lambda state: training_progress(state, -1, batches_per_step=step.grad_accum_steps))
     token_bytes = get_token_bytes(device=device)
 
     def val_bpb(step):
@@ -219,7 +205,7 @@ def run_stage(stage, args):
         periodic.append(Periodic("ChatCORE", args.chatcore_every, chatcore))
     checkpointer = None if args.dry_run else Checkpointer(
         os.path.join(get_checkpoints_dir(stage.name), tag), args.save_every, orig_model, optimizer,
-        meta=dict(model_config=model_config_meta(orig_model), user_config=user_config, hyperparameters=hp, device_batch_size=B,
+        meta=dict(model_config=asdict(orig_model.config), user_config=user_config, hyperparameters=hp, device_batch_size=B,
                   max_seq_len=T, total_batch_size=hp["total_batch_size"], world_size=run.world_size, source=args.source))
     schedule = lambda step, progress: dict(  # noqa: E731
         lrm=training.progress_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),

@@ -1,33 +1,24 @@
 """
 The training loop that pretraining, midtraining, SFT and RL all run; they differ only in what they pass in
-(data, horizon, schedule, evaluations, hyperparameters).
-
-    result = TrainLoop(step=training.TrainStep(model, optimizer, grad_accum_steps), batches=loader,
-                       horizon=FixedHorizon(num_iterations), schedule=lambda step, progress: {"lrm": 1.0},
-                       periodic=[Periodic("val", every=250, fn=evaluate, at_start=True)],
-                       checkpointer=Checkpointer(checkpoint_dir, every=-1, model=orig_model, optimizer=optimizer),
-                       meter=training.StepMeter(...), wandb_run=wandb_run).run(resume=meta_or_None)
-
-The loop runs num_iterations + 1 times: the extra pass only evaluates and saves the final weights. State that
-must survive a resume is one dict, `loop_state` in the checkpoint meta; a meta without it (an older run, or
-upstream's format) resumes with fresh meters.
+(data, horizon, schedule, evaluations, hyperparameters). State that must survive a resume is one dict,
+`loop_state` in the checkpoint meta; a meta without it (an older run, or upstream's format) resumes with fresh meters.
 """
 
 import gc
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from nanochat import training  # by module: tests swap its functions (one CPU thread for the golden curve)
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import (DummyWandb, atomic_write, autodetect_device_type, compute_cleanup, compute_init, dist_world_size,
+from nanochat.common import (DummyWandb, atomic_write, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_compute_dtype, get_dist_info, get_peak_flops, measure_matmul_flops,
                              print_banner, strict_json, usable_cores)
+from nanochat.engine import model_device
 
 log = logging.getLogger(__name__)
 
@@ -37,43 +28,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class FixedHorizon:
-    """Exactly `num_iterations` optimizer steps (pretraining, RL, or --num-iterations)."""
-
-    num_iterations: int
-
-    def __call__(self, step, state):
-        """(progress in [0, 1], last_step) before step `step`; `state` is the pending batch's loader state."""
-        return step / self.num_iterations, step >= self.num_iterations
-
-    total = property(lambda self: self.num_iterations)
-
-
-@dataclass
-class DataHorizon:
-    """Until the loader has consumed its data once (mid/SFT default): `progress_fn(state) -> (progress, last)`.
-    `device` is the run's device: NCCL refuses a flag tensor left on the CPU."""
-
-    progress_fn: Callable
-    device: torch.device
-
-    def __call__(self, step, state):
-        progress, last = self.progress_fn(state)
-        if dist_world_size() > 1:  # ranks may run out at different batches: all stop when one does, none waits alone
-            flag = torch.tensor(int(last), device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            last = bool(flag.item())
-        return progress, last
-
-    total = None
-
-
-@dataclass
 class Periodic:
-    """Something done once in a while, before the step: `fn(step) -> dict of metrics or None`. It runs every
-    `every` steps (every <= 0: none between start and end; a job its flag disables is left out of the list),
-    at step 0 if `at_start`, and at the last step if `at_last`. `master_only` work runs on rank 0 alone, so
-    it must not use collectives."""
+    """`fn(step) -> dict of metrics or None`, run before the step every `every` steps (<= 0: none in between),
+    at step 0 if `at_start` and at the last step if `at_last`. `master_only` work (rank 0 alone) uses no collectives."""
 
     name: str
     every: int
@@ -92,8 +49,8 @@ class Periodic:
 
 @dataclass
 class Checkpointer:
-    """Saves model + this rank's optimizer shard + meta (rank 0) every `every` steps and after the last step.
-    `meta` is what the stage records beside the loop and loader state. Saving is collective: every rank calls it."""
+    """Saves every `every` steps and after the last one; `meta` is what the stage records beside the loop and
+    loader state. Saving is collective: every rank calls it."""
 
     checkpoint_dir: str
     every: int
@@ -113,8 +70,6 @@ class Checkpointer:
 
 @dataclass
 class LoopResult:
-    """What a finished run reports: last metrics of every periodic job, minimum val bpb, time, speed, memory."""
-
     step: int
     metrics: dict
     min_val_bpb: float | None
@@ -124,7 +79,6 @@ class LoopResult:
     peak_memory_mib: float | None
 
     def report_rows(self):
-        """The stage-independent rows of a report section."""
         fmt = lambda v, f: f.format(v) if v is not None else "n/a"  # noqa: E731
         return {"Minimum validation bpb": self.min_val_bpb, "Final validation bpb": self.metrics.get("val_bpb"),
                 "MFU %": fmt(self.last_mfu, "{:.2f}%"), "Total training time": f"{self.total_time / 60:.2f}m",
@@ -136,15 +90,17 @@ class LoopResult:
 
 
 class TrainLoop:
-    """Runs a stage's training. The loop owns the data: it fetches the micro-batches it hands the step and keeps
-    the loader state a checkpoint records. `describe(state)` runs on every rank after each step (it may use
-    collectives) and returns text for the step line, or a dict of metrics that also go to wandb and the curves.
-    prefetch=False fetches each micro-batch only when it is needed (RL: its batches are sampled from the weights
-    the previous step updated). checkpointer=None saves nothing (--dry-run)."""
+    """Runs a stage's training; it fetches the micro-batches it hands the step and keeps the loader state a
+    checkpoint records. `horizon`: a number of optimizer steps, or `fn(loader state) -> (progress, last)` (mid/SFT:
+    until the data is consumed once). `describe(state)` runs on every rank after each step (it may use collectives)
+    and returns text for the step line, or a dict of metrics also sent to wandb and the curves. prefetch=False
+    fetches each micro-batch only when needed (RL samples its batches from the weights the last step updated).
+    checkpointer=None saves nothing (--dry-run)."""
 
     def __init__(self, *, step, batches, horizon, schedule, periodic, checkpointer, meter, wandb_run,
                  prefetch=True, describe=None, wandb_every=100, sync=None, curve=None):
         self.train_step, self.batches, self.horizon, self.schedule = step, batches, horizon, schedule
+        self.num_iterations = horizon if isinstance(horizon, int) else None  # for the step line's "of N"
         self.periodic, self.checkpointer, self.meter, self.wandb_run = periodic, checkpointer, meter, wandb_run
         self.prefetch, self.describe = prefetch, describe or (lambda state: "")
         self.wandb_every, self.sync = wandb_every, sync
@@ -154,8 +110,7 @@ class TrainLoop:
         self.trained_state = None  # loader state after the last micro-batch trained on: a resumed loader goes on from it
 
     def _micro_batches(self, n):
-        """The step's n micro-batches. The step asks for the next one after queueing a backward, so the prefetch
-        of the next micro-batch runs on the host while the device still computes."""
+        # The step asks for the next micro-batch after queueing a backward: the prefetch runs while the device computes.
         for _ in range(n):
             inputs, targets, state = self.pending or next(self.batches)
             self.pending = None
@@ -165,9 +120,16 @@ class TrainLoop:
                 self.pending = next(self.batches)  # may overwrite the loader's buffers: the backward is queued already
 
     def position(self):
-        """Where the data stands for the horizon and the step line: the pending batch's loader state, if any
-        (mid/SFT stop when the pending batch is past the data)."""
+        # The pending batch's loader state, if any: mid/SFT stop when the pending batch is past the data.
         return self.pending[2] if self.pending is not None else self.trained_state
+
+    def progress(self, step):
+        """(progress in [0, 1], last_step) before step `step`; every rank gets the same last_step."""
+        if self.num_iterations is not None:
+            return step / self.num_iterations, step >= self.num_iterations
+        progress, last = self.horizon(self.position())
+        # Ranks may run out at different batches: all stop when one does, none waits alone in a collective.
+        return progress, not training._everywhere(not last, model_device(self.train_step.model))
 
     def run(self, resume=None):
         """Train from step 0, or from a checkpoint's meta (`resume`); returns a LoopResult."""
@@ -194,7 +156,7 @@ class TrainLoop:
         lrm, last = 1.0, None
 
         while True:
-            progress, last_step = self.horizon(step, self.position())
+            progress, last_step = self.progress(step)
             flops_so_far = self.meter.flops_per_token * self.meter.tokens_per_step * step
 
             # once in a while: evaluations and samples (before the step, so step 0 sees the initial model)
@@ -237,7 +199,7 @@ class TrainLoop:
                 extra = " | ".join(f"{k}: {v:.4f}" for k, v in extra.items())
             if result.skipped:
                 extra = (extra + " | " if extra else "") + "fp16 overflow: update skipped"
-            log.info(self.meter.format_line(step, self.horizon.total, progress, last, lrm, extra))
+            log.info(self.meter.format_line(step, self.num_iterations, progress, last, lrm, extra))
             if step % self.wandb_every == 0:
                 self.wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": self.meter.total_time,
                                     "train/loss": last["loss"], "train/lrm": lrm, "train/dt": last["dt"],
@@ -279,23 +241,17 @@ def _write_curve(name, history, resumed_from):
     atomic_write(path, strict_json({"stage": name, **history}))
 
 
-def _scalars(metrics):
-    """The JSON-friendly part of a metrics dict (numbers, strings, None; nested dicts kept)."""
+def _scalars(metrics):  # the JSON-friendly part of a metrics dict
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, type(None)))}
 
 
 def _gather(state):
-    """Every rank's loader state in one object for rank 0's meta file (a collective under torch.distributed)."""
+    # Every rank's loader state in one object for rank 0's meta file (a collective under torch.distributed).
     if state is None or "ranks" in state:  # nothing, or already gathered (the state a resume started from)
         return state
     from nanochat.dataloader import gather_loader_states
 
     return gather_loader_states(state)
-
-
-def model_config_meta(model):
-    """The complete model config for a checkpoint meta (window_pattern included)."""
-    return asdict(model.config)
 
 
 # -----------------------------------------------------------------------------
@@ -304,8 +260,6 @@ def model_config_meta(model):
 
 @dataclass
 class Run:
-    """The process's place in the run: device, ranks, dtype, MFU peak, wandb."""
-
     rank: int
     world_size: int
     device: torch.device
@@ -324,8 +278,7 @@ class Run:
 
 
 def token_batch_step(run, model, optimizer, device_batch_size, total_batch_size, seq_len, vocab_size):
-    """(TrainStep, device batch size) of the stages that train on token rows (base, mid, SFT): the device batch
-    size resolved ("auto" probes it), gradient accumulation up to the total batch, a GradScaler on the fp16 path."""
+    """(TrainStep, device batch size) of the stages that train on token rows (base, mid, SFT)."""
     B = training.resolve_device_batch_size(device_batch_size, training.CPU_DEVICE_BATCH_SIZE, model, optimizer, total_batch_size, seq_len,
                                   run.world_size, vocab_size, run.device, log=log.info)
     accum = training.grad_accum_steps_for(total_batch_size, B, seq_len, run.world_size)
@@ -337,9 +290,7 @@ def token_batch_step(run, model, optimizer, device_batch_size, total_batch_size,
 
 
 def start_run(device_type, seed, wandb_project, run_name, user_config):
-    """Join the process group, seed, pick threads and dtype, log what was chosen, open wandb (rank 0).
-    device_type "" = autodetect."""
-
+    """Join the process group, seed, pick threads and dtype, open wandb (rank 0); device_type "" = autodetect."""
     _, rank, _, world_size, device = compute_init(device_type or autodetect_device_type(), seed=seed)
     if device.type == "cpu":
         threads = training.configure_cpu_threads(max(1, usable_cores() // world_size))  # oversubscribed matmul threads only thrash

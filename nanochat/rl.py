@@ -2,20 +2,12 @@
 Reinforcement learning on math word problems: on-policy REINFORCE with a per-question mean baseline.
 
     stream = RolloutStream(task, tokenizer, engine, examples_per_step=16, num_samples=16, device_batch_size=8, ...)
-    step = TrainStep(model, optimizer, stream.micro_batches_per_step, loss_fn=policy_gradient_loss, prefetch=False)
+    step = TrainStep(model, optimizer, stream.micro_batches_per_step, loss_fn=policy_gradient_loss)
+    TrainLoop(step=step, batches=stream, prefetch=False, ...)  # rollouts must come from the updated weights
 
-For each question the current model samples `num_samples` answers through the Engine (calculator tool on);
-each answer's reward is 1 if its final `#### N` is right, else 0; its advantage is the reward minus the
-mean reward of its group. The loss raises the log-probability of every sampled token in proportion to its
-answer's advantage: no KL term, no reference model, no importance ratio (one update per batch of fresh
-samples), advantages not divided by their std. Prompt and tool-output tokens are not trained on.
-
-Deliberate differences from upstream's version:
-- the <|assistant_end|> that ends an answer is trained on like any sampled token (upstream dropped it, so
-  RL never reinforced stopping);
-- pass@k evaluation draws each problem's samples from its own seed instead of seed 42 for all of them.
-Kept as upstream: sampling uses top-k while the loss uses the full softmax, and the token normalisation is
-per micro-batch of `device_batch_size` answers.
+An answer's reward is 1 if its final `#### N` is right, else 0; its advantage is the reward minus its group's
+mean. No KL term, reference model or importance ratio (one update per batch of fresh samples); advantages are
+not divided by their std. Sampling uses top-k while the loss uses the full softmax.
 """
 
 import logging
@@ -34,7 +26,7 @@ STATE_FORMAT = "rl-rollouts-1"
 
 def sample_answers(engine, tokenizer, prompt, num_samples, max_tokens, temperature, top_k, seed):
     """num_samples answers to `prompt`, each (token ids after the prompt, mask, finished): mask 0 where the
-    calculator wrote; the stop token that ends a finished answer was sampled, so it stays, with mask 1."""
+    calculator wrote. The stop token that ends an answer stays, with mask 1: RL then reinforces stopping."""
     rows, masks, stops = [[] for _ in range(num_samples)], [[] for _ in range(num_samples)], stop_tokens(tokenizer)
     for column, column_masks in engine.generate(prompt, num_samples=num_samples, max_tokens=max_tokens,
                                                 temperature=temperature, top_k=top_k, seed=seed):
@@ -51,14 +43,11 @@ def _seed(*parts):
 
 
 class RolloutStream:
-    """Endless micro-batches of sampled answers for TrainStep: (inputs, (targets, advantages), state).
-
-    Rank r cycles over the task's examples r, r + W, r + 2W, ...; each optimizer step takes
-    `examples_per_step` questions over all ranks, each question one group of `num_samples` answers,
-    cut into micro-batches of `device_batch_size` rows. inputs/targets: (rows, T) right-padded with
-    <|assistant_end|>; targets -1 where nothing is trained (prompt, tool outputs, padding). The state
-    (JSON) resumes the stream exactly and carries the last step's mean reward and answer length.
-    """
+    """Endless micro-batches of sampled answers: (inputs, (targets, advantages), state). Rank r cycles over the
+    task's examples r, r + W, ...; a step takes `examples_per_step` questions over all ranks, each one group of
+    `num_samples` answers cut into micro-batches of `device_batch_size` rows. targets are -1 where nothing is
+    trained (prompt, tool outputs, padding). The state resumes the stream exactly and carries the last step's
+    mean reward and answer length."""
 
     def __init__(self, task, tokenizer, engine, examples_per_step, num_samples, device_batch_size, max_new_tokens,
                  temperature, top_k, resume_state_dict=None):
@@ -99,7 +88,6 @@ class RolloutStream:
 
     @torch.no_grad()
     def _rollout(self):
-        """Sample one question's group of answers and cut it into micro-batches."""
         step, within = divmod(self.examples_done, self.examples_per_rank)
         index = (self.rank + self.world_size * self.examples_done) % len(self.task)
         conversation = self.task[index]
@@ -135,7 +123,7 @@ class RolloutStream:
 
 
 def policy_gradient_loss(model, inputs, targets_and_advantages):
-    """-(sum over trained tokens of log p(token) x its answer's advantage) / number of trained tokens."""
+    """-(sum over trained tokens of log p(token) x its answer's advantage) / trained tokens of the micro-batch."""
     targets, advantages = targets_and_advantages
     nll = model(inputs, targets, loss_reduction="none").view_as(targets)  # (B, T); 0 where targets == -1
     valid = (targets >= 0).sum().clamp_min(1)
@@ -160,6 +148,7 @@ def evaluate_pass_at_k(task, tokenizer, engine, num_examples, num_samples, max_n
     for index in range(rank, min(num_examples, len(task)), world_size):
         conversation = task[index]
         prompt = tokenizer.render_for_completion(conversation)
+        # Each problem's samples from its own seed, not one seed for all of them.
         answers = sample_answers(engine, tokenizer, prompt, num_samples, max_new_tokens, temperature, top_k, _seed("pass@k", index))
         correct = [task.reward(conversation, tokenizer.decode(ids)) > 0 for ids, _, _ in answers]
         for k in range(1, num_samples + 1):

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass
 
 from nanochat.batching import BatchScheduler
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import add_checkpoint_flags, load_model
 from nanochat.common import add_debug_flag
 from nanochat.engine import model_device, stop_tokens
 from nanochat.tokenizer import fold_system
@@ -415,9 +415,7 @@ class Replica:
 def add_model_flags(parser):
     """-i/--source, -g/--model-tag, -s/--step, --device-type and --debug: which checkpoint to chat with, and where."""
     group = parser.add_argument_group("model")
-    group.add_argument("-i", "--source", default="sft", choices=("base", "mid", "sft", "rl"), help="checkpoint family")
-    group.add_argument("-g", "--model-tag", default=None, help="checkpoint directory tag; none = the largest d<N>")
-    group.add_argument("-s", "--step", type=int, default=None, help="checkpoint step; none = the last one")
+    add_checkpoint_flags(group, default="sft")
     group.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
     add_debug_flag(parser)
     return parser

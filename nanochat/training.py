@@ -1,7 +1,5 @@
-"""
-What every training stage shares, each in one place: the scaling rules behind `--depth`, the schedules, the
-optimizer step, the device batch-size probe and the step line's bookkeeping. nanochat/loop.py runs them.
-"""
+"""What every training stage shares: the scaling rules behind `--depth`, the schedules, the optimizer step, the
+device batch-size probe and the step line's bookkeeping. nanochat/loop.py runs them."""
 
 import argparse
 import ctypes
@@ -36,12 +34,9 @@ def configure_cpu_threads(num_threads=None):
 
 
 def keep_freed_heap_memory():
-    """glibc only: serve large allocations from the heap and keep freed memory for reuse; False elsewhere.
-
-    By default a large tensor (over the mmap threshold, 32 MB at most) is a fresh mmap, so the fp32 (N, V) logits
-    and their temporaries page-fault and get zeroed by the kernel on every step: ~25% of a d4 fp32 CPU step
-    (docs/performance.md). Allocation changes no number.
-    """
+    """glibc only: serve large allocations from the heap and keep freed memory for reuse; False elsewhere."""
+    # Otherwise a tensor over the mmap threshold (32 MB at most) is a fresh mmap: the fp32 (N, V) logits page-fault
+    # and get zeroed by the kernel every step, ~25% of a d4 fp32 CPU step. Allocation changes no number.
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -55,8 +50,8 @@ def keep_freed_heap_memory():
 
 
 def config_for_depth(depth, aspect_ratio=64, head_dim=128, max_seq_len=2048, window_pattern="SSSL", vocab_size=32768):
-    """GPTConfig from the depth dial: width = depth * aspect_ratio rounded UP to a multiple of head_dim,
-    so the head dim is exactly `head_dim` (FA3 wants it a multiple of 8) even for odd depths."""
+    """GPTConfig from the depth dial: width = depth * aspect_ratio rounded UP to a multiple of head_dim (so the head
+    dim is exactly `head_dim`, FA3 wants a multiple of 8, even for odd depths)."""
     from nanochat.gpt import GPTConfig
 
     model_dim = -(-depth * aspect_ratio // head_dim) * head_dim
@@ -76,12 +71,6 @@ class ScalingPlan:
     target_tokens: int
 
 
-def auto_total_batch_size(target_tokens, ref_tokens):
-    """Nearest power of two to B_REF * (D / D_ref)^0.383 (Power Lines, arXiv 2505.13738: B_opt ∝ D^0.383)."""
-    predicted = B_REF * (target_tokens / ref_tokens) ** 0.383
-    return 2 ** round(math.log2(predicted))
-
-
 def scaling_plan(scaling_params, ref_scaling_params, flops_per_token, total_batch_size=-1,
                  num_iterations=-1, target_flops=-1.0, target_param_data_ratio=12.0, weight_decay=0.28):
     """Batch size, LR scale, weight decay and horizon from the model's scaling params (transformer matrices +
@@ -90,8 +79,8 @@ def scaling_plan(scaling_params, ref_scaling_params, flops_per_token, total_batc
         raise ValueError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
     target_tokens = int(target_param_data_ratio * scaling_params)
     ref_tokens = target_param_data_ratio * ref_scaling_params
-    if total_batch_size == -1:
-        total_batch_size = auto_total_batch_size(target_tokens, ref_tokens)
+    if total_batch_size == -1:  # the power of two nearest B_opt ∝ D^0.383 (Power Lines, arXiv 2505.13738)
+        total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / ref_tokens) ** 0.383))
     # sqrt rule for LR vs batch size (used for Muon too, as an assumption).
     batch_lr_scale = math.sqrt(total_batch_size / B_REF)
     # T_epoch framework (arXiv 2405.13698): keep B / (lr * wd * D) constant across scales.
@@ -215,10 +204,6 @@ class StepResult:
     skipped: bool = False  # fp16: the GradScaler found inf/NaN gradients and every rank skipped the update
 
 
-def _default_loss(model, inputs, targets):
-    return model(inputs, targets)
-
-
 def _all_reduce(tensor, op):
     if dist_world_size() > 1:
         dist.all_reduce(tensor, op=op)
@@ -227,11 +212,8 @@ def _all_reduce(tensor, op):
 
 def _loss_verdict(losses):
     """Start summing the step's losses and counting the non-finite ones over all ranks; returns a function that
-    waits for [loss sum, non-finite count, loss count].
-
-    The optimizer step must wait for this answer, so the host waits once per step. Queued before the last
-    backward, the wait ends while the GPU still runs that backward, and the host launches the optimizer step
-    behind it; queued after the backward, the wait drained the GPU's queue every step."""
+    waits for [loss sum, non-finite count, loss count]. Queue it before the last backward: the host's wait then
+    ends while the GPU still runs that backward (after it, the wait would drain the GPU's queue every step)."""
     stacked = torch.stack(losses).float()
     finite = torch.isfinite(stacked)
     totals = torch.stack([torch.where(finite, stacked, 0.0).sum(), (~finite).sum().float(),
@@ -252,25 +234,19 @@ def _loss_verdict(losses):
 
 
 class TrainStep:
-    """One optimizer step: forward and backward over `grad_accum_steps` micro-batches, one all-reduced verdict
-    on their losses, then the optimizer. The caller (TrainLoop) fetches the micro-batches and so alone knows
-    where the loader stands.
-
-    loss_fn(model, inputs, targets) -> the micro-batch's mean loss (default: model(inputs, targets)).
-    scaler: a torch.amp.GradScaler on the fp16 path.
-    """
+    """One optimizer step over `grad_accum_steps` micro-batches, with one all-reduced verdict on their losses.
+    loss_fn(model, inputs, targets) -> the micro-batch's mean loss; scaler: a GradScaler on the fp16 path."""
 
     def __init__(self, model, optimizer, grad_accum_steps, scaler=None, loss_fn=None, oom_hint=""):
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.grad_accum_steps = grad_accum_steps
-        self.loss_fn = loss_fn or _default_loss
+        self.loss_fn = loss_fn or (lambda model, inputs, targets: model(inputs, targets))
         self.oom_hint = oom_hint
 
     def __call__(self, micro_batches, lrm=1.0, momentum=None, weight_decay=None):
-        """Train on the (inputs, targets) of `micro_batches` (exactly grad_accum_steps of them) at the scheduled
-        hyperparameters; returns a StepResult."""
+        """Train on `micro_batches` ((inputs, targets), exactly grad_accum_steps) at the scheduled hyperparameters."""
         apply_schedule(self.optimizer, lrm, momentum=momentum, weight_decay=weight_decay)
         losses, tokens = [], 0
         try:
@@ -320,15 +296,6 @@ def batch_size_candidates(total_batch_size, seq_len, world_size, largest=64):
     return sorted(sizes, reverse=True)
 
 
-def _memory_budget(device):
-    """Bytes this process may fill: what it holds plus what is free on the card, capped by a per-process memory
-    fraction when one is set (the way to emulate a 12 GB card on a bigger one)."""
-    free, total = torch.cuda.mem_get_info(device)
-    budget = torch.cuda.memory_reserved(device) + free
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
-    return min(budget, int(fraction * total)) if fraction < 1.0 else budget
-
-
 def _everywhere(flag, device):
     """True when `flag` holds on every rank (a MIN all-reduce; the flag itself in a single process)."""
     if dist_world_size() == 1:
@@ -337,15 +304,18 @@ def _everywhere(flag, device):
 
 
 def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print):
-    """The largest device batch size in `candidates` for which `try_batch(B)` (one real forward + backward at B rows,
-    model and optimizer state already allocated) raises no OOM and, on CUDA, peaks within `margin` of what this
-    process can have (room for fragmentation and the optimizer's temporaries)."""
+    """The largest of `candidates` for which `try_batch(B)` raises no OOM and, on CUDA, peaks within `margin` of what
+    this process can have (room for fragmentation and the optimizer's temporaries)."""
     if not candidates:
         raise ConfigError("no device batch size divides the total batch evenly; set --device-batch-size and --total-batch-size explicitly")
     budget = None
     if device.type == "cuda":
         torch.cuda.empty_cache()  # what the cache holds is free for the probe too
-        budget = _memory_budget(device)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = torch.cuda.memory_reserved(device) + free  # what this process holds plus what is free on the card
+        fraction = torch.cuda.get_per_process_memory_fraction(device)
+        if fraction < 1.0:  # a per-process cap (to emulate a 12 GB card on a bigger one)
+            budget = min(budget, int(fraction * total))
     for b in candidates:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -367,8 +337,8 @@ def probe_device_batch_size(try_batch, candidates, device, margin=0.9, log=print
 
 
 def probe_training_step(model, optimizer, seq_len, vocab_size, device):
-    """A `try_batch` for probe_device_batch_size: forward + backward of random tokens through `model`, leaving no
-    gradients behind; its `reset()` drops the optimizer state the probe allocated."""
+    """A `try_batch` for probe_device_batch_size: forward + backward of random tokens, leaving no gradients behind;
+    its `reset()` drops the optimizer state the probe allocated."""
     # An optimizer without state gets it from one zero-LR step on zero gradients (the weights stay exactly as they
     # are), so its memory is counted. One with state (SFT's warm start) keeps it: a zero step would decay its moments.
     owns_state = not optimizer.state
@@ -431,7 +401,7 @@ CPU_DEVICE_BATCH_SIZE = 32  # what --device-batch-size auto means where no memor
 
 
 def add_device_batch_size_flag(group, default):
-    """--device-batch-size for the stages that probe it (base, mid, SFT); `default` None = inherit from the source."""
+    """--device-batch-size of base, mid and SFT; `default` None = inherit from the source."""
     group.add_argument("--device-batch-size", type=device_batch_size_arg, default=default,
                        help=f"rows per micro-batch per rank; auto = the largest that fits (probed on CUDA), {CPU_DEVICE_BATCH_SIZE} elsewhere")
 
@@ -475,8 +445,7 @@ def resolve_device_batch_size(value, fallback, model, optimizer, total_batch_siz
 
 
 def mfu_label(device_type, dtype):
-    """The step line's name for MFU: against the card's bf16 peak on CUDA ("bf16_mfu"), elsewhere against the
-    measured matmul rate in the compute dtype ("cpu_fp32_mfu")."""
+    """The step line's name for MFU: "bf16_mfu" (the card's peak) on CUDA, else e.g. "cpu_fp32_mfu" (measured rate)."""
     if device_type == "cuda":
         return "bf16_mfu"
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
@@ -485,8 +454,7 @@ def mfu_label(device_type, dtype):
 
 @dataclass
 class StepMeter:
-    """EMA of the loss (debiased), tok/s, MFU and ETA. Steps up to `warmup` are left out of the timing
-    (torch.compile warm-up); a step's tokens default to `tokens_per_step` (pass them when they vary)."""
+    """EMA of the loss (debiased), tok/s, MFU and ETA; steps up to `warmup` (torch.compile) are not timed."""
 
     tokens_per_step: int
     flops_per_token: float
@@ -505,7 +473,7 @@ class StepMeter:
         self._t0 = time.perf_counter()
 
     def stop(self, step, loss, progress, sync=None, tokens=None):
-        """Record step `step` (taken at `progress` in [0, 1]) with its loss; returns a dict of the step's metrics."""
+        """Record step `step` (at `progress` in [0, 1]); `tokens` defaults to tokens_per_step. Returns its metrics."""
         if sync:
             sync()
         dt = time.perf_counter() - self._t0
@@ -538,7 +506,6 @@ class StepMeter:
         self.timed_tokens = state.get("timed_tokens", self.timed_steps * self.tokens_per_step)
 
     def format_line(self, step, num_iterations, progress, m, lrm, extra=""):
-        """The one-line step log: step (of the total when known), progress, loss, lrm, dt, tok/s, MFU, time, ETA."""
         total = f"/{num_iterations:05d}" if num_iterations else ""
         mfu = f"{m['mfu']:.2f}" if m["mfu"] is not None else "n/a"
         eta = f"{m['eta'] / 60:.1f}m" if m["eta"] is not None else "n/a"

@@ -85,8 +85,7 @@ def _evaluate(args):
     from nanochat import checkpoint_manager
     from nanochat.report import get_report
 
-    device_type = args.device_type or autodetect_device_type()
-    _, rank, _, world_size, device = compute_init(device_type)
+    _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
     model, tokenizer, meta = checkpoint_manager.load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     step = meta["step"]
     seq_len = meta["model_config"]["sequence_len"]
@@ -114,24 +113,16 @@ def _evaluate(args):
                 raise
             # One of several evaluations: the others still count (offline runs have no eval bundle).
             log.warning("CORE skipped: %s", " ".join(str(err).split()))
-    if core is not None:
-        if rank == 0:
-            path = os.path.join(get_base_dir(), "base_eval", f"{slug}.csv")
-            atomic_write(path, format_results_csv(core["results"], core["centered_results"], core["core_metric"]))
-            log.info("Wrote %s", path)
-            log.info("CORE metric: %.4f (%.1fs)", core["core_metric"], time.time() - t0)
+    if core is not None and rank == 0:
+        path = os.path.join(get_base_dir(), "base_eval", f"{slug}.csv")
+        atomic_write(path, format_results_csv(core["results"], core["centered_results"], core["core_metric"]))
+        log.info("Wrote %s", path)
+        log.info("CORE metric: %.4f (%.1fs)", core["core_metric"], time.time() - t0)
 
-    data = {"model": name}
-    if core is not None:
-        data["CORE metric"] = core["core_metric"]
-    for split, value in bpb.items():
-        data[f"{split} bpb"] = value
-    if core is not None:
-        data.update(core["centered_results"])
-    for i, text in enumerate(samples or []):
-        data[f"sample {i}"] = text
-    for i, text in enumerate(unconditioned or []):
-        data[f"unconditioned {i}"] = text
+    data = {"model": name, **({"CORE metric": core["core_metric"]} if core is not None else {}),
+            **{f"{split} bpb": value for split, value in bpb.items()}, **(core["centered_results"] if core is not None else {}),
+            **{f"sample {i}": text for i, text in enumerate(samples or [])},
+            **{f"unconditioned {i}": text for i, text in enumerate(unconditioned or [])}}
     # Evaluating a mid/sft/rl checkpoint here must not overwrite the base model's report section.
     section = "Base model evaluation" if args.source == "base" else f"Base-style evaluation {args.source}"
     get_report().log(section=section, data=[data])

@@ -6,8 +6,7 @@ Many GPUs:       torchrun --standalone --nproc_per_node=8 -m scripts.base_train 
 Tiny CPU run:    python -m scripts.base_train --depth=4 --max-seq-len=512 --device-batch-size=8 --num-iterations=50
 
 `--depth` is the one dial: width, heads, batch size, horizon, learning rates and weight decay follow
-from it (see nanochat/training.py for the scaling rules and the papers behind them). The loop itself
-is nanochat/loop.py, shared with midtraining, SFT and RL.
+from it (the scaling rules in nanochat/training.py).
 """
 
 import argparse
@@ -15,6 +14,7 @@ import json
 import logging
 import os
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 
@@ -27,14 +27,12 @@ from nanochat.dataloader import (tokenizing_distributed_data_loader_bos_bestfit,
 from nanochat.engine import complete_prompts
 from nanochat.flash_attention import log_attention_plan
 from nanochat.gpt import GPT
-from nanochat.loop import (Checkpointer, FixedHorizon, Periodic, TrainLoop, model_config_meta, start_run,
-                           token_batch_step)
+from nanochat.loop import Checkpointer, Periodic, TrainLoop, start_run, token_batch_step
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 log = logging.getLogger("nanochat.base_train")
-
 
 
 def build_parser():
@@ -98,7 +96,7 @@ def main(argv=None):
             return GPT(config)
 
     model = meta_model(args.depth)
-    log.info("Model config: %s", json.dumps(model_config_meta(model)))
+    log.info("Model config: %s", json.dumps(asdict(model.config)))
     model.to_empty(device=device)
     model.init_weights()
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
@@ -182,14 +180,14 @@ def main(argv=None):
         orig_model.train()
 
     checkpointer = Checkpointer(checkpoint_dir, args.save_every, orig_model, optimizer, meta=dict(
-        model_config=model_config_meta(orig_model), user_config=user_config, device_batch_size=B, max_seq_len=T,
+        model_config=asdict(orig_model.config), user_config=user_config, device_batch_size=B, max_seq_len=T,
         total_batch_size=total_batch_size, world_size=run.world_size))
     schedule = lambda it, progress: dict(  # noqa: E731
         lrm=training.lr_multiplier(it, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac),
         momentum=training.muon_momentum(it, num_iterations, args.warmdown_ratio),
         weight_decay=training.muon_weight_decay(it, num_iterations, plan.weight_decay))
     train = TrainLoop(
-        step=step, batches=train_loader, horizon=FixedHorizon(num_iterations), schedule=schedule,
+        step=step, batches=train_loader, horizon=num_iterations, schedule=schedule,
         periodic=[job for job in (Periodic("val bpb", args.eval_every, val_bpb, at_start=True),
                                   Periodic("CORE", args.core_metric_every, core_metric),
                                   Periodic("samples", args.sample_every, samples, master_only=True))

@@ -7,8 +7,7 @@ Chat with a model in the terminal; replies stream token by token.
 
 Type 'clear' for a new conversation and 'quit' or 'exit' (or Ctrl-D) to leave; Ctrl-C stops a reply midway.
 Calculator calls show as [calculator: 12/60 = 0.2]. When the conversation outgrows the model's context, its
-oldest turns are dropped, with a note saying so. The prompt, context and display code is nanochat/serving.py,
-shared with the web server.
+oldest turns are dropped, with a note saying so.
 """
 
 import argparse
@@ -43,12 +42,6 @@ def build_parser():
     p.add_argument("--seed", type=seed_flag, default=-1,
                    help="seed of the first reply; reply i uses seed + i (-1 = a random one, printed at startup)")
     return add_model_flags(p)
-
-
-def check_args(args):
-    problems = sampling_flag_problems(args)
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 def respond(replica, tokenizer, messages, args, seed, out=print):
@@ -123,7 +116,9 @@ def chat_loop(replica, tokenizer, args, seed, read=input, out=print):
 def main(argv=None):
     setup_default_logging()
     args = build_parser().parse_args(argv)
-    check_args(args)
+    problems = sampling_flag_problems(args)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
     replica, _ = load_replica(args, device)

@@ -14,13 +14,14 @@ the report). pass@k on held-out problems every --eval-every steps.
 import argparse
 import logging
 import os
+from dataclasses import asdict
 
 from nanochat import training
 from nanochat.checkpoint_manager import add_checkpoint_flags, get_checkpoints_dir, load_optimizer_state
 from nanochat.common import add_runtime_flags, script_main, setup_default_logging
 from nanochat.engine import Engine
 from nanochat.finetune import load_start, make_optimizer
-from nanochat.loop import Checkpointer, FixedHorizon, Periodic, TrainLoop, model_config_meta, start_run
+from nanochat.loop import Checkpointer, Periodic, TrainLoop, start_run
 from nanochat.report import get_report
 from nanochat.rl import RolloutStream, evaluate_pass_at_k, mean_over_ranks, policy_gradient_loss
 from tasks.common import fallbacks_used, gsm8k_or_synthetic
@@ -92,10 +93,10 @@ def main(argv=None):
         return {"reward": reward, "sequence_length": length}
 
     checkpointer = Checkpointer(os.path.join(get_checkpoints_dir("rl"), start.tag), args.save_every, model, optimizer, meta=dict(
-        model_config=model_config_meta(model), user_config=user_config, world_size=run.world_size, source=args.source))
+        model_config=asdict(model.config), user_config=user_config, world_size=run.world_size, source=args.source))
     model.train()
     # Rollouts come from the current weights, so nothing may be fetched before the previous update: no prefetch.
-    result = TrainLoop(step=step, batches=stream, horizon=FixedHorizon(num_steps), prefetch=False, periodic=[
+    result = TrainLoop(step=step, batches=stream, horizon=num_steps, prefetch=False, periodic=[
                            Periodic("pass@k", args.eval_every, pass_at_k, at_start=True, at_last=False)] if args.eval_every > 0 else [],
                        schedule=lambda it, progress: {"lrm": training.linear_decay(it, num_steps)},
                        checkpointer=checkpointer, meter=run.meter(0, model.estimate_flops()),

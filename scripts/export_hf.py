@@ -14,19 +14,16 @@ Writes the report line "Hugging Face export". The export itself is nanochat/hf_e
 import argparse
 import logging
 
+from nanochat.checkpoint_manager import add_checkpoint_flags
 from nanochat.common import add_debug_flag, autodetect_device_type, compute_cleanup, compute_init, script_main, setup_default_logging
 
 log = logging.getLogger("nanochat.export_hf")
-
-SOURCES = ("base", "mid", "sft", "rl")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Export a nanochat checkpoint as a Hugging Face transformers folder.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", choices=SOURCES, default="sft", help="checkpoint family to export")
-    p.add_argument("-g", "--model-tag", default=None, help="checkpoint directory tag (default: the largest d<N>)")
-    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
+    add_checkpoint_flags(p, default="sft", source_help="checkpoint family to export")
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weight dtype in model.safetensors (float32 is exact; bfloat16 halves the size)")

@@ -14,12 +14,11 @@ also reaches it by name: simple_evaluate(model="nanochat", model_args="source=sf
 import argparse
 import logging
 
+from nanochat.checkpoint_manager import add_checkpoint_flags
 from nanochat.common import (ConfigError, add_debug_flag, autodetect_device_type, compute_cleanup, compute_init, script_main,
                              setup_default_logging)
 
 log = logging.getLogger("nanochat.lm_eval")
-
-SOURCES = ("base", "mid", "sft", "rl")
 
 
 def parse_limit(text):
@@ -33,9 +32,7 @@ def parse_limit(text):
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a nanochat checkpoint with lm-evaluation-harness.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", choices=SOURCES, default="base", help="checkpoint family to evaluate")
-    p.add_argument("-g", "--model-tag", default=None, help="checkpoint directory tag (default: the largest d<N>)")
-    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last one)")
+    add_checkpoint_flags(p, default="base", source_help="checkpoint family to evaluate")
     p.add_argument("--tasks", required=True, help="comma list of lm-eval task (or group) names")
     p.add_argument("--limit", type=parse_limit, default=None, help="examples per task (or a fraction < 1); default all")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's own)")

@@ -6,8 +6,7 @@ One GPU / CPU:   python -m scripts.mid_train
 Many GPUs:       torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --run=mid
 Tiny CPU run:    python -m scripts.mid_train --max-seq-len=512 --device-batch-size=8 --total-batch-size=4096 --num-iterations=100
 
-Reads base_checkpoints/<tag>, writes mid_checkpoints/<tag> and the report section "Midtraining". The
-mixture is tasks/mixtures.py's; the loop, schedules and checkpoints are nanochat/finetune.py's.
+Reads base_checkpoints/<tag>, writes mid_checkpoints/<tag> and the report section "Midtraining".
 """
 
 import argparse

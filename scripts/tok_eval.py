@@ -48,10 +48,6 @@ def shard_texts():
     return texts
 
 
-def _colored(cells, color, use_color):
-    return [f"{color}{c}{RESET}" if use_color and color else c for c in cells]
-
-
 def print_comparison(baseline_name, rows, use_color):
     """rows: [(name, bytes, baseline_tokens, baseline_ratio, our_tokens, our_ratio)]."""
     print(f"\nComparison with {baseline_name}:")
@@ -67,9 +63,11 @@ def print_comparison(baseline_name, rows, use_color):
             better, b_color, o_color = baseline_name, GREEN, RED
         else:
             better, b_color, o_color = "Tie", "", ""
-        b_cells = _colored([f"{b_tok:<7}", f"{b_ratio:<7.2f}"], b_color, use_color)
-        o_cells = _colored([f"{o_tok:<7}", f"{o_ratio:<7.2f}"], o_color, use_color)
-        print(f"{name:<14} {n_bytes:<8} {b_cells[0]} {b_cells[1]} {o_cells[0]} {o_cells[1]} {diff:+7.1f}%     {better}")
+        if not use_color:
+            b_color = o_color = ""
+        b_end, o_end = RESET if b_color else "", RESET if o_color else ""
+        print(f"{name:<14} {n_bytes:<8} {b_color}{b_tok:<7}{b_end} {b_color}{b_ratio:<7.2f}{b_end} "
+              f"{o_color}{o_tok:<7}{o_end} {o_color}{o_ratio:<7.2f}{o_end} {diff:+7.1f}%     {better}")
 
 
 def comparison_markdown(baseline_name, rows):

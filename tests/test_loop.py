@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import load_checkpoint
-from nanochat.loop import Checkpointer, DataHorizon, FixedHorizon, Periodic, TrainLoop
+from nanochat.loop import Checkpointer, Periodic, TrainLoop
 from nanochat.training import StepMeter, TrainStep
 
 
@@ -38,7 +38,7 @@ def _loop(tmp_path, num_iterations=6, every=2, save_every=3, calls=None, horizon
                 Periodic("late", every, lambda s: calls.append(("late", s)))]
     checkpointer = Checkpointer(str(tmp_path / "ckpt"), save_every, model, optimizer, meta={"model_config": {"n": 3}})
     return TrainLoop(step=TrainStep(model, optimizer, 1), batches=batches or _batches(), schedule=lambda s, p: {"lrm": 1.0 - p},
-                     horizon=horizon or FixedHorizon(num_iterations), periodic=periodic, checkpointer=checkpointer,
+                     horizon=horizon or num_iterations, periodic=periodic, checkpointer=checkpointer,
                      meter=StepMeter(6, 1.0, None), wandb_run=_NullRun()), calls
 
 
@@ -84,7 +84,7 @@ def test_resume_from_a_meta_without_loop_state_starts_the_meters_fresh(tmp_path,
 
 
 def test_data_horizon_stops_when_the_pending_batch_is_past_the_data(tmp_path):
-    horizon = DataHorizon(lambda state: (min(1.0, (state["batch"] + 1) / 4), state["done"]), torch.device("cpu"))
+    horizon = lambda state: (min(1.0, (state["batch"] + 1) / 4), state["done"])  # noqa: E731
     loop, _ = _loop(tmp_path, horizon=horizon, batches=_batches(4), save_every=-1)
     result = loop.run()
     # batches 0..3 exist; batch 3 is flagged done, so it is prefetched but never trained on
@@ -109,7 +109,7 @@ def test_a_resumed_loop_trains_on_exactly_the_batches_the_uninterrupted_one_did(
             g["initial_lr"] = g["lr"]
         seen = lambda m, x, y: out.append(int(x[0, 0])) or m(x, y)  # noqa: E731
         loop = TrainLoop(step=TrainStep(model, optimizer, 2, loss_fn=seen), batches=loader(), prefetch=prefetch,
-                         horizon=FixedHorizon(num_iterations), schedule=lambda s, p: {"lrm": 1.0}, periodic=[],
+                         horizon=num_iterations, schedule=lambda s, p: {"lrm": 1.0}, periodic=[],
                          checkpointer=Checkpointer(str(tmp_path / f"ckpt{prefetch}"), 3, model, optimizer),
                          meter=StepMeter(6, 1.0, None), wandb_run=_NullRun())
         loop.run(resume=resume)
@@ -138,6 +138,23 @@ def test_every_checkpoint_loading_script_declares_the_same_source_flags():
     assert evals[0]["-g"][1] is None and evals[0]["-s"][1] is None and "largest d<N>" in evals[0]["-g"][2]
     assert "-i" not in evals[1] and evals[2]["-i"][1] is None  # base_loss reads base only; chat_eval requires -i
     assert [f["-i"][1] for f in trainers] == ["sft", "base", "mid"]
+
+
+def test_the_chat_lm_eval_and_export_scripts_declare_the_evaluators_checkpoint_flags():
+    """chat_cli, chat_web, lm_eval and export_hf take -i/-g/-s from the helper base_eval uses: none can drift."""
+    from scripts import base_eval, chat_cli, chat_web, export_hf, lm_eval
+
+    def flags(module):
+        return {a.option_strings[0]: a for a in module.build_parser()._actions if a.option_strings[:1] in (["-i"], ["-g"], ["-s"])}
+
+    reference = flags(base_eval)
+    for module, default in ((chat_cli, "sft"), (chat_web, "sft"), (lm_eval, "base"), (export_hf, "sft")):
+        declared = flags(module)
+        for flag in ("-g", "-s"):
+            assert (declared[flag].option_strings, declared[flag].default, declared[flag].help) == \
+                (reference[flag].option_strings, reference[flag].default, reference[flag].help), (module.__name__, flag)
+        assert declared["-i"].option_strings == ["-i", "--source"] and declared["-i"].default == default
+        assert tuple(declared["-i"].choices) == ("base", "mid", "sft", "rl"), module.__name__
 
 
 def test_a_job_without_a_period_runs_only_where_its_start_and_last_flags_say():

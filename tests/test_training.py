@@ -494,7 +494,7 @@ def test_usable_cores_is_the_affinity_mask_everywhere_it_is_counted(monkeypatch)
 def _guarded_collectives():
     """Every module's "more than one rank?" guard, called the way a single process calls it."""
     from nanochat import chateval, checkpoint_manager, dataloader, rl
-    from nanochat.loop import DataHorizon
+    from nanochat.loop import TrainLoop
 
     t = torch.ones(2)
     assert training._all_reduce(t, dist.ReduceOp.SUM) is t
@@ -503,7 +503,9 @@ def _guarded_collectives():
     assert chateval._reduce_counts(3, 4, torch.device("cpu")) == (3, 4)
     checkpoint_manager._barrier()
     assert dataloader.gather_loader_states({"epoch": 1}) == {"epoch": 1}
-    assert DataHorizon(lambda state: (0.5, True), torch.device("cpu"))(0, None) == (0.5, True)
+    loop = TrainLoop(step=TrainStep(torch.nn.Linear(2, 2), None, 1), batches=None, horizon=lambda state: (0.5, True),
+                     schedule=None, periodic=[], checkpointer=None, meter=None, wandb_run=None)
+    assert loop.progress(0) == (0.5, True)
 
 
 def test_a_world_of_one_enters_no_collective_with_or_without_a_process_group(monkeypatch):
