@@ -33,9 +33,11 @@ _FORBIDDEN_WORDS = ("__", "import", "exec", "eval", "compile", "open", "file", "
 
 
 class KVCache:
-    """Keys and values of every layer for B rows, each at its own position: k_cache, v_cache (n_layers, B, T_max,
+    """Keys and values of every layer for B rows, each at its own position: k_cache, v_cache (n_layers, B, T,
     n_kv_heads, head_dim); lengths (host) and cache_seqlens ((B,) int32) count each row's positions; prev_embedding
-    (B, 1, n_embd) or None feeds the model's smear. The model writes get_layer_cache(i), then calls advance(T)."""
+    (B, 1, n_embd) or None feeds the model's smear. The model writes get_layer_cache(i), then calls advance(T).
+    A cache made with rows holds all seq_len positions; one that gets its rows later (add_rows) holds what they
+    fill, and reserve(rows, positions) grows it."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=None):
         if batch_size < 0 or min(num_heads, seq_len, head_dim, num_layers) < 1:
@@ -45,11 +47,12 @@ class KVCache:
         self.device, self.max_seq_len = device, seq_len
         self.n_layers, self.n_heads, self.head_dim = num_layers, num_heads, head_dim
         self._k = self._v = self.prev_embedding = None  # storage: rows come (add_rows) and go (keep_rows) inside it
-        self.reserve(batch_size)
+        self.reserve(batch_size, seq_len if batch_size else None)
         self._set_lengths([0] * batch_size)
 
     batch_size = property(lambda self: len(self.lengths))
     capacity = property(lambda self: 0 if self._k is None else self._k.size(1))
+    positions = property(lambda self: 0 if self._k is None else self._k.size(2))  # stored; max_seq_len is the limit
     k_cache = property(lambda self: None if self._k is None else self._k[:, :len(self.lengths)])
     v_cache = property(lambda self: None if self._v is None else self._v[:, :len(self.lengths)])
 
@@ -95,7 +98,7 @@ class KVCache:
         first = len(self.lengths)
         if first and (source.prev_embedding is None) != (self.prev_embedding is None):
             raise ValueError("every row needs a previous embedding (the smear), or none does")
-        self.reserve(first + copies)
+        self.reserve(first + copies, n)
         self._k[:, first:first + copies, :n] = source.k_cache[:, :, :n]  # (L, 1|copies, n, H, D) broadcast over the copies
         self._v[:, first:first + copies, :n] = source.v_cache[:, :, :n]
         if source.prev_embedding is not None:
@@ -119,11 +122,17 @@ class KVCache:
             self.prev_embedding = self.prev_embedding[rows]
         self._set_lengths([self.lengths[r] for r in rows])
 
-    def reserve(self, rows):
-        """Storage for at least `rows` rows, keeping the live ones."""
-        if rows <= self.capacity:
+    def reserve(self, rows, positions=None):
+        """Storage for at least `rows` rows and `positions` positions (None: those it has), keeping the live ones."""
+        if positions is not None and positions > self.max_seq_len:
+            raise RuntimeError(f"KV cache overflow: {positions} positions > capacity {self.max_seq_len}")
+        if rows <= self.capacity and (positions or 0) <= self.positions:
             return
-        shape = (self.n_layers, rows, self.max_seq_len, self.n_heads, self.head_dim)
+        if positions is None:
+            positions = self.positions
+        else:  # doubling: a row growing one position per step reallocates a few times, not at every step
+            positions = min(self.max_seq_len, max(positions, 2 * self.positions))
+        shape = (self.n_layers, max(rows, self.capacity), positions, self.n_heads, self.head_dim)
         k = torch.zeros(shape, device=self.device, dtype=self.dtype)  # attention reads masked positions: keep them finite
         v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         if self._k is not None:
@@ -173,18 +182,29 @@ def top_p_filter(logits, top_p, temperature):
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
-    """One token per row from logits (B, V) -> (B, 1) int64. temperature 0 is greedy (no softmax, top_k and
-    top_p ignored); top_k None or <= 0 and top_p 1.0 sample from the full softmax."""
+    """One token per row from logits (B, V) -> (B, 1) int64. rng: one generator for every row, or [(generator,
+    rows), ...] for consecutive blocks of rows, each drawing what it would draw alone. temperature 0 is greedy (no
+    softmax, top_k and top_p ignored); top_k None or <= 0 and top_p 1.0 sample from the full softmax."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return argmax_rows(logits)
-    logits = top_p_filter(logits, top_p, temperature)
+    logits, indices = top_p_filter(logits, top_p, temperature), None
     if top_k is not None and top_k > 0:
-        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k) each
-        choice = torch.multinomial(F.softmax(values / temperature, dim=-1), num_samples=1, generator=rng)  # (B, 1) into the top k
-        return indices.gather(-1, choice)
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1, generator=rng)
+        logits, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k) each
+    probs = F.softmax(logits / temperature, dim=-1)
+    if not torch.isfinite(probs).all():
+        raise RuntimeError("the model's logits hold NaN or inf: nothing can be sampled from them")
+    # torch.multinomial(probs, 1, generator) takes argmax(probs / q) with q ~ Exp(1) drawn from the generator.
+    # Drawing each block's q from its own generator gives the same tokens in three kernels for the whole batch,
+    # where a multinomial per generation costs about ten (tests pin the equality).
+    q = torch.empty_like(probs)
+    start = 0
+    for generator, rows in [(rng, len(probs))] if rng is None or isinstance(rng, torch.Generator) else rng:
+        q[start:start + rows].exponential_(generator=generator)
+        start += rows
+    choice = (probs / q).argmax(dim=-1, keepdim=True)  # (B, 1)
+    return choice if indices is None else indices.gather(-1, choice)
 
 
 # -----------------------------------------------------------------------------
@@ -312,6 +332,7 @@ def model_device(model):
 
 def last_logits(model, ids, kv_cache):
     """Logits (B, V) of the last position of ids (B, T), advancing kv_cache by T."""
+    kv_cache.reserve(ids.size(0), max(kv_cache.lengths, default=0) + ids.size(1))  # a batch's cache grows with its rows
     if hasattr(model, "hidden_states") and hasattr(model, "logits"):
         # GPT: the head on the last position only; over a whole prompt it would cost a (T, n_embd) x (n_embd, V)
         # matmul and a (T, V) fp32 tensor for nothing. Other models (the tests' mocks) go through forward.
@@ -377,25 +398,29 @@ class DecodeBatch:
         self.rows += [(gen, s) for s in range(gen.num_samples)]
         self.running.append(gen)
         # Expanding the logits (not a sampled token) lets every sample draw its own first token.
-        self._sample([(gen, logits.expand(gen.num_samples, -1), range(gen.num_samples))])
+        self._sample(logits.expand(gen.num_samples, -1), [(gen, range(gen.num_samples))])
 
     def step(self):
         """One forward over every row, then a column for every running generation; returns those generations."""
         ids = torch.tensor([[gen.column[s]] for gen, s in self.rows], dtype=torch.long, device=self.device)  # (B, 1)
         logits = last_logits(self.model, ids, self.cache)  # (B, V)
         self.steps += 1
-        work, start = [], 0
-        for gen, rows in itertools.groupby(self.rows, key=lambda row: row[0]):  # a generation's rows are adjacent
-            samples = [s for _, s in rows]
-            work.append((gen, logits[start:start + len(samples)], samples))  # (its rows, V), in sample order
-            start += len(samples)
-        self._sample(work)
-        return [gen for gen, _, _ in work]
+        # A generation's rows are adjacent, in sample order.
+        work = [(gen, [s for _, s in rows]) for gen, rows in itertools.groupby(self.rows, key=lambda row: row[0])]
+        self._sample(logits, work)
+        return [gen for gen, _ in work]
 
-    def _sample(self, work):
-        drawn = [sample_next_token(logits, gen.rng, gen.temperature, gen.top_k, gen.top_p) for gen, logits, _ in work]
+    def _sample(self, logits, work):
+        """A token for each row of `logits` (B, V): the rows of the (generation, samples) pairs of `work`, in order."""
+        drawn, start = [], 0
+        # Consecutive generations with the same settings sample in one call, each from its own generator.
+        for settings, block in itertools.groupby(work, key=lambda w: (w[0].temperature, w[0].top_k, w[0].top_p)):
+            rngs = [(gen.rng, len(samples)) for gen, samples in block]
+            rows = sum(n for _, n in rngs)
+            drawn.append(sample_next_token(logits[start:start + rows], rngs, *settings))
+            start += rows
         sampled = iter(torch.cat(drawn)[:, 0].tolist())  # (B, 1) -> B ints: one host sync for the whole batch
-        for gen, _, samples in work:
+        for gen, samples in work:
             # An ended sample (no row any more) repeats its stop token with mask 0.
             gen.column, gen.masks = list(gen.terminal), [0] * gen.num_samples
             for s in samples:

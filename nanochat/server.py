@@ -78,10 +78,11 @@ class ReplicaPool:
         replica = min(self.replicas,  # the fewest rows in use or waiting
                       key=lambda r: sum(r.scheduler.stats()[k] for k in ("active_rows", "queued_requests")))
         loop, ready, wake = asyncio.get_running_loop(), collections.deque(), asyncio.Event()
+        waiting = False  # the reader sleeps on `wake`: only then does a column need to wake it
 
         def deliver(item):  # on the batch's thread: a column, then END or the error
-            ready.append(item)
-            if len(ready) == 1:  # the reader took all before and may sleep: one wake per burst, not one per step
+            ready.append(item)  # before reading `waiting`; the reader sets it before looking at `ready` (no lost wake)
+            if waiting:
                 try:
                     loop.call_soon_threadsafe(wake.set)
                 except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this
@@ -91,8 +92,11 @@ class ReplicaPool:
         self._streams[wake] = ready
         try:
             while True:
-                await wake.wait()
-                wake.clear()  # before draining: a column delivered from here on sets it again
+                waiting = True
+                if not ready:
+                    await wake.wait()
+                waiting = False
+                wake.clear()
                 columns, last = [], None
                 while ready and last is None:
                     item = ready.popleft()

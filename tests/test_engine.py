@@ -208,6 +208,27 @@ def test_sample_greedy_and_top_k():
         sample_next_token(logits, rng, temperature=-0.1)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(None, 1.0), (50, 1.0), (None, 0.9)])
+def test_batched_sampling_draws_what_multinomial_draws_per_block(top_k, top_p):
+    # Each block of rows, drawn with its own generator in one batched call, gets the tokens torch.multinomial gives
+    # it alone: a seeded request samples the same whether or not others share its batch.
+    from nanochat.engine import top_p_filter
+    blocks, V = [2, 1, 4, 1], 320
+    logits = 3 * torch.randn(sum(blocks), V, generator=torch.Generator().manual_seed(7))
+    mine = [torch.Generator().manual_seed(s) for s in range(len(blocks))]
+    ref = [torch.Generator().manual_seed(s) for s in range(len(blocks))]
+    for _ in range(5):
+        out, expected, start = sample_next_token(logits, list(zip(mine, blocks)), 0.8, top_k, top_p), [], 0
+        for g, n in zip(ref, blocks):
+            rows, start = top_p_filter(logits[start:start + n], top_p, 0.8), start + n
+            values, index = torch.topk(rows, top_k, dim=-1) if top_k else (rows, None)
+            choice = torch.multinomial(torch.softmax(values / 0.8, dim=-1), 1, generator=g)
+            expected.append(choice if index is None else index.gather(-1, choice))
+        assert torch.equal(out, torch.cat(expected))
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        sample_next_token(torch.full((1, V), float("nan")), mine[0], 1.0)
+
+
 # -----------------------------------------------------------------------------
 # Generation (the eight upstream test_engine items, then ours)
 
