@@ -22,7 +22,7 @@ records its error, and the run goes on either way):
   train_d12      the train_d20 grid at d12
 
 Each training row: the model, optimizer and step of base_train (GPT on the meta device, init_weights,
-setup_optimizer with the scaling rules' LR scale, torch.compile(dynamic=False), training.TrainStep), fed a
+setup_optimizer with the scaling rules' LR scale, torch.compile(dynamic=False), loop.TrainStep), fed a
 fixed synthetic token stream (a random sparse Markov chain, so the loss can fall; no dataset, no tokenizer,
 no network). The first step's extra time over a steady step is the compile time. bpb here counts every
 token as one byte: only differences between rows mean anything.
@@ -52,6 +52,7 @@ from nanochat import flash_attention as fa
 from nanochat import fp8, training
 from nanochat.common import atomic_write, get_peak_flops, setup_default_logging, strict_json
 from nanochat.gpt import GPT
+from nanochat.loop import TrainStep
 from nanochat.loss_eval import evaluate_bpb
 
 log = logging.getLogger("nanochat.bench_gpu")
@@ -231,7 +232,7 @@ def train_row(cfg, depth, path, pattern, batch, seed, use_fp8=False, steps=None,
             optimizer = model.setup_optimizer(unembedding_lr=0.008 * s, embedding_lr=0.3 * s, matrix_lr=0.02 * s,
                                               scalar_lr=0.5 * s, weight_decay=plan.weight_decay)
             fwd = torch.compile(model, dynamic=False) if cfg["compile"] else model
-            step = training.TrainStep(fwd, optimizer, accum)
+            step = TrainStep(fwd, optimizer, accum)
             batches = markov_batches(batch, T, V, device, seed)
             times, losses = [], []
             warmup = max(1, total // 10)

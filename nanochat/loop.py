@@ -1,5 +1,5 @@
 """
-The training loop that pretraining, midtraining, SFT and RL all run; they differ only in what they pass in
+The training loop and its step that pretraining, midtraining, SFT and RL all run; they differ only in what they pass in
 (data, horizon, schedule, evaluations, hyperparameters). State that must survive a resume is one dict,
 `loop_state` in the checkpoint meta; a meta without it (an older run, or upstream's format) resumes with fresh meters.
 """
@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from nanochat import training  # by module: tests swap its functions (one CPU thread for the golden curve)
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import (DummyWandb, atomic_write, autodetect_device_type, compute_cleanup, compute_init,
-                             get_base_dir, get_compute_dtype, get_dist_info, get_peak_flops, measure_matmul_flops,
-                             print_banner, strict_json, usable_cores)
+from nanochat.common import (DummyWandb, UserError, atomic_write, autodetect_device_type, compute_cleanup, compute_init,
+                             dist_world_size, get_base_dir, get_compute_dtype, get_dist_info, get_peak_flops,
+                             measure_matmul_flops, print_banner, strict_json, usable_cores)
+from nanochat.dataloader import gather_loader_states
 from nanochat.engine import model_device
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,107 @@ class LoopResult:
 
 
 # -----------------------------------------------------------------------------
+# The step, top to bottom: TrainLoop.run's step block calls TrainStep on TrainLoop._micro_batches (right after
+# TrainStep), which fetches each micro-batch and, during its backward, records its loader state and prefetches.
+
+
+class NonFiniteLossError(UserError):
+    """A training loss was NaN or inf on some rank: every rank stops before the optimizer spreads it."""
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean training loss over every micro-batch of every rank
+    tokens: int = 0  # target positions in this step over all ranks (padding included)
+    skipped: bool = False  # fp16: the GradScaler found inf/NaN gradients and every rank skipped the update
+
+
+def apply_schedule(optimizer, lrm, momentum=None, weight_decay=None):
+    """Set every group's lr to initial_lr * lrm; Muon groups also get the scheduled momentum and WD."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm  # from initial_lr: one step's multiplier never compounds into the next
+        if group.get("kind") == "muon":  # AdamW groups keep their own betas and weight decay
+            if momentum is not None:
+                group["momentum"] = momentum
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
+
+
+def _loss_verdict(losses):
+    """Start the all-reduce of [loss sum, non-finite count, loss count] over all ranks; returns a wait for them."""
+    stacked = torch.stack(losses).float()
+    finite = torch.isfinite(stacked)
+    totals = torch.stack([torch.where(finite, stacked, 0.0).sum(), (~finite).sum().float(),  # a NaN stays out of the sum
+                          torch.tensor(float(len(losses)), device=stacked.device)])
+    totals = training._all_reduce(totals, dist.ReduceOp.SUM)  # one collective carries the logged loss and the NaN decision
+    if not totals.is_cuda:
+        return totals.tolist
+    # Queued before the last backward, the copy is done before that backward starts, so the host's wait ends while the
+    # GPU runs it; a wait queued after the backward would drain the GPU's queue every step.
+    host = torch.empty(totals.shape, dtype=totals.dtype, pin_memory=True)  # pinned: the copy does not block the host
+    host.copy_(totals, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait():
+        done.synchronize()  # the copy, not the backward queued after it
+        return host.tolist()
+
+    return wait
+
+
+class TrainStep:
+    """One optimizer step over `grad_accum_steps` micro-batches. loss_fn(model, inputs, targets) -> the micro-batch's
+    mean loss; scaler: a GradScaler on the fp16 path; oom_hint: the fix an out-of-memory error names."""
+
+    def __init__(self, model, optimizer, grad_accum_steps, scaler=None, loss_fn=None, oom_hint=""):
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.grad_accum_steps = grad_accum_steps
+        self.loss_fn = loss_fn or (lambda model, inputs, targets: model(inputs, targets))
+        self.oom_hint = oom_hint
+
+    def __call__(self, micro_batches, lrm=1.0, momentum=None, weight_decay=None):
+        """Train on `micro_batches` ((inputs, targets), exactly grad_accum_steps) at the scheduled hyperparameters."""
+        apply_schedule(self.optimizer, lrm, momentum=momentum, weight_decay=weight_decay)
+        losses, tokens = [], 0
+        try:
+            # The next micro-batch is asked for only after a backward is queued: its fetch overlaps that backward.
+            for micro_step, (inputs, targets) in enumerate(micro_batches):
+                loss = self.loss_fn(self.model, inputs, targets)
+                losses.append(loss.detach())  # every micro-batch's loss goes into the NaN verdict, not just the last
+                tokens += inputs.numel()
+                if micro_step == self.grad_accum_steps - 1:
+                    verdict = _loss_verdict(losses)  # queued before the last backward, so its wait overlaps that backward
+                loss = loss / self.grad_accum_steps  # mean of the micro-batch means: one big batch's gradient at equal sizes
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # fp16: scaled against underflow
+        except torch.OutOfMemoryError as err:
+            self.model.zero_grad(set_to_none=True)  # give the partial gradients' memory back before the error unwinds
+            raise training.OutOfMemory(f"out of memory on {inputs.device} in a training step at {inputs.size(0)} rows x "
+                                       f"{inputs.size(1)} tokens per micro-batch; {self.oom_hint or 'lower --device-batch-size'}") from err
+        loss_sum, bad, count = verdict()
+        if bad > 0:  # on any rank: every rank got the same sums, so all of them stop here, before the weights change
+            self.model.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"the training loss was NaN/inf in {int(bad)} of {int(count)} micro-batches "
+                                     "(over all ranks); stopped before the optimizer step, so the last checkpoint "
+                                     "is good. Try a lower learning rate, or NANOCHAT_DTYPE=float32")
+        skipped = False
+        if self.scaler is not None:  # fp16
+            self.scaler.unscale_(self.optimizer)  # true gradients, and this rank's found-inf flags
+            found = self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"]
+            for flag in found.values():
+                training._all_reduce(flag, dist.ReduceOp.MAX)  # one rank's overflow makes every rank skip, or none would be in step
+            skipped = any(flag.item() > 0 for flag in found.values())
+            self.scaler.step(self.optimizer)  # skips the update when found-inf is set (now on every rank)
+            self.scaler.update()  # a smaller scale after an overflow, a larger one after a run of clean steps
+        else:
+            self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)  # None, not zeros: the memory is free until the next backward
+        return StepResult(loss=loss_sum / count, tokens=tokens * dist_world_size(), skipped=skipped)
+
+
+# -----------------------------------------------------------------------------
 # The loop
 
 
@@ -112,7 +215,7 @@ class TrainLoop:
     def _micro_batches(self, n):
         # The step asks for the next micro-batch after queueing a backward: the prefetch runs while the device computes.
         for _ in range(n):
-            inputs, targets, state = self.pending or next(self.batches)
+            inputs, targets, state = self.pending or next(self.batches)  # fetched ahead, else now (prefetch=False)
             self.pending = None
             yield inputs, targets
             self.trained_state = state  # reached when the step asks for more, i.e. after this micro-batch's backward
@@ -183,12 +286,12 @@ class TrainLoop:
             if last_step:
                 break
 
-            # the step
-            sched = self.schedule(step, progress)
+            # the step: TrainStep.__call__ and _micro_batches above
+            sched = self.schedule(step, progress)  # lrm, and base_train's Muon momentum and weight decay
             lrm = sched["lrm"]
-            self.meter.start(self.sync)
+            self.meter.start(self.sync)  # CUDA: after the queued evals finish, so they are not timed as the step
             result = self.train_step(self._micro_batches(self.train_step.grad_accum_steps), **sched)
-            last = self.meter.stop(step, result.loss, progress, self.sync, tokens=result.tokens)
+            last = self.meter.stop(step, result.loss, progress, self.sync, tokens=result.tokens)  # synced: dt counts the device work
 
             history["train_loss"].append([step, last["loss"]])
             extra = self.describe(self.position())
@@ -249,8 +352,6 @@ def _gather(state):
     # Every rank's loader state in one object for rank 0's meta file (a collective under torch.distributed).
     if state is None or "ranks" in state:  # nothing, or already gathered (the state a resume started from)
         return state
-    from nanochat.dataloader import gather_loader_states
-
     return gather_loader_states(state)
 
 
@@ -285,7 +386,7 @@ def token_batch_step(run, model, optimizer, device_batch_size, total_batch_size,
     log.info("Device batch %d x %d tokens, total batch size %s => gradient accumulation steps: %d", B, seq_len,
              f"{total_batch_size:,}", accum)
     scaler = torch.amp.GradScaler() if run.compute_dtype == torch.float16 else None  # bf16 and fp32 need no loss scaling
-    return training.TrainStep(model, optimizer, accum, scaler=scaler,
+    return TrainStep(model, optimizer, accum, scaler=scaler,
                      oom_hint=f"lower --device-batch-size (now {B}; gradient accumulation keeps the total batch)"), B
 
 

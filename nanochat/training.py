@@ -1,5 +1,5 @@
-"""What every training stage shares: the scaling rules behind `--depth`, the schedules, the optimizer step, the
-device batch-size probe and the step line's bookkeeping. nanochat/loop.py runs them."""
+"""What every training stage shares: the scaling rules behind `--depth`, the schedules, the device batch-size probe,
+CPU threads, the LR and batch flags and the step line's bookkeeping. The step itself is in nanochat/loop.py."""
 
 import argparse
 import ctypes
@@ -174,117 +174,6 @@ def linear_decay(it, num_iterations):
     return 1.0 - it / num_iterations
 
 
-def apply_schedule(optimizer, lrm, momentum=None, weight_decay=None):
-    """Set every group's lr to initial_lr * lrm; Muon groups also get the scheduled momentum and WD."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lrm
-        if group.get("kind") == "muon":
-            if momentum is not None:
-                group["momentum"] = momentum
-            if weight_decay is not None:
-                group["weight_decay"] = weight_decay
-
-
-# -----------------------------------------------------------------------------
-# The optimizer step
-
-
-class NonFiniteLossError(UserError):
-    """A training loss was NaN or inf on some rank: every rank stops before the optimizer spreads it."""
-
-
-class OutOfMemory(UserError):
-    """The device ran out of memory during a training step (the message names the flag to lower)."""
-
-
-@dataclass
-class StepResult:
-    loss: float  # mean training loss over every micro-batch of every rank
-    tokens: int = 0  # target positions in this step over all ranks (padding included)
-    skipped: bool = False  # fp16: the GradScaler found inf/NaN gradients and every rank skipped the update
-
-
-def _all_reduce(tensor, op):
-    if dist_world_size() > 1:
-        dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def _loss_verdict(losses):
-    """Start summing the step's losses and counting the non-finite ones over all ranks; returns a function that
-    waits for [loss sum, non-finite count, loss count]. Queue it before the last backward: the host's wait then
-    ends while the GPU still runs that backward (after it, the wait would drain the GPU's queue every step)."""
-    stacked = torch.stack(losses).float()
-    finite = torch.isfinite(stacked)
-    totals = torch.stack([torch.where(finite, stacked, 0.0).sum(), (~finite).sum().float(),
-                          torch.tensor(float(len(losses)), device=stacked.device)])
-    totals = _all_reduce(totals, dist.ReduceOp.SUM)  # one collective
-    if not totals.is_cuda:
-        return totals.tolist
-    host = torch.empty(totals.shape, dtype=totals.dtype, pin_memory=True)
-    host.copy_(totals, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-
-    def wait():
-        done.synchronize()  # the copy, not the backward queued after it
-        return host.tolist()
-
-    return wait
-
-
-class TrainStep:
-    """One optimizer step over `grad_accum_steps` micro-batches, with one all-reduced verdict on their losses.
-    loss_fn(model, inputs, targets) -> the micro-batch's mean loss; scaler: a GradScaler on the fp16 path."""
-
-    def __init__(self, model, optimizer, grad_accum_steps, scaler=None, loss_fn=None, oom_hint=""):
-        if grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.grad_accum_steps = grad_accum_steps
-        self.loss_fn = loss_fn or (lambda model, inputs, targets: model(inputs, targets))
-        self.oom_hint = oom_hint
-
-    def __call__(self, micro_batches, lrm=1.0, momentum=None, weight_decay=None):
-        """Train on `micro_batches` ((inputs, targets), exactly grad_accum_steps) at the scheduled hyperparameters."""
-        apply_schedule(self.optimizer, lrm, momentum=momentum, weight_decay=weight_decay)
-        losses, tokens = [], 0
-        try:
-            for micro_step, (inputs, targets) in enumerate(micro_batches):
-                loss = self.loss_fn(self.model, inputs, targets)
-                losses.append(loss.detach())  # every micro-batch's loss goes into the NaN verdict, not just the last
-                tokens += inputs.numel()
-                if micro_step == self.grad_accum_steps - 1:
-                    verdict = _loss_verdict(losses)  # queued before the last backward: see _loss_verdict
-                # Each loss is divided by the count, so the gradient is the mean of the micro-batch means (one big
-                # batch's gradient when every micro-batch has as many targets).
-                loss = loss / self.grad_accum_steps
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        except torch.OutOfMemoryError as err:
-            self.model.zero_grad(set_to_none=True)
-            raise OutOfMemory(f"out of memory on {inputs.device} in a training step at {inputs.size(0)} rows x "
-                              f"{inputs.size(1)} tokens per micro-batch; {self.oom_hint or 'lower --device-batch-size'}") from err
-        loss_sum, bad, count = verdict()
-        if bad > 0:  # on any rank: every rank got the same sums, so all of them stop here, before the weights change
-            self.model.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"the training loss was NaN/inf in {int(bad)} of {int(count)} micro-batches "
-                                     "(over all ranks); stopped before the optimizer step, so the last checkpoint "
-                                     "is good. Try a lower learning rate, or NANOCHAT_DTYPE=float32")
-        skipped = False
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            found = self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"]
-            for flag in found.values():
-                _all_reduce(flag, dist.ReduceOp.MAX)  # one rank's overflow makes every rank skip, or none would be in step
-            skipped = any(flag.item() > 0 for flag in found.values())
-            self.scaler.step(self.optimizer)  # skips the update when found-inf is set (now on every rank)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.model.zero_grad(set_to_none=True)
-        return StepResult(loss=loss_sum / count, tokens=tokens * dist_world_size(), skipped=skipped)
-
-
 # -----------------------------------------------------------------------------
 # Device batch size: probe once at startup
 
@@ -294,6 +183,16 @@ def batch_size_candidates(total_batch_size, seq_len, world_size, largest=64):
     per_rank_rows = total_batch_size // (seq_len * world_size) if total_batch_size % (seq_len * world_size) == 0 else 0
     sizes = [b for b in (2**i for i in range(int(math.log2(largest)) + 1)) if per_rank_rows and per_rank_rows % b == 0]
     return sorted(sizes, reverse=True)
+
+
+class OutOfMemory(UserError):
+    """The device ran out of memory during a training step (the message names the flag to lower)."""
+
+
+def _all_reduce(tensor, op):
+    if dist_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
 
 
 def _everywhere(flag, device):

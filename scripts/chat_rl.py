@@ -21,7 +21,7 @@ from nanochat.checkpoint_manager import add_checkpoint_flags, get_checkpoints_di
 from nanochat.common import add_runtime_flags, script_main, setup_default_logging
 from nanochat.engine import Engine
 from nanochat.finetune import load_start, make_optimizer
-from nanochat.loop import Checkpointer, Periodic, TrainLoop, start_run
+from nanochat.loop import Checkpointer, Periodic, TrainLoop, TrainStep, start_run
 from nanochat.report import get_report
 from nanochat.rl import RolloutStream, evaluate_pass_at_k, mean_over_ranks, policy_gradient_loss
 from tasks.common import fallbacks_used, gsm8k_or_synthetic
@@ -76,8 +76,8 @@ def main(argv=None):
     num_steps = args.num_iterations if args.num_iterations > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
     log.info("RL on %s: %d steps of %d questions x %d answers (%d micro-batches per rank per step)", type(train_task).__name__,
              num_steps, args.examples_per_step, args.num_samples, stream.micro_batches_per_step)
-    step = training.TrainStep(model, optimizer, stream.micro_batches_per_step, loss_fn=policy_gradient_loss,
-                              oom_hint="lower --device-batch-size or --max-new-tokens")
+    step = TrainStep(model, optimizer, stream.micro_batches_per_step, loss_fn=policy_gradient_loss,
+                     oom_hint="lower --device-batch-size or --max-new-tokens")
 
     def pass_at_k(step_):
         model.eval()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import load_checkpoint
-from nanochat.loop import Checkpointer, Periodic, TrainLoop
-from nanochat.training import StepMeter, TrainStep
+from nanochat.loop import Checkpointer, Periodic, TrainLoop, TrainStep
+from nanochat.training import StepMeter
 
 
 class _Linear(torch.nn.Module):

@@ -105,8 +105,7 @@ def test_the_runtime_rule_tells_device_built_tensors_from_host_built_ones(one_ra
 
 
 def _data_horizon_on_rank(rank, world_size):
-    from nanochat.loop import TrainLoop
-    from nanochat.training import TrainStep
+    from nanochat.loop import TrainLoop, TrainStep
 
     loop = TrainLoop(step=TrainStep(torch.nn.Linear(2, 2), None, 1), batches=None, horizon=lambda state: (0.5, rank == 1),
                      schedule=None, periodic=[], checkpointer=None, meter=None, wandb_run=None)

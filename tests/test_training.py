@@ -1,4 +1,4 @@
-"""Scaling rules, schedules and the shared train step (nanochat/training.py)."""
+"""Scaling rules and schedules (nanochat/training.py) and the shared train step (nanochat/loop.py)."""
 
 import itertools
 import math
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanochat import training
-from nanochat.training import (NonFiniteLossError, OutOfMemory, StepMeter, TrainStep, grad_accum_steps_for,
-                               lr_multiplier, muon_momentum, muon_weight_decay, scaling_plan)
+from nanochat import loop, training
+from nanochat.loop import NonFiniteLossError, TrainStep
+from nanochat.training import (OutOfMemory, StepMeter, grad_accum_steps_for, lr_multiplier, muon_momentum,
+                               muon_weight_decay, scaling_plan)
 
 # d12 (width 768, 6 heads, 6 value-embedding layers): 12 x 12 x 768^2 block matrices + 12 x 6 x 6 value-embedding
 # gate weights + 32,768 x 768 lm_head (the closed form of tests/test_gpt.py::test_per_depth_table_is_the_closed_form).
@@ -88,7 +89,7 @@ def test_apply_schedule_touches_muon_only_for_momentum_and_wd():
                            {"params": [p2], "lr": 0.2, "kind": "muon", "momentum": 0.9, "weight_decay": 0.3}])
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
-    training.apply_schedule(opt, 0.5, momentum=0.97, weight_decay=0.1)
+    loop.apply_schedule(opt, 0.5, momentum=0.97, weight_decay=0.1)
     a, m = opt.param_groups
     assert (a["lr"], a["weight_decay"]) == (0.05, 0.01)
     assert (m["lr"], m["momentum"], m["weight_decay"]) == (0.1, 0.97, 0.1)
@@ -165,10 +166,10 @@ def test_nan_in_the_first_micro_batch_stops_before_the_optimizer_step():
 
 def test_the_nan_verdict_is_queued_before_the_last_backward(monkeypatch):
     """The host waits for the loss verdict once per step; queued before the last backward, that wait leaves the
-    backward running on the GPU (see training._loss_verdict). A NaN in that last micro-batch still stops the step."""
+    backward running on the GPU (see loop._loss_verdict). A NaN in that last micro-batch still stops the step."""
     events = []
-    verdict = training._loss_verdict
-    monkeypatch.setattr(training, "_loss_verdict", lambda losses: events.append("verdict") or verdict(losses))
+    verdict = loop._loss_verdict
+    monkeypatch.setattr(loop, "_loss_verdict", lambda losses: events.append("verdict") or verdict(losses))
     model = _TinyLM(nan_calls={3})
     model.head.weight.register_hook(lambda grad: events.append("backward"))
     before = _params(model)
@@ -359,7 +360,7 @@ def _decisions_on_two_ranks(rank, world_size, model):
     """Rank 1 alone goes wrong, twice: a NaN loss, then (fp16) overflowing gradients."""
     import copy
 
-    from nanochat.training import NonFiniteLossError, TrainStep
+    from nanochat.loop import NonFiniteLossError, TrainStep
 
     x = torch.randint(0, 265, (2, 16), generator=torch.Generator().manual_seed(rank))
     batches = lambda: iter([(x, x)])  # noqa: E731
