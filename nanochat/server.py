@@ -82,7 +82,7 @@ class ReplicaPool:
 
         def deliver(item):  # on the batch's thread: a column, then END or the error
             ready.append(item)  # before reading `waiting`; the reader sets it before looking at `ready` (no lost wake)
-            if waiting:
+            if waiting or item is END or isinstance(item, BaseException):  # the end also cuts a pause short
                 try:
                     loop.call_soon_threadsafe(wake.set)
                 except RuntimeError:  # the loop is closed: the server is gone, and nobody waits for this
@@ -106,7 +106,10 @@ class ReplicaPool:
                         columns.append(item)
                 if columns:
                     yield replica.index, columns
-                    await asyncio.sleep(WRITE_INTERVAL_S)  # the batch goes on meanwhile: the next burst carries more
+                    if last is None:  # the batch goes on meanwhile, so the next burst carries more; the end comes at once
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(WRITE_INTERVAL_S):
+                                await wake.wait()
                 if last is END:
                     return
                 if last is not None:

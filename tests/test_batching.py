@@ -137,6 +137,23 @@ def test_cache_rows_leave_in_order_and_memory_goes_with_the_last():
     assert batch.capacity == 0 and batch.prev_embedding is None and batch.get_pos() == 0
 
 
+def test_a_batch_cache_stores_only_the_positions_its_rows_fill(tiny_gpt):
+    # The batch's context is the model's (64 here, 2048 for a real one), but its storage holds what the rows use,
+    # doubling as they grow; the tokens are those of a cache holding the whole context (the parity tests below).
+    model = tiny_gpt(scrambled=True, sequence_len=64)
+    scheduler = BatchScheduler(model, max_batch=2, worker=False)
+    scheduler.submit([256] + [65] * 9, max_tokens=30, temperature=0.0, deliver=lambda item: None)
+    scheduler.step()  # admission: the prompt's 10 positions
+    assert scheduler.cache.positions == 10 and scheduler.cache.max_seq_len == 64
+    scheduler.step()  # the first decode step needs 11: the storage doubles
+    assert scheduler.cache.positions == 20 and scheduler.cache.lengths == [11]
+    while scheduler.step():
+        assert scheduler.cache.positions >= max(scheduler.cache.lengths)
+    assert scheduler.cache.positions == 0  # an idle batch holds no memory
+    with pytest.raises(RuntimeError, match="overflow"):
+        KVCache(0, 1, 16, 2, 1, "cpu", torch.float32).reserve(1, 17)
+
+
 # -----------------------------------------------------------------------------
 # The scheduler against each request alone
 
@@ -443,3 +460,15 @@ def test_leaving_the_loop_cancels_and_an_error_reaches_its_request(tiny_gpt):
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit([256])
 
+
+
+def test_the_in_process_batch_bench_runs_and_checks_batched_replies_against_alone(monkeypatch):
+    from bench import bench_batch_step
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", "unused")  # the bench points it at its temporary models; restored after
+    threads = torch.get_num_threads()
+    try:
+        rows = bench_batch_step.main(["--depth", "1", "--streams", "3", "--max-tokens", "4", "--rounds", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["depth"] for row in rows] == [1] and rows[0]["ratio_median"] > 0 and rows[0]["batched_ms_per_step"] > 0

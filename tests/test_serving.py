@@ -337,6 +337,23 @@ def test_a_reader_that_falls_behind_gets_every_column_made_since_in_one_burst(ti
     assert [column for _, columns in bursts for column in columns] == alone
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_the_last_burst_of_a_finished_request_does_not_wait_out_the_write_interval(tiny_gpt, byte_tokenizer, monkeypatch):
+    monkeypatch.setattr("nanochat.server.WRITE_INTERVAL_S", 30.0)  # a pause after the last burst would hang the test
+    pool = ReplicaPool([Replica(tiny_gpt(scrambled=True), byte_tokenizer)])
+
+    async def scenario():
+        steps = pool.generate([256, 1], SamplingParams(temperature=0.0, max_tokens=1))
+        return [column async for _, burst in steps for column in burst]
+
+    try:
+        t0 = time.perf_counter()
+        assert len(asyncio.run(asyncio.wait_for(scenario(), timeout=20))) == 1
+        assert time.perf_counter() - t0 < 10
+    finally:
+        pool.close()
+
+
 # -----------------------------------------------------------------------------
 # Golden prompts and greedy replies: what the serving path produced before its chat renderer was merged into
 # the tokenizer's. After a deliberate format or model change, regenerate with
