@@ -462,7 +462,7 @@ def test_leaving_the_loop_cancels_and_an_error_reaches_its_request(tiny_gpt):
 
 
 
-def test_the_in_process_batch_bench_runs_and_checks_batched_replies_against_alone(monkeypatch):
+def test_the_in_process_batch_bench_runs_and_compares_batched_replies_with_alone(monkeypatch):
     from bench import bench_batch_step
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", "unused")  # the bench points it at its temporary models; restored after
@@ -472,3 +472,4 @@ def test_the_in_process_batch_bench_runs_and_checks_batched_replies_against_alon
     finally:
         torch.set_num_threads(threads)
     assert [row["depth"] for row in rows] == [1] and rows[0]["ratio_median"] > 0 and rows[0]["batched_ms_per_step"] > 0
+    assert rows[0]["agreement_min"] == 1.0  # a tiny model rounds alike batched and alone
