@@ -107,9 +107,8 @@ class ReplicaPool:
                 if columns:
                     yield replica.index, columns
                     if last is None:  # the batch goes on meanwhile, so the next burst carries more; the end comes at once
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(WRITE_INTERVAL_S):
-                                await wake.wait()
+                        with contextlib.suppress(asyncio.TimeoutError):  # wait_for, not asyncio.timeout: Python 3.10
+                            await asyncio.wait_for(wake.wait(), WRITE_INTERVAL_S)
                 if last is END:
                     return
                 if last is not None:
@@ -189,13 +188,16 @@ async def _read_body(request, timeout):
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
+
+    async def read():
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > MAX_BODY_BYTES:
+                raise too_large
+
     try:
-        async with asyncio.timeout(timeout):  # a client that stops sending must not hold a connection forever
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise too_large
-    except TimeoutError:
+        await asyncio.wait_for(read(), timeout)  # a client that stops sending must not hold a connection forever
+    except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on, asyncio's own class on 3.10
         raise RequestError(f"Request body not received within {timeout:g} s", status=408) from None
     return bytes(body)
 
