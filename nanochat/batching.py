@@ -122,17 +122,22 @@ class BatchScheduler(DecodeBatch):
             if req._cancelled:
                 self._end(req, "cancelled")
         self.drop_ended()
-        if self.rows:
-            self._deliver(super().step())
-        for req in self._admissions():
-            try:
-                self.admit(req)
-            except Exception as e:  # noqa: BLE001 - this prompt's failure is this request's, not the batch's
-                logger.exception("prefill of a %d-token prompt failed", len(req.tokens))
-                self._end(req, None, error=e)
-                self.drop_ended()
-                continue
-            self._deliver([req])  # before the next prefill: its first token need not wait for the others'
+        stepped = super().step() if self.rows else []
+        # The stepped requests' columns, then each admitted one's first, delivered before the next prefill: a
+        # request's first token need not wait for the others'.
+        for req in stepped + self._admissions():
+            if req.column is None and not req.finished:  # admitted just now
+                try:
+                    self.admit(req)
+                except Exception as e:  # noqa: BLE001 - this prompt's failure is this request's, not the batch's
+                    logger.exception("prefill of a %d-token prompt failed", len(req.tokens))
+                    self._end(req, None, error=e)
+                    self.drop_ended()
+                    continue
+            if req.column is not None:
+                req._deliver(req.column)
+            if req.finished:
+                self._end(req, None)
         return len(self.rows)
 
     def _admissions(self):
@@ -153,13 +158,6 @@ class BatchScheduler(DecodeBatch):
         if rows > self.cache.capacity:
             self.cache.reserve(max(rows, min(self.max_batch, 2 * self.cache.capacity)))
         return chosen
-
-    def _deliver(self, requests):
-        for req in requests:
-            if req.column is not None:
-                req._deliver(req.column)
-            if req.finished:
-                self._end(req, None)
 
     def _end(self, req, reason, error=None):
         """End a request: samples still going get `reason`, the caller gets END (or the error)."""

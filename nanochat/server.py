@@ -70,9 +70,10 @@ class ReplicaPool:
         """Replicas that would start a new one-sample request at once: a free row and nobody waiting."""
         return sum(1 for w in self.workers() if w["active_rows"] < w["max_batch"] and not w["queued_requests"])
 
-    async def generate(self, prompt_tokens, params):
-        """Yield (worker id, [token column, ...]) for one request: every column (a token per sample) made since the
-        last yield, at most every WRITE_INTERVAL_S. Closing it cancels the request."""
+    async def generate(self, prompt_tokens, params, replies):
+        """Generate one request into `replies` (a serving.Reply per sample): yield (worker id, [new text per sample])
+        for the columns made since the last yield, at most every WRITE_INTERVAL_S, then the text each reply still
+        held back. Stops once every reply is done; closing it cancels the request."""
         if self.stopping:
             raise ServerStopping("the server is shutting down")
         replica = min(self.replicas,  # the fewest rows in use or waiting
@@ -105,17 +106,21 @@ class ReplicaPool:
                     else:
                         columns.append(item)
                 if columns:
-                    yield replica.index, columns
+                    texts = ["".join([reply.push(column[i]) for column in columns]) for i, reply in enumerate(replies)]
+                    yield replica.index, texts  # one write per burst; Reply.push is the only per-token step here
+                    if all(reply.done for reply in replies):
+                        break
                     if last is None:  # the batch goes on meanwhile, so the next burst carries more; the end comes at once
                         with contextlib.suppress(asyncio.TimeoutError):  # wait_for, not asyncio.timeout: Python 3.10
                             await asyncio.wait_for(wake.wait(), WRITE_INTERVAL_S)
                 if last is END:
-                    return
+                    break
                 if last is not None:
                     raise last
         finally:
             del self._streams[wake]
             request.cancel()
+        yield replica.index, [reply.finish() for reply in replies]
 
     def stop_generating(self):
         """End every request at its next step with ServerStopping and refuse new ones, so a stopping server answers
@@ -129,18 +134,6 @@ class ReplicaPool:
         """Stop every replica's batch thread."""
         for replica in self.replicas:
             replica.close()
-
-
-async def run_replies(pool, prompt, params, replies):
-    """Drive `replies` (one Reply per sample) from the pool; yields (worker id, [new text per sample]) per burst of
-    columns, then the text each reply still held back. Stops generating once every reply is done."""
-    worker = None
-    async with contextlib.aclosing(pool.generate(prompt.tokens, params)) as steps:
-        async for worker, columns in steps:
-            yield worker, ["".join([reply.push(column[i]) for column in columns]) for i, reply in enumerate(replies)]
-            if all(reply.done for reply in replies):
-                break
-    yield worker, [reply.finish() for reply in replies]
 
 
 class ConversationLog:
@@ -304,9 +297,10 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
             try:
                 for event in first:
                     yield event
-                async for worker, texts in run_replies(pool, prompt, params, replies):
-                    if (event := burst(worker, texts)) is not None:
-                        yield event  # one write for every token this stream got since its last one
+                async with contextlib.aclosing(pool.generate(prompt.tokens, params, replies)) as bursts:
+                    async for worker, texts in bursts:
+                        if (event := burst(worker, texts)) is not None:
+                            yield event  # one write for every token this stream got since its last one
                 yield last()
                 done = True
             except ServerStopping:
@@ -375,7 +369,7 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
 
         if not chat.stream:
             async def generate():
-                async for _ in run_replies(pool, prompt, params, replies):
+                async for _ in pool.generate(prompt.tokens, params, replies):
                     pass
 
             t0, disconnected = time.perf_counter(), False
@@ -395,9 +389,7 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
                         "finish_reason": r.finish_reason} for i, r in enumerate(replies)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage()}
 
-        def chunk(choices, **extra):
-            return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
-
+        head_chunk = {**head, "object": "chat.completion.chunk"}
         reported = set()
 
         def burst(worker, texts):
@@ -409,13 +401,14 @@ def create_app(pool, tokenizer, defaults, model_id="nanochat", conversation_log=
                                     "finish_reason": reply.finish_reason if ended else None})
                 if ended:
                     reported.add(i)
-            return chunk(choices) if choices else None
+            return _sse({**head_chunk, "choices": choices}) if choices else None
 
         def last():  # usage lets a client count tokens: one event may carry several
-            return (chunk([], usage=usage()) if chat.include_usage else "") + "data: [DONE]\n\n"
+            tail = _sse({**head_chunk, "choices": [], "usage": usage()}) if chat.include_usage else ""
+            return tail + "data: [DONE]\n\n"
 
-        role = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                       "finish_reason": None} for i in range(chat.n)])
+        role = _sse({**head_chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None} for i in range(chat.n)]})
         return event_stream(endpoint, chat, prompt, params, replies, [role], burst, last,
                             lambda message: _sse(_error_body(endpoint, 500, message)))
 

@@ -278,15 +278,16 @@ def test_closing_a_stream_frees_its_rows_for_the_next_request(tiny_gpt, byte_tok
     params = SamplingParams(temperature=0.0, max_tokens=50)
 
     async def scenario():
-        first = pool.generate([256, 1], params)
-        worker, (column, *_) = await anext(first)
-        assert worker == 0 and len(column) == 1 and pool.available() == 0
-        waiting = asyncio.create_task(anext(pool.generate([256, 2], params)))
+        reply = Reply(byte_tokenizer)
+        first = pool.generate([256, 1], params, [reply])
+        worker, texts = await anext(first)
+        assert worker == 0 and len(texts) == 1 and reply.tokens and pool.available() == 0
+        waiting = asyncio.create_task(anext(pool.generate([256, 2], params, [Reply(byte_tokenizer)])))
         await asyncio.sleep(0.1)
         assert not waiting.done()  # the only row is taken: the second request waits its turn
         assert pool.workers()[0]["queued_requests"] == 1
         await first.aclose()
-        worker, column = await asyncio.wait_for(waiting, timeout=5)
+        worker, texts = await asyncio.wait_for(waiting, timeout=5)
         return worker
 
     try:
@@ -302,12 +303,14 @@ def test_a_generation_error_reaches_the_request_and_the_replica_serves_on(tiny_g
 
     async def scenario():
         with pytest.raises(RuntimeError, match="the model broke"):
-            async with contextlib.aclosing(pool.generate([256, 1], SamplingParams(max_tokens=20))) as steps:
+            async with contextlib.aclosing(pool.generate([256, 1], SamplingParams(max_tokens=20), [Reply(byte_tokenizer)])) as steps:
                 async for _ in steps:
                     pass
         model.fail = False
-        columns = [c async for _, burst in pool.generate([256, 1], SamplingParams(max_tokens=3, temperature=0.0)) for c in burst]
-        return len(columns), pool.available()
+        reply = Reply(byte_tokenizer)
+        async for _ in pool.generate([256, 1], SamplingParams(max_tokens=3, temperature=0.0), [reply]):
+            pass
+        return len(reply.tokens), pool.available()
 
     try:
         assert asyncio.run(scenario()) == (3, 1)
@@ -323,18 +326,23 @@ def test_a_reader_that_falls_behind_gets_every_column_made_since_in_one_burst(ti
     alone = list(replica.generate([256, 1], params))
 
     async def scenario():
-        steps = pool.generate([256, 1], params)
-        bursts = [await anext(steps)]
+        reply = Reply(byte_tokenizer)
+        steps = pool.generate([256, 1], params, [reply])
+        await anext(steps)
+        per_burst = [len(reply.tokens)]
         while pool.workers()[0]["running_requests"]:  # the batch makes the rest while this reader sleeps
             await asyncio.sleep(0.01)
-        return bursts + [burst async for burst in steps]
+        async for _ in steps:  # the burst of everything made since, then the text the reply held back
+            per_burst.append(len(reply.tokens) - sum(per_burst))
+        return per_burst, reply.tokens
 
     try:
-        bursts = asyncio.run(scenario())
+        per_burst, tokens = asyncio.run(scenario())
     finally:
         pool.close()
-    assert len(alone) > 2 and len(bursts) == 2 and len(bursts[1][1]) > 1
-    assert [column for _, columns in bursts for column in columns] == alone
+    # Two bursts of columns (the second carrying more than one), then the closing yield of held-back text.
+    assert len(alone) > 2 and len(per_burst) == 3 and per_burst[1] > 1 and per_burst[2] == 0
+    assert tokens == [column[0] for column in alone]
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -343,8 +351,10 @@ def test_the_last_burst_of_a_finished_request_does_not_wait_out_the_write_interv
     pool = ReplicaPool([Replica(tiny_gpt(scrambled=True), byte_tokenizer)])
 
     async def scenario():
-        steps = pool.generate([256, 1], SamplingParams(temperature=0.0, max_tokens=1))
-        return [column async for _, burst in steps for column in burst]
+        reply = Reply(byte_tokenizer)
+        async for _ in pool.generate([256, 1], SamplingParams(temperature=0.0, max_tokens=1), [reply]):
+            pass
+        return reply.tokens
 
     try:
         t0 = time.perf_counter()
