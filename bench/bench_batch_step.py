@@ -50,6 +50,8 @@ def run_round(model, tokenizer, prompts, max_tokens, streams, max_batch):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.tree:
+        if not os.path.isfile(os.path.join(args.tree, "nanochat", "__init__.py")):
+            raise SystemExit(f"--tree {args.tree}: no nanochat package there; name the root of a nanochat checkout")
         sys.path.insert(0, os.path.abspath(args.tree))
     import torch
 

@@ -473,3 +473,10 @@ def test_the_in_process_batch_bench_runs_and_compares_batched_replies_with_alone
         torch.set_num_threads(threads)
     assert [row["depth"] for row in rows] == [1] and rows[0]["ratio_median"] > 0 and rows[0]["batched_ms_per_step"] > 0
     assert rows[0]["agreement_min"] == 1.0  # a tiny model rounds alike batched and alone
+
+
+def test_the_in_process_batch_bench_names_a_tree_without_nanochat(tmp_path):
+    from bench import bench_batch_step
+
+    with pytest.raises(SystemExit, match="no nanochat package there"):
+        bench_batch_step.main(["--tree", str(tmp_path), "--depth", "1"])
