@@ -55,8 +55,9 @@ class BatchScheduler(DecodeBatch):
     """The engine's decode loop (DecodeBatch) of at most `max_batch` rows (a request takes num_samples; a wider one
     runs alone) on a worker thread (worker=False: the caller runs step()). Requests join first come, first served,
     between two steps, and a seeded one gets the tokens Engine.generate gives it alone (a big model's batched matmuls
-    and masked attention round unlike one row's, which can flip a near-tie: 99.4% equal in bench_batch_step). tokenizer None = raw
-    token streams; a row holds at most context_len tokens (default the model's sequence_len), prompt included."""
+    and masked attention round unlike one row's, which can flip a near-tie: 99.4% equal in bench_batch_step).
+    tokenizer None = raw token streams; a row holds at most context_len tokens (default the model's sequence_len),
+    prompt included."""
 
     def __init__(self, model, tokenizer=None, max_batch=16, context_len=None, worker=True):
         if not isinstance(max_batch, int) or max_batch < 1:
