@@ -26,10 +26,9 @@ class Request(Generation):
     finish_reasons as a Generation's; error: the exception that ended it, if one did."""
 
     def __init__(self, scheduler, deliver, *args):
-        super().__init__(*args)
-        self.error, self.done, self._scheduler, self._cancelled = None, threading.Event(), scheduler, False
         self._queue = queue.SimpleQueue() if deliver is None else None
-        self._deliver = self._queue.put if deliver is None else deliver
+        super().__init__(*args, deliver=self._queue.put if deliver is None else deliver)
+        self.error, self.done, self._scheduler, self._cancelled = None, threading.Event(), scheduler, False
 
     def cancel(self):
         """Stop generating; the scheduler frees the rows before its next step. Safe from any thread, and twice."""
@@ -123,9 +122,9 @@ class BatchScheduler(DecodeBatch):
             if req._cancelled:
                 self._end(req, "cancelled")
         self.drop_ended()
+        # Each column goes out as it is drawn (Generation.deliver): the stepped requests' before any prefill, and
+        # an admitted one's first before the next one's prefill, so a first token need not wait for the others'.
         stepped = super().step() if self.rows else []
-        # The stepped requests' columns, then each admitted one's first, delivered before the next prefill: a
-        # request's first token need not wait for the others'.
         for req in stepped + self._admissions():
             if req.column is None and not req.finished:  # admitted just now
                 try:
@@ -135,8 +134,6 @@ class BatchScheduler(DecodeBatch):
                     self._end(req, None, error=e)
                     self.drop_ended()
                     continue
-            if req.column is not None:
-                req._deliver(req.column)
             if req.finished:
                 self._end(req, None)
         return len(self.rows)
@@ -165,7 +162,7 @@ class BatchScheduler(DecodeBatch):
         req.finish(reason)
         req.error = error
         req.done.set()
-        req._deliver(END if error is None else error)
+        req.deliver(END if error is None else error)
 
     def _fail_all(self, error, pending=True):
         """End the running requests (and the waiting ones, if `pending`) with `error`; start an empty batch."""

@@ -343,10 +343,12 @@ def last_logits(model, ids, kv_cache):
 class Generation:
     """One prompt's samples in a DecodeBatch. column, masks: each sample's token of the last step (mask 1 sampled,
     0 forced by the tool; an ended sample repeats its stop token with mask 0). finish_reasons: per sample, None
-    while it runs, then "stop" (a stop token), "length" (the budget or the context) or "cancelled"."""
+    while it runs, then "stop" (a stop token), "length" (the budget or the context) or "cancelled". deliver: called
+    with each column as soon as it is drawn (None: read `column` after the step)."""
 
-    def __init__(self, tokens, num_samples, budget, temperature, top_k, top_p, seed, stop_tokens):
+    def __init__(self, tokens, num_samples, budget, temperature, top_k, top_p, seed, stop_tokens, deliver=None):
         self.tokens, self.num_samples, self.budget, self.stop_tokens = tokens, num_samples, budget, stop_tokens
+        self.deliver = deliver
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
         # Per sample: the stop token it ended on, the tokens the calculator still has to write (one per step, in
         # place of the sampled one), and the token ids since <|python_start|> while a tool call is open.
@@ -440,6 +442,8 @@ class DecodeBatch:
             ended = all(t is not None for t in gen.terminal)
             if ended or gen.steps >= gen.budget or len(gen.tokens) + gen.steps >= self.cache.max_seq_len:
                 gen.finish("length")
+            if gen.deliver is not None:  # straight from the draw: the column passes no other frame on its way out
+                gen.deliver(gen.column)
         self.drop_ended()
 
     def drop_ended(self):

@@ -8,7 +8,9 @@ The offline corpus (`offline`, and the fallback without network): each file one 
 dropped, in this order: 1. the running interpreter's standard library (.py, .txt, .rst); 2. the installed
 packages' READMEs, licences, .md/.rst files and dist-info METADATA; 3. the installed packages' Python files,
 reduced to their docstrings. Its content depends on the installation (CPython 3.11's stdlib alone is ~32M
-characters); two builds on one installation see the same documents in the same order.
+characters); two builds on one installation see the same documents in the same order. This project's own
+distributions (OWN_DISTRIBUTIONS) are left out: nanochat's METADATA carries the README, so every README edit would
+change the training data, and two commits' runcpu.sh results would differ for that reason alone.
 """
 
 import ast
@@ -28,6 +30,7 @@ DOC_EXTENSIONS = (".md", ".rst")
 DOC_NAME_PREFIXES = ("readme", "license", "licence", "copying", "notice", "authors")
 MIN_DOCSTRING_CHARS = 200  # a file whose docstrings are shorter than this is mostly code, not prose
 MAX_FILE_BYTES = 8 << 20  # skip generated giants (data tables) that would dominate a shard
+OWN_DISTRIBUTIONS = ("nanochat", "rustbpe")
 
 
 def stdlib_dir():
@@ -39,12 +42,15 @@ def site_packages_dirs():
     return [d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i]]  # often purelib == platlib
 
 
-def _walk_sorted(root, skip_dir=lambda name: name == "__pycache__"):
-    """Yield file paths under `root`, depth first, names sorted at every level: the same order on every run."""
+def _walk_sorted(root, skip_dir=lambda name: name == "__pycache__", skip_top=lambda name: False):
+    """Yield file paths under `root`, depth first, names sorted at every level: the same order on every run.
+    skip_dir(name) leaves out directories at any depth, skip_top(name) files and directories directly in root."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not skip_dir(d))
+        top = skip_top if dirpath == root else lambda name: False
+        dirnames[:] = sorted(d for d in dirnames if not skip_dir(d) and not top(d))
         for name in sorted(filenames):
-            yield os.path.join(dirpath, name)
+            if not top(name):
+                yield os.path.join(dirpath, name)
 
 
 def _read_text(path):  # None unless a small-enough UTF-8 text file
@@ -56,6 +62,14 @@ def _read_text(path):  # None unless a small-enough UTF-8 text file
     except (OSError, UnicodeDecodeError):
         # Unreadable or not UTF-8 (a few stdlib test files are latin-1 on purpose): deterministic skip.
         return None
+
+
+def _is_ours(name):
+    """A site-packages entry installed by this project: its package, its .dist-info, its editable-install files."""
+    name = name.lower()
+    if name.startswith("__editable__"):  # .pth and import finders of editable installs: machinery, not prose
+        return True
+    return name.split("-", 1)[0] in OWN_DISTRIBUTIONS and (name.endswith(".dist-info") or "-" not in name)
 
 
 def _is_package_doc(path):
@@ -92,13 +106,13 @@ def iter_source_documents():
                 yield path, text
     site_dirs = [d for d in site_packages_dirs() if not d.startswith(std + os.sep)]
     for site in site_dirs:
-        for path in _walk_sorted(site):
+        for path in _walk_sorted(site, skip_top=_is_ours):
             if _is_package_doc(path):
                 text = _read_text(path)
                 if text is not None:
                     yield path, text
     for site in site_dirs:
-        for path in _walk_sorted(site):
+        for path in _walk_sorted(site, skip_top=_is_ours):
             if path.endswith(".py"):
                 text = _read_text(path)
                 doc = docstrings_of(text) if text is not None else ""

@@ -5,6 +5,7 @@ short sliding window; plus the model step on rows at different positions against
 calculator per row, cancels, full contexts, queueing, threads and errors."""
 
 import copy
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -349,6 +350,29 @@ def test_a_request_waits_for_room_and_rows_free_their_slots(tiny_gpt):
     while scheduler.step():
         pass
     assert b.done.is_set() and c.done.is_set() and scheduler.cache.capacity == 0  # an idle batch holds no memory
+
+
+def test_a_column_is_delivered_from_the_draw_before_the_next_prefill(tiny_gpt, monkeypatch):
+    # The served token's path: the sampler hands each column straight to the request's callback (no frame of
+    # the scheduler's step in between), and a running request's column goes out before a newcomer's prefill.
+    model = tiny_gpt(scrambled=True)
+    scheduler = BatchScheduler(model, max_batch=4, worker=False)
+    events, prefill = [], scheduler.admit
+
+    def deliver(name):
+        def take(item):
+            if item is not END:
+                events.append((name, sys._getframe(1).f_code.co_name))
+        return take
+
+    monkeypatch.setattr(scheduler, "admit", lambda gen: (events.append(("prefill", None)), prefill(gen)))
+    scheduler.submit([256, 1], max_tokens=3, temperature=0.0, deliver=deliver("a"))
+    scheduler.step()
+    scheduler.submit([256, 2, 3], max_tokens=2, temperature=0.0, deliver=deliver("b"))
+    while scheduler.step():
+        pass
+    assert events == [("prefill", None), ("a", "_sample"), ("a", "_sample"), ("prefill", None), ("b", "_sample"),
+                      ("a", "_sample"), ("b", "_sample")]
 
 
 def test_the_cache_doubles_up_to_max_batch_and_is_freed_when_idle(tiny_gpt):

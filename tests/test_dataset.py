@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
+from nanochat import dataset, offline_corpus
 from nanochat.dataset import (DatasetError, DatasetHostUnreachable, build_offline_corpus, download_shards,
                               download_single_file, ensure_pretraining_data, ingest, list_parquet_files,
                               parquets_iter_batched, shard_filename)
@@ -463,7 +463,7 @@ def test_ingest_of_a_bad_input_is_one_line_naming_the_file_and_leaves_nothing(tm
 
 KILLED_MID_INGEST = """
 import os, signal, sys
-from nanochat import dataset
+from nanochat import dataset, offline_corpus
 dataset.ShardSetWriter.finish = lambda self, manifest: os.kill(os.getpid(), signal.SIGKILL)
 dataset.ingest([sys.argv[1]], out_dir=sys.argv[2], txt_split="line")
 """
@@ -480,3 +480,20 @@ def test_the_next_ingest_removes_the_staging_dir_of_a_killed_one(tmp_path, caplo
         ingest([str(tmp_path / "t.txt")], out_dir=str(out), txt_split="line")
     assert not [name for name in os.listdir(out) if name.startswith(".staging-")]
     assert f"Removed 1 staging dir(s) left by an interrupted ingest in {out}" in caplog.text
+
+
+def test_offline_corpus_leaves_out_this_projects_own_installed_files(tmp_path, monkeypatch):
+    # nanochat's METADATA carries its README: with it in the corpus, a README edit changed runcpu.sh's results.
+    site = tmp_path / "site-packages"
+    docs = {"nanochat-0.1.0.dist-info/METADATA": "our README", "rustbpe-0.1.0.dist-info/METADATA": "our crate",
+            "__editable__.nanochat-0.1.0.pth": "/src", "nanochat/README.md": "a wheel install of ours",
+            "other-1.0.dist-info/METADATA": "another package", "other/README.md": "its readme",
+            "other/nanochat/README.md": "a folder of another package that shares our name"}
+    for rel, text in docs.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    (site / "__editable___nanochat_0_1_0_finder.py").write_text('"""' + "finder " * 40 + '"""')
+    monkeypatch.setattr(offline_corpus, "stdlib_dir", lambda: str(tmp_path / "stdlib"))
+    monkeypatch.setattr(offline_corpus, "site_packages_dirs", lambda: [str(site)])
+    texts = [text for _path, text in offline_corpus.iter_source_documents()]
+    assert texts == ["its readme", "a folder of another package that shares our name", "another package"]
