@@ -126,10 +126,15 @@ def main(argv=None):
     seed = args.seed if args.seed >= 0 else secrets.randbelow(2**31)
     log.info("Context %d tokens, temperature %g, top-k %d, up to %d tokens per reply, seed %d (--seed %d replays this)",
              replica.context_len, args.temperature, args.top_k, args.max_tokens, seed, seed)
-    if args.prompt:
-        respond(replica, tokenizer, [{"role": "user", "content": args.prompt}], args, seed)
-        return 0
-    chat_loop(replica, tokenizer, args, seed)
+    try:
+        if args.prompt:
+            respond(replica, tokenizer, [{"role": "user", "content": args.prompt}], args, seed)
+        else:
+            chat_loop(replica, tokenizer, args, seed)
+    finally:
+        # Join the batch thread: a reply ends at its stop token while the thread may still be inside a torch op,
+        # and an interpreter that exits under it can abort ("terminate called without an active exception").
+        replica.close()
     return 0
 
 

@@ -51,6 +51,19 @@ def test_one_prompt_prints_just_the_answer_and_is_never_a_command(chat_env, caps
     assert chat_cli.main(argv) == 0 and capsys.readouterr().out == first  # --seed replays it
 
 
+def test_the_batch_thread_has_ended_when_main_returns(chat_env, monkeypatch):
+    # runcpu.sh's last line once aborted at exit: the reply was done, but the batch thread was still in a torch op.
+    import threading
+
+    from nanochat.batching import BatchScheduler
+
+    started = []
+    monkeypatch.setattr(BatchScheduler, "_run", lambda self, run=BatchScheduler._run: (
+        started.append(threading.current_thread()), run(self)))
+    assert chat_cli.main(["--device-type", "cpu", "--seed", "5", "-m", "12", "-p", "hi"]) == 0
+    assert len(started) == 1 and not started[0].is_alive()
+
+
 def test_bad_flags_are_one_line_errors(chat_env):
     with pytest.raises(SystemExit) as exc:
         chat_cli.main(["--device-type", "cpu", "-t", "-1", "-m", "0"])
