@@ -37,8 +37,14 @@ def sample_answers(engine, tokenizer, prompt, num_samples, max_tokens, temperatu
     return [(row, mask, bool(row) and row[-1] in stops) for row, mask in zip(rows, masks)]
 
 
+PASS_AT_K = -1  # the first part of pass@k's seeds: never a step, so never a rollout's seed
+
+
 def _seed(*parts):
-    # Python's hash of a tuple of ints (and str-free tuples) is the same in every process and run.
+    # Python's hash of a tuple of ints is the same in every process and run; a str's is not (PYTHONHASHSEED), and
+    # pass@k once seeded with "pass@k", which made its samples, and the tests that read them, differ run to run.
+    if not all(isinstance(part, int) for part in parts):
+        raise TypeError(f"seed parts must be ints (a str hashes differently in every process), got {parts!r}")
     return hash(parts) & 0x7FFFFFFF
 
 
@@ -149,7 +155,7 @@ def evaluate_pass_at_k(task, tokenizer, engine, num_examples, num_samples, max_n
         conversation = task[index]
         prompt = tokenizer.render_for_completion(conversation)
         # Each problem's samples from its own seed, not one seed for all of them.
-        answers = sample_answers(engine, tokenizer, prompt, num_samples, max_new_tokens, temperature, top_k, _seed("pass@k", index))
+        answers = sample_answers(engine, tokenizer, prompt, num_samples, max_new_tokens, temperature, top_k, _seed(PASS_AT_K, index))
         correct = [task.reward(conversation, tokenizer.decode(ids)) > 0 for ids, _, _ in answers]
         for k in range(1, num_samples + 1):
             passed[k - 1] += float(any(correct[:k]))

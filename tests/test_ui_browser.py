@@ -118,7 +118,8 @@ def test_chat_regenerate_edit_commands_and_a_refused_message(page, tmp_path, cha
     assert page.input_value("#input") == "two\nlines" and page.locator(".message.user").count() == 0
     page.press("#input", "Enter")
     page.wait_for_function(IDLE)
-    assert page.locator(".message.user").inner_text() == "two\nlines" and _reply(page)
+    # A reply came (the micro model, on the fresh seed the server draws, now and then ends it at once: empty).
+    assert page.locator(".message.user").inner_text() == "two\nlines" and page.locator(".message.assistant").count() == 1
 
     # A message over the server's limit: its error is shown and the text comes back to be shortened.
     index = page.evaluate("state.messages.length")  # 2, unless the reply was empty (an empty one is not kept)
