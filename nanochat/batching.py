@@ -6,10 +6,12 @@ Continuous batching: concurrent generation requests on one model share one forwa
         ...
 """
 
+import atexit
 import collections
 import logging
 import queue
 import threading
+import weakref
 
 import torch
 
@@ -18,6 +20,14 @@ from nanochat.engine import DecodeBatch, Generation, generation_budget
 logger = logging.getLogger(__name__)
 
 END = object()  # delivered after a request's last column
+_WORKING = weakref.WeakSet()  # schedulers whose worker thread was started, closed at interpreter exit
+
+
+def _close_at_exit():
+    # A daemon worker still inside a torch op while the interpreter shuts down can abort the process ("terminate
+    # called without an active exception"): end each after its current step, before the interpreter goes.
+    for scheduler in list(_WORKING):
+        scheduler.close()
 
 
 class Request(Generation):
@@ -80,6 +90,9 @@ class BatchScheduler(DecodeBatch):
                 raise RuntimeError("this scheduler is closed")
             self._pending.append(request)
             if self._thread is None and self._worker:
+                atexit.unregister(_close_at_exit)  # registered on first use, not at import, and only once
+                atexit.register(_close_at_exit)
+                _WORKING.add(self)
                 self._thread = threading.Thread(target=self._run, name="nanochat-batch", daemon=True)
                 self._thread.start()
             self._cond.notify()

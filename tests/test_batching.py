@@ -5,6 +5,7 @@ short sliding window; plus the model step on rows at different positions against
 calculator per row, cancels, full contexts, queueing, threads and errors."""
 
 import copy
+import os
 import sys
 import threading
 from types import SimpleNamespace
@@ -504,3 +505,26 @@ def test_the_in_process_batch_bench_names_a_tree_without_nanochat(tmp_path):
 
     with pytest.raises(SystemExit, match="no nanochat package there"):
         bench_batch_step.main(["--tree", str(tmp_path), "--depth", "1"])
+
+
+def test_worker_threads_are_joined_before_the_interpreter_exits():
+    # A script that leaves its request early and exits: the daemon worker must not still be inside a torch op
+    # while the interpreter shuts down (runcpu.sh's chat reply once aborted that way). The script's own exit
+    # handler, registered first, runs last and sees whether the worker is still alive.
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import atexit, threading
+        atexit.register(lambda: print("worker alive at exit:", any(t.name == "nanochat-batch" and t.is_alive()
+                                                                    for t in threading.enumerate())))
+        import conftest
+        from nanochat.batching import BatchScheduler
+        request = BatchScheduler(conftest._make_tiny_gpt(scrambled=True)).submit([256, 1], max_tokens=40)
+        next(iter(request))
+    """)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), tests_dir]), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "worker alive at exit: False" in result.stdout
